@@ -1,0 +1,1 @@
+"""longctx: train LLaMA-style models at very long context."""

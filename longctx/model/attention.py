@@ -1,0 +1,93 @@
+"""The token mixers the model picks by name.
+
+Softmax attention functions take `q` (B, S, H, D), `k`, `v` (B, S, Hkv, D) and return (B, S, H, D),
+always causal (this is a decoder):
+
+    fn(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax_scale=None) -> out
+
+`cu_seqlens` (int32, starts of documents plus the total) describes the packed documents of the
+whole flattened (B*S) sequence. A function that runs on a shard of the sequence (ring attention)
+knows its own layout; the model passes it the same arguments.
+
+Linear attention functions (used by `LinearAttention` layers) take q, k (B, S, H, Dk), v (B, S, H, Dv)
+and a per-head decay (H,) >= 0:
+
+    fn(q, k, v, decay, *, cu_seqlens=None) -> out
+
+Implementations register themselves: the model registers `sdpa` and `naive` here and the ops it
+imports; `longctx.parallel` registers `ring` and `lasp` when imported, so the model never imports
+parallel code.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+_SOFTMAX: dict[str, Callable] = {}
+_LINEAR: dict[str, Callable] = {}
+_WHERE = {"ring": "longctx.parallel.ring", "lasp": "longctx.parallel.lasp"}
+
+
+def register_attention(name: str, fn: Callable | None = None):
+    """Register a softmax attention function under `name` (usable as a decorator)."""
+    def add(f):
+        _SOFTMAX[name] = f
+        return f
+    return add(fn) if fn is not None else add
+
+
+def register_linear_attention(name: str, fn: Callable | None = None):
+    """Register a linear attention function under `name` (usable as a decorator)."""
+    def add(f):
+        _LINEAR[name] = f
+        return f
+    return add(fn) if fn is not None else add
+
+
+def _lookup(table: dict, name: str, kind: str) -> Callable:
+    if name not in table:
+        hint = f"; import {_WHERE[name]} first (the trainer does)" if name in _WHERE else ""
+        raise KeyError(f"unknown {kind} attention {name!r}: registered are {sorted(table)}{hint}")
+    return table[name]
+
+
+def get_attention(name: str) -> Callable:
+    return _lookup(_SOFTMAX, name, "softmax")
+
+
+def get_linear_attention(name: str) -> Callable:
+    return _lookup(_LINEAR, name, "linear")
+
+
+def document_ranges(cu_seqlens: torch.Tensor | None, total: int) -> list[tuple[int, int]]:
+    """(start, end) of each packed document; the whole sequence when `cu_seqlens` is None."""
+    if cu_seqlens is None:
+        return [(0, total)]
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the token count {total}; got {bounds[:8]}...")
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@register_attention("sdpa")
+def sdpa_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+    """PyTorch's scaled_dot_product_attention; packed documents run one at a time."""
+    batch, seqlen = q.shape[:2]
+    gqa = q.shape[2] != k.shape[2]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D]
+    if cu_seqlens is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=softmax_scale, enable_gqa=gqa)
+        return out.transpose(1, 2)
+    if batch != 1:
+        # documents index the flattened sequence: fold the batch into one row
+        flat = [x.reshape(1, batch * seqlen, *x.shape[2:]) for x in (q, k, v)]
+        out = sdpa_attention(*flat, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale)
+        return out.reshape(q.shape)
+    out = torch.empty_like(qt)
+    for start, end in document_ranges(cu_seqlens, seqlen):
+        out[:, :, start:end] = F.scaled_dot_product_attention(
+            qt[:, :, start:end], kt[:, :, start:end], vt[:, :, start:end],
+            is_causal=True, scale=softmax_scale, enable_gqa=gqa)
+    return out.transpose(1, 2)

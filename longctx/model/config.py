@@ -1,0 +1,101 @@
+"""The LLaMA-style model's shape, and its conversion to and from a Hugging Face `LlamaConfig`."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+# LlamaConfig fields that change the computation and that this model does not implement.
+_UNSUPPORTED = {
+    "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1, "hidden_act": "silu",
+}
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 128256
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: Optional[int] = None          # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[dict] = None     # {"rope_type": "linear"|"llama3"|"dynamic", "factor": ..., ...}
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = 128000
+    eos_token_id: Any = 128001
+    attention: str = "sdpa"                 # softmax token mixer, by name (model/attention.py)
+    linear_attention: str = "lightning"     # linear token mixer, by name
+    layer_types: Optional[list] = None      # per layer "softmax" | "linear"; None: all softmax
+    loss_chunk_size: int = 4096             # tokens per chunk of the seq x vocab loss
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= {"softmax", "linear"}:
+                raise ValueError(f"layer_types must list 'softmax' or 'linear' for each of the "
+                                 f"{self.num_hidden_layers} layers; got {self.layer_types}")
+        if self.rope_scaling:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise ValueError(f"rope_scaling type {kind!r} is not supported; use one of {ROPE_TYPES}")
+
+    def layer_type(self, index: int) -> str:
+        return "softmax" if self.layer_types is None else self.layer_types[index]
+
+    def num_parameters(self, embeddings: bool = True) -> int:
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        attn = h * self.num_attention_heads * self.head_dim * 2 + h * kv * 2
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + h + (emb if embeddings else 0)
+
+    @classmethod
+    def from_hf(cls, hf: Any, **overrides) -> "ModelConfig":
+        """From a transformers `LlamaConfig` (or its dict); unsupported settings raise."""
+        d = hf if isinstance(hf, dict) else hf.to_dict()
+        bad = {k: d[k] for k, ok in _UNSUPPORTED.items() if k in d and d[k] not in (ok, None)}
+        if bad:
+            raise ValueError(f"unsupported LlamaConfig settings {bad}: longctx implements "
+                             f"{ {k: v for k, v in _UNSUPPORTED.items() if k in bad} }")
+        rope_scaling = d.get("rope_scaling")
+        rope_theta = d.get("rope_theta")
+        rope_params = d.get("rope_parameters")  # transformers >= 5 keeps theta and scaling here
+        if rope_params:
+            rope_theta = rope_params.get("rope_theta", rope_theta)
+            kind = rope_params.get("rope_type", "default")
+            rope_scaling = None if kind == "default" else {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        names = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
+        kwargs.update(rope_scaling=rope_scaling, rope_theta=rope_theta if rope_theta is not None else 10000.0)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf(self):
+        """A transformers `LlamaConfig` with the rope settings as trained."""
+        from transformers import LlamaConfig
+        mine = {"attention", "linear_attention", "layer_types", "loss_chunk_size"}
+        d = {k: v for k, v in asdict(self).items() if k not in mine}
+        if self.layer_types is not None and "linear" in self.layer_types:
+            raise ValueError("a model with linear-attention layers has no transformers LlamaForCausalLM "
+                             "equivalent; save it with longctx's own checkpoint instead")
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope.update(self.rope_scaling)
+            rope.setdefault("rope_type", rope.pop("type", "default"))
+        d["rope_scaling"] = rope if self.rope_scaling else None
+        config = LlamaConfig(**d, architectures=["LlamaForCausalLM"])
+        if hasattr(config, "rope_parameters"):
+            config.rope_parameters = rope
+        return config

@@ -1,0 +1,1 @@
+"""Everything that talks across processes: mesh, sequence splitting, ring attention, LASP, data parallelism."""
