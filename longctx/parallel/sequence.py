@@ -13,6 +13,19 @@ import torch.distributed as dist
 
 LAYOUTS = ("zigzag", "contiguous")
 
+# The sequence-parallel group the registered mixers ("ring", "lasp") run over. Set by the code that
+# parallelises the model (the train step); None means the default group.
+_SEQUENCE_GROUP = None
+
+
+def set_sequence_group(group) -> None:
+    global _SEQUENCE_GROUP
+    _SEQUENCE_GROUP = group
+
+
+def get_sequence_group():
+    return _SEQUENCE_GROUP
+
 
 def _group_info(group) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
