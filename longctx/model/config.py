@@ -8,7 +8,7 @@ from typing import Any, Optional
 _UNSUPPORTED = {
     "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1, "hidden_act": "silu",
 }
-ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass
@@ -22,7 +22,7 @@ class ModelConfig:
     head_dim: Optional[int] = None          # None: hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: Optional[dict] = None     # {"rope_type": "linear"|"llama3"|"dynamic", "factor": ..., ...}
+    rope_scaling: Optional[dict] = None     # {"rope_type": "linear"|"llama3", "factor": ..., ...}
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02

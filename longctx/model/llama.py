@@ -1,0 +1,186 @@
+"""The LLaMA-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Parameter names follow Hugging Face's `LlamaForCausalLM` without its `model.` prefix, so that
+checkpoint conversion (`hf.py`) is a rename. The token mixer of each layer is picked by name from
+the registry in `attention.py`; the model never imports parallel code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longctx.ops.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
+
+from .attention import get_attention
+from .config import ModelConfig
+from .rotary import apply_rotary, rope_inv_freq, rotary_cos_sin
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Optional[torch.Tensor] = None   # (B, S, V) when no labels are given
+    loss: Optional[torch.Tensor] = None     # with labels: mean (or sum) over labels != -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query softmax attention; K and V have num_key_value_heads heads."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        batch, seqlen, _ = x.shape
+        d = self.config.head_dim
+        q = apply_rotary(self.q_proj(x).view(batch, seqlen, self.num_heads, d), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(batch, seqlen, self.num_kv_heads, d), cos, sin)
+        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, d)
+        mixer = get_attention(resolve_attention(self.config.attention, x))
+        out = mixer(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, softmax_scale=d ** -0.5)
+        return self.o_proj(out.reshape(batch, seqlen, self.num_heads * d))
+
+
+def resolve_attention(name: str, x: torch.Tensor) -> str:
+    """'auto' is the Triton kernel on CUDA and PyTorch's SDPA elsewhere."""
+    if name != "auto":
+        return name
+    return "flash" if x.is_cuda else "sdpa"
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        if config.layer_type(index) == "linear":
+            from .linear_attention import LinearAttention
+            self.self_attn = LinearAttention(config)
+        else:
+            self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, position_ids, cu_seqlens, max_seqlen):
+        if isinstance(self.self_attn, Attention):
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), position_ids, cu_seqlens)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Position ids (B, S) restarting at 0 at every document start of the flattened sequence."""
+    total = shape[0] * shape[1]
+    index = torch.arange(total, device=cu_seqlens.device)
+    starts = cu_seqlens[:-1].long()
+    doc = torch.searchsorted(starts, index, right=True) - 1
+    return (index - starts[doc]).view(shape)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.init_weights()
+
+    def tie_weights(self):
+        """Share the output and input embeddings if configured (again after `to_empty`, which unties)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Random initialisation (also used to materialise a model built on the meta device)."""
+        self.inv_freq.copy_(rope_inv_freq(self.config))
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, self.config.initializer_range)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif module is not self and hasattr(module, "init_weights"):
+                module.init_weights()
+
+    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None):
+        """The final-norm hidden states (B, S, hidden)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        if position_ids is None:
+            if cu_seqlens is not None:
+                position_ids = positions_from_cu_seqlens(cu_seqlens, input_ids.shape)
+            else:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        elif position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} must have input_ids' shape "
+                             f"{tuple(input_ids.shape)}")
+        if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
+            raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+        max_seqlen = None
+        if cu_seqlens is not None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        x = self.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(self.inv_freq, position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, position_ids, cu_seqlens, max_seqlen)
+        return self.norm(x)
+
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None, *,
+                labels_shifted: bool = False, loss_reduction: str = "mean") -> CausalLMOutput:
+        """Logits without labels; the loss with labels (aligned with input_ids and shifted here,
+        as in transformers, unless `labels_shifted`). `loss_reduction="sum"` returns the sum over
+        valid tokens, for a caller that divides by a global token count."""
+        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens)
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(hidden))
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
+        if not labels_shifted:
+            labels = shift_labels(labels)
+        loss = chunked_cross_entropy(hidden, self.lm_head.weight, labels,
+                                     chunk_size=self.config.loss_chunk_size, reduction=loss_reduction)
+        return CausalLMOutput(loss=loss)
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Token t is scored against labels[t + 1]; the last position gets IGNORE_INDEX."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)

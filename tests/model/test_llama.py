@@ -1,0 +1,108 @@
+"""The model against transformers' LlamaForCausalLM: logits, loss, gradients, checkpoints both ways."""
+import pytest
+import torch
+import transformers
+
+from longctx.model import Llama, ModelConfig, load_hf, save_hf
+from longctx.model.hf import hf_key
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+def hf_config(tied=False, heads=4, kv_heads=2, rope_scaling=None, head_dim=None):
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim or 48 // heads,
+        max_position_embeddings=256, tie_word_embeddings=tied, rope_theta=5000.0, rope_scaling=rope_scaling)
+    config._attn_implementation = "eager"
+    return config
+
+
+def hf_model(tmp_path, **kwargs):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_config(**kwargs)).float()
+    with torch.no_grad():  # norms start at 1: perturb them so that a mix-up of norms shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf")
+    return model
+
+
+CASES = {
+    "gqa-untied": dict(),
+    "gqa-tied": dict(tied=True),
+    "mha-llama3rope": dict(heads=4, kv_heads=4, rope_scaling=LLAMA3_ROPE),
+    "mqa-linearrope-hd16": dict(heads=4, kv_heads=1, head_dim=16,
+                                rope_scaling={"rope_type": "linear", "factor": 4.0}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_loss_and_gradients_match_transformers(tmp_path, case):
+    ref = hf_model(tmp_path, **CASES[case])
+    ours = load_hf(tmp_path / "hf", attention="sdpa")
+    ids = torch.randint(0, 97, (2, 40))
+    labels = ids.clone()
+    labels[:, :7] = -100
+    ref_out = ref(input_ids=ids, labels=labels)
+    out_logits = ours(ids).logits
+    torch.testing.assert_close(out_logits, ref_out.logits, atol=1e-4, rtol=0)
+    out = ours(ids, labels=labels)
+    torch.testing.assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=0)
+    ref_out.loss.backward()
+    out.loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[hf_key(name)], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_export_reloads_in_transformers_with_identical_logits(tmp_path):
+    hf_model(tmp_path, rope_scaling=LLAMA3_ROPE, tied=True)
+    ours = load_hf(tmp_path / "hf")
+    save_hf(ours, tmp_path / "export")
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="eager").float()
+    assert again.config.rope_parameters["rope_type"] == "llama3"
+    ids = torch.randint(0, 97, (1, 33))
+    torch.testing.assert_close(again(input_ids=ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_packed_documents_equal_documents_alone():
+    torch.manual_seed(1)
+    model = Llama(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, attention="sdpa"))
+    lengths = [5, 1, 12, 6]
+    docs = [torch.randint(0, 50, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    cu_seqlens = torch.tensor([0, 5, 6, 18, 24], dtype=torch.int32)
+    logits = model(packed, cu_seqlens=cu_seqlens).logits
+    alone = torch.cat([model(d).logits for d in docs], dim=1)
+    torch.testing.assert_close(logits, alone, atol=1e-5, rtol=0)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        ModelConfig(num_attention_heads=6, num_key_value_heads=4)
+    model = Llama(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        model(torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        model(torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="int32"):
+        model(torch.zeros(1, 8, dtype=torch.long), cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(KeyError, match="unknown softmax attention 'nope'"):
+        Llama(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, attention="nope"))(
+            torch.zeros(1, 4, dtype=torch.long))
+    # a checkpoint that lacks a tensor names the key
+    hf_model(tmp_path)
+    from safetensors.torch import load_file, save_file
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing keys \['model.layers.1.mlp.up_proj.weight'\]"):
+        load_hf(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_hf(tmp_path / "nowhere")

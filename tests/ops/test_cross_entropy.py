@@ -1,0 +1,43 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx.ops.cross_entropy import chunked_cross_entropy
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_loss_and_gradients_equal_plain(chunk, dtype):
+    torch.manual_seed(chunk)
+    hidden = torch.randn(3, 21, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 21))
+    labels[0, :5] = -100
+    labels[2] = -100
+    for reduction in ("sum", "mean"):
+        hidden.grad = weight.grad = None
+        loss = chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk, reduction=reduction)
+        (2.5 * loss).backward()
+        grads = hidden.grad, weight.grad
+        hidden.grad = weight.grad = None
+        ref = F.cross_entropy((hidden @ weight.T).reshape(-1, 50).double(), labels.reshape(-1),
+                              reduction=reduction, ignore_index=-100)
+        (2.5 * ref).backward()
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(loss.double(), ref, **tol)
+        torch.testing.assert_close(grads[0], hidden.grad, **tol)
+        torch.testing.assert_close(grads[1], weight.grad, **tol)
+
+
+def test_no_valid_labels_gives_zero_sum_and_zero_gradients():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(10, 8, requires_grad=True)
+    loss = chunked_cross_entropy(hidden, weight, torch.full((4,), -100), reduction="sum")
+    loss.backward()
+    assert loss.item() == 0.0
+    assert hidden.grad.abs().max() == 0 and weight.grad.abs().max() == 0
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="must agree"):
+        chunked_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
