@@ -1,0 +1,348 @@
+"""FlashAttention-2 backward in Triton: recompute the probabilities block by block from the saved
+log-sum-exp, in three launches.
+
+1. `_delta_kernel`: Delta = rowsum(dO * O) per query row (fp32, the log-sum-exp's layout).
+2. `_dkdv_kernel`: one program per (key block, KV head) holds its K, V block and dK, dV accumulators
+   and loops over the query heads of its GQA group and, for each, over the query blocks that see the
+   key block; dK and dV of a group are summed in registers, with no atomics and no repeated K/V.
+3. `_dq_kernel`: one program per (query block, head) loops over key blocks as the forward does.
+
+Both loops are split like the forward's: blocks wholly visible run without masks, the causal
+diagonal and the ragged ends run masked, and blocks above the diagonal are skipped. Rows whose
+log-sum-exp is -inf (they saw nothing) get probability 0 everywhere and contribute nothing.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .forward import LOG2E, _key_range, _sequence_bounds, last_dim_contiguous, lse_strides, padded_head_dim, strides
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (padded head dim, causal); chosen on an H100
+DKDV_CONFIGS = {
+    (16, False): (64, 128, 8, 3), (16, True): (64, 128, 8, 3),
+    (32, False): (64, 128, 8, 3), (32, True): (64, 128, 8, 3),
+    (64, False): (64, 128, 8, 3), (64, True): (64, 128, 8, 3),
+    (128, False): (64, 128, 8, 3), (128, True): (64, 128, 8, 3),
+    (256, False): (32, 64, 8, 2), (256, True): (32, 64, 8, 2),
+}
+DQ_CONFIGS = {
+    (16, False): (128, 64, 8, 3), (16, True): (128, 64, 8, 3),
+    (32, False): (128, 64, 8, 3), (32, True): (128, 64, 8, 3),
+    (64, False): (128, 64, 8, 3), (64, True): (128, 64, 8, 3),
+    (128, False): (128, 64, 8, 3), (128, True): (128, 64, 8, 3),
+    (256, False): (64, 32, 8, 2), (256, True): (64, 32, 8, 2),
+}
+# CPU (TRITON_INTERPRET=1): small blocks, unequal so that tiny tests cross block edges both ways.
+INTERPRET_DKDV_CONFIG = (16, 32, 4, 1)
+INTERPRET_DQ_CONFIG = (32, 16, 4, 1)
+DELTA_BLOCK_M = 64
+
+
+def bwd_configs(block_d: int, causal: bool, device: torch.device) -> tuple[tuple, tuple]:
+    if device.type != "cuda":
+        return INTERPRET_DKDV_CONFIG, INTERPRET_DQ_CONFIG
+    return DKDV_CONFIGS[(block_d, causal)], DQ_CONFIGS[(block_d, causal)]
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seqlen_q"])
+def _delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
+                  stride_lb, stride_lh, seqlen_q, num_heads, head_dim,
+                  IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // num_heads
+    i_h = i_bh % num_heads
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + i_b)
+        len_q = tl.load(CU_Q + i_b + 1) - q_start
+    else:
+        q_start = tl.full([], 0, tl.int32)
+        len_q = seqlen_q
+    m0 = i_m * BLOCK_M
+    if m0 >= len_q:
+        return
+    i_b64 = i_b.to(tl.int64)
+    row = (q_start + m0).to(tl.int64)
+    o_r = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    mask = ((m0 + o_r) < len_q)[:, None] & (o_d < head_dim)[None, :]
+    b_o = tl.load(O + i_b64 * stride_ob + row * stride_os + i_h * stride_oh
+                  + o_r[:, None] * stride_os + o_d[None, :], mask=mask, other=0.0)
+    b_do = tl.load(DO + i_b64 * stride_db + row * stride_ds + i_h * stride_dh
+                   + o_r[:, None] * stride_ds + o_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)  # [BLOCK_M]
+    tl.store(DELTA + i_b64 * stride_lb + i_h * stride_lh + row + o_r, delta, mask=(m0 + o_r) < len_q)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, start, end, len_q, offset, qk_scale,
+                stride_qs, stride_ds, m_d, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # p_q, p_do, p_lse, p_delta point at query row `start` already.
+    # Keys past the end of the document were loaded as 0; their dK, dV rows are never stored, and
+    # each key's gradient depends on its own column only, so they need no mask here.
+    o_m = start + tl.arange(0, BLOCK_M)
+    for _ in range(start, end, BLOCK_M):
+        if MASKED:
+            m_row = o_m < len_q
+            b_q = tl.load(p_q, mask=m_row[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+            b_do = tl.load(p_do, mask=m_row[:, None] & m_d[None, :], other=0.0)
+            # rows past the end: lse +inf makes their probabilities 0
+            b_lse = tl.load(p_lse, mask=m_row, other=float("inf"))
+            b_delta = tl.load(p_delta, mask=m_row, other=0.0)
+        else:
+            if EVEN_D:
+                b_q = tl.load(p_q)
+                b_do = tl.load(p_do)
+            else:
+                b_q = tl.load(p_q, mask=m_d[None, :], other=0.0)
+                b_do = tl.load(p_do, mask=m_d[None, :], other=0.0)
+            b_lse = tl.load(p_lse)
+            b_delta = tl.load(p_delta)
+        # rows that saw nothing (lse -inf) contribute nothing: treat their lse as +inf
+        b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
+        b_st = tl.dot(b_k, tl.trans(b_q)) * qk_scale         # [BLOCK_N, BLOCK_M], log2 units
+        b_pt = tl.math.exp2(b_st - b_lse[None, :])
+        if MASKED:
+            if IS_CAUSAL:
+                b_pt = tl.where(o_n[:, None] <= o_m[None, :] + offset, b_pt, 0.0)
+        dv += tl.dot(b_pt.to(b_do.dtype), b_do)              # [BLOCK_N, BLOCK_D]
+        b_dpt = tl.dot(b_v, tl.trans(b_do))                   # [BLOCK_N, BLOCK_M]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+        p_q += BLOCK_M * stride_qs
+        p_do += BLOCK_M * stride_ds
+        p_lse += BLOCK_M
+        p_delta += BLOCK_M
+        o_m += BLOCK_M
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "causal_offset"])
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, OFFSETS,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, causal_offset, num_kv_heads, group_size, qk_scale, softmax_scale, head_dim,
+    IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_OFFSETS: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // num_kv_heads
+    i_hk = i_bh % num_kv_heads
+    q_start, len_q, k_start, len_k, offset = _sequence_bounds(
+        CU_Q, CU_K, OFFSETS, i_b, seqlen_q, seqlen_k, causal_offset, IS_VARLEN, HAS_OFFSETS)
+    n0 = i_n * BLOCK_N
+    if n0 >= len_k:
+        return
+    i_b64 = i_b.to(tl.int64)
+    row_k = (k_start + n0).to(tl.int64)
+    o_c = tl.arange(0, BLOCK_N)  # key within the block
+    o_n = n0 + o_c               # key within the sequence
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < head_dim
+    m_kv = (o_n < len_k)[:, None] & m_d[None, :]
+    b_k = tl.load(K + i_b64 * stride_kb + row_k * stride_ks + i_hk * stride_kh
+                  + o_c[:, None] * stride_ks + o_d[None, :], mask=m_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
+    b_v = tl.load(V + i_b64 * stride_vb + row_k * stride_vs + i_hk * stride_vh
+                  + o_c[:, None] * stride_vs + o_d[None, :], mask=m_kv, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # query blocks that see this key block: masked [q_lo, q_mid), unmasked [q_mid, q_full),
+    # masked [max(q_mid, q_full), q_end) for the ragged end of the queries
+    q_end = tl.cdiv(len_q, BLOCK_M) * BLOCK_M
+    q_full = (len_q // BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:
+        # row i sees key j iff j <= i + offset
+        q_lo = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
+        q_mid = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M
+        q_mid = tl.maximum(q_mid, q_lo)
+    else:
+        q_lo = tl.full([], 0, tl.int32)
+        q_mid = tl.full([], 0, tl.int32)
+    mid_end = tl.minimum(q_mid, q_end)
+    tail_start = tl.maximum(q_mid, q_full)
+
+    o_r = tl.arange(0, BLOCK_M)
+    row_q = q_start.to(tl.int64)
+    for g in range(0, group_size):
+        i_h = i_hk * group_size + g
+        p_q = Q + i_b64 * stride_qb + row_q * stride_qs + i_h * stride_qh + o_r[:, None] * stride_qs + o_d[None, :]
+        p_do = DO + i_b64 * stride_db + row_q * stride_ds + i_h * stride_dh + o_r[:, None] * stride_ds + o_d[None, :]
+        p_lse = LSE + i_b64 * stride_lb + i_h * stride_lh + row_q + o_r
+        p_delta = DELTA + i_b64 * stride_lb + i_h * stride_lh + row_q + o_r
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
+                             p_q + q_lo.to(tl.int64) * stride_qs, p_do + q_lo.to(tl.int64) * stride_ds,
+                             p_lse + q_lo, p_delta + q_lo, o_n, q_lo, mid_end, len_q, offset, qk_scale,
+                             stride_qs, stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
+                             p_q + q_mid.to(tl.int64) * stride_qs, p_do + q_mid.to(tl.int64) * stride_ds,
+                             p_lse + q_mid, p_delta + q_mid, o_n, q_mid, q_full, len_q, offset, qk_scale,
+                             stride_qs, stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
+                             p_q + tail_start.to(tl.int64) * stride_qs, p_do + tail_start.to(tl.int64) * stride_ds,
+                             p_lse + tail_start, p_delta + tail_start, o_n, tail_start, q_end, len_q, offset, qk_scale,
+                             stride_qs, stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M)
+
+    dk *= softmax_scale
+    tl.store(DK + i_b64 * stride_dkb + row_k * stride_dks + i_hk * stride_dkh
+             + o_c[:, None] * stride_dks + o_d[None, :], dk.to(DK.dtype.element_ty), mask=m_kv)
+    tl.store(DV + i_b64 * stride_dvb + row_k * stride_dvs + i_hk * stride_dvh
+             + o_c[:, None] * stride_dvs + o_d[None, :], dv.to(DV.dtype.element_ty), mask=m_kv)
+
+
+@triton.jit
+def _dq_inner(dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, start, end, len_k, offset, qk_scale,
+              stride_ks, stride_vs, m_d, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # p_k, p_v point at key row `start` already
+    o_n = start + tl.arange(0, BLOCK_N)
+    for _ in range(start, end, BLOCK_N):
+        if MASKED:
+            m_kv = (o_n < len_k)[:, None] & m_d[None, :]
+            b_k = tl.load(p_k, mask=m_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
+            b_v = tl.load(p_v, mask=m_kv, other=0.0)
+        elif EVEN_D:
+            b_k = tl.load(p_k)
+            b_v = tl.load(p_v)
+        else:
+            b_k = tl.load(p_k, mask=m_d[None, :], other=0.0)
+            b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+        b_p = tl.math.exp2(b_s - b_lse[:, None])
+        if MASKED:
+            m_s = (o_n < len_k)[None, :]
+            if IS_CAUSAL:
+                m_s = m_s & (o_n[None, :] <= o_m[:, None] + offset)
+            b_p = tl.where(m_s, b_p, 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v))           # [BLOCK_M, BLOCK_N]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        dq += tl.dot(b_ds.to(b_k.dtype), b_k)        # [BLOCK_M, BLOCK_D]
+        p_k += BLOCK_N * stride_ks
+        p_v += BLOCK_N * stride_vs
+        o_n += BLOCK_N
+    return dq
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "causal_offset"])
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, OFFSETS,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, causal_offset, num_heads, group_size, qk_scale, softmax_scale, head_dim,
+    IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_OFFSETS: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // num_heads
+    i_h = i_bh % num_heads
+    i_hk = i_h // group_size
+    q_start, len_q, k_start, len_k, offset = _sequence_bounds(
+        CU_Q, CU_K, OFFSETS, i_b, seqlen_q, seqlen_k, causal_offset, IS_VARLEN, HAS_OFFSETS)
+    m0 = i_m * BLOCK_M
+    if m0 >= len_q:
+        return
+    i_b64 = i_b.to(tl.int64)
+    row_q = (q_start + m0).to(tl.int64)
+    o_r = tl.arange(0, BLOCK_M)
+    o_m = m0 + o_r
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < head_dim
+    m_row = o_m < len_q
+    m_q = m_row[:, None] & m_d[None, :]
+    b_q = tl.load(Q + i_b64 * stride_qb + row_q * stride_qs + i_h * stride_qh
+                  + o_r[:, None] * stride_qs + o_d[None, :], mask=m_q, other=0.0)  # [BLOCK_M, BLOCK_D]
+    b_do = tl.load(DO + i_b64 * stride_db + row_q * stride_ds + i_h * stride_dh
+                   + o_r[:, None] * stride_ds + o_d[None, :], mask=m_q, other=0.0)
+    p_l = i_b64 * stride_lb + i_h * stride_lh + row_q + o_r
+    b_lse = tl.load(LSE + p_l, mask=m_row, other=float("inf"))
+    # rows that saw nothing (lse -inf) contribute nothing: treat their lse as +inf
+    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
+    b_delta = tl.load(DELTA + p_l, mask=m_row, other=0.0)
+
+    o_n = tl.arange(0, BLOCK_N)
+    k_row = k_start.to(tl.int64)
+    p_k = K + i_b64 * stride_kb + k_row * stride_ks + i_hk * stride_kh + o_n[:, None] * stride_ks + o_d[None, :]
+    p_v = V + i_b64 * stride_vb + k_row * stride_vs + i_hk * stride_vh + o_n[:, None] * stride_vs + o_d[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, hi = _key_range(m0, len_k, offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, 0, full_end, len_k, offset, qk_scale,
+                   stride_ks, stride_vs, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_N)
+    dq = _dq_inner(dq, b_q, b_do, b_lse, b_delta, p_k + full_end.to(tl.int64) * stride_ks,
+                   p_v + full_end.to(tl.int64) * stride_vs, o_m, full_end, hi, len_k, offset, qk_scale,
+                   stride_ks, stride_vs, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_N)
+    dq *= softmax_scale
+    tl.store(DQ + i_b64 * stride_dqb + row_q * stride_dqs + i_h * stride_dqh
+             + o_r[:, None] * stride_dqs + o_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_q)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def compute_delta(out, dout, lse, varlen: bool, cu_seqlens_q=None, max_seqlen_q=None):
+    """Delta = rowsum(dout * out) in fp32, laid out like `lse`."""
+    out, dout = last_dim_contiguous(out), last_dim_contiguous(dout)
+    heads, head_dim = out.shape[-2], out.shape[-1]
+    delta = torch.empty_like(lse)
+    if varlen:
+        batch, seqlen_q = cu_seqlens_q.numel() - 1, max_seqlen_q
+    else:
+        batch, seqlen_q = out.shape[0], out.shape[1]
+    if delta.numel() == 0 or seqlen_q == 0:
+        return delta
+    grid = (triton.cdiv(seqlen_q, DELTA_BLOCK_M), batch * heads)
+    _delta_kernel[grid](out, dout, delta, cu_seqlens_q, *strides(out, varlen), *strides(dout, varlen),
+                        *lse_strides(delta, varlen), seqlen_q, heads, head_dim, IS_VARLEN=varlen,
+                        BLOCK_M=DELTA_BLOCK_M, BLOCK_D=padded_head_dim(head_dim))
+    return delta
+
+
+def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_seqlens_q, cu_seqlens_k,
+         max_seqlen_q, max_seqlen_k, causal_offsets, delta, grad_dtype, configs=None):
+    """Launch the backward on checked inputs; returns (dq, dk, dv)."""
+    varlen = cu_seqlens_q is not None
+    q, k, v, dout = (last_dim_contiguous(t) for t in (q, k, v, dout))
+    head_dim, heads, kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
+    block_d = padded_head_dim(head_dim)
+    (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = (
+        configs or bwd_configs(block_d, causal, q.device))
+    grad_dtype = grad_dtype or q.dtype
+    dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=grad_dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=grad_dtype, device=q.device)
+    if varlen:
+        batch, seqlen_q, seqlen_k, offset = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, 0
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        offset = causal_offset if causal_offset is not None else seqlen_k - seqlen_q
+    if q.numel() == 0 or k.numel() == 0 or seqlen_q == 0 or seqlen_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    if delta is None:
+        delta = compute_delta(out, dout, lse, varlen, cu_seqlens_q, max_seqlen_q)
+    delta = delta.contiguous()
+    common = dict(IS_CAUSAL=causal, IS_VARLEN=varlen, HAS_OFFSETS=causal_offsets is not None,
+                  EVEN_D=head_dim == block_d, BLOCK_D=block_d)
+    scale = (softmax_scale * LOG2E, softmax_scale, head_dim)
+    _dkdv_kernel[(triton.cdiv(seqlen_k, dkdv_n), batch * kv_heads)](
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, causal_offsets,
+        *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(dout, varlen),
+        *strides(dk, varlen), *strides(dv, varlen), *lse_strides(lse, varlen),
+        seqlen_q, seqlen_k, int(offset), kv_heads, heads // kv_heads, *scale,
+        BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, num_warps=dkdv_warps, num_stages=dkdv_stages, **common)
+    _dq_kernel[(triton.cdiv(seqlen_q, dq_m), batch * heads)](
+        q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, causal_offsets,
+        *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(dout, varlen),
+        *strides(dq, varlen), *lse_strides(lse, varlen),
+        seqlen_q, seqlen_k, int(offset), heads, heads // kv_heads, *scale,
+        BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=dq_warps, num_stages=dq_stages, **common)
+    return dq, dk, dv

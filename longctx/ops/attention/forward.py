@@ -1,0 +1,294 @@
+"""FlashAttention-2 forward in Triton: tiled, online softmax in base 2, never the (Sq, Sk) matrix.
+
+One program computes BLOCK_M query rows of one (batch or document, head): it streams the key blocks
+the rows may see, first those wholly visible (no mask at all), then the few on the causal diagonal
+or past the end of the keys (masked). Key blocks wholly above the diagonal are never visited.
+
+Shared by the backward (backward.py): the layout helpers `_strides`, `_lse_strides`, the config
+table and `check_inputs`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# configurations: chosen offline on an H100 (scripts/bench_attention.py --sweep), keyed on the
+# padded head dim and the causal flag; sequence lengths are run-time values, never compiled in.
+# ----------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+FWD_CONFIGS = {
+    (16, False): (128, 64, 4, 3), (16, True): (128, 64, 4, 3),
+    (32, False): (128, 64, 4, 3), (32, True): (128, 64, 4, 3),
+    (64, False): (128, 64, 4, 3), (64, True): (128, 64, 4, 3),
+    (128, False): (128, 64, 8, 3), (128, True): (128, 64, 8, 3),
+    (256, False): (128, 32, 8, 2), (256, True): (128, 32, 8, 2),
+}
+# CPU (TRITON_INTERPRET=1): small, unequal blocks so that tiny tests cross block edges both ways.
+INTERPRET_FWD_CONFIG = (32, 16, 4, 1)
+
+
+def fwd_config(block_d: int, causal: bool, device: torch.device) -> tuple:
+    if device.type != "cuda":
+        return INTERPRET_FWD_CONFIG
+    return FWD_CONFIGS[(block_d, causal)]
+
+
+def padded_head_dim(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks and layouts
+# ----------------------------------------------------------------------------------------------
+def check_inputs(q, k, v, varlen: bool, cu_seqlens_q=None, cu_seqlens_k=None, causal_offsets=None):
+    """Raise a clear error for anything the kernels do not support."""
+    rank = 3 if varlen else 4
+    layout = "(total_tokens, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {layout} ({rank} dims), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}: cast them first")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"dtype {q.dtype} is not supported: use float16 or bfloat16 (float32 for tests)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+        raise ValueError(f"q, k, v must share the head dim, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} is over the supported {MAX_HEAD_DIM}: "
+                         f"split the heads or use the sdpa attention")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads}) "
+                         f"for grouped-query attention")
+    if not varlen:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"q and k must share the batch size, got {q.shape[0]} and {k.shape[0]}")
+        return
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+                     ("causal_offsets", causal_offsets)):
+        if cu is None:
+            if name == "causal_offsets":
+                continue
+            raise ValueError(f"{name} is needed for the packed (total_tokens, heads, head_dim) layout")
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
+            raise TypeError(f"{name} must be a 1-d torch.int32 tensor, got "
+                            f"{getattr(cu, 'dtype', type(cu).__name__)}: use .to(torch.int32)")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}: move it with .to(q.device)")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 2:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both hold documents + 1 entries, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    if causal_offsets is not None and causal_offsets.numel() != cu_seqlens_q.numel() - 1:
+        raise ValueError(f"causal_offsets needs one entry per document ({cu_seqlens_q.numel() - 1}), "
+                         f"got {causal_offsets.numel()}")
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any batch/sequence/head strides but need the head dim contiguous."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, sequence, head) strides; a packed tensor has no batch stride (documents use cu_seqlens)."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of the log-sum-exp, (B, H, Sq) dense or (H, Tq) varlen; rows contiguous."""
+    if varlen:
+        return 0, lse.stride(0)
+    return lse.stride(0), lse.stride(1)
+
+
+def scale_or_default(softmax_scale, head_dim: int) -> float:
+    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _sequence_bounds(CU_Q, CU_K, OFFSETS, i_b, seqlen_q, seqlen_k, causal_offset,
+                     IS_VARLEN: tl.constexpr, HAS_OFFSETS: tl.constexpr):
+    """Start and length of this program's query and key rows, and its causal offset."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + i_b)
+        len_q = tl.load(CU_Q + i_b + 1) - q_start
+        k_start = tl.load(CU_K + i_b)
+        len_k = tl.load(CU_K + i_b + 1) - k_start
+        if HAS_OFFSETS:
+            offset = tl.load(OFFSETS + i_b)
+        else:
+            offset = len_k - len_q
+    else:
+        q_start = tl.full([], 0, tl.int32)
+        k_start = tl.full([], 0, tl.int32)
+        len_q = seqlen_q
+        len_k = seqlen_k
+        offset = causal_offset
+    return q_start, len_q, k_start, len_k, offset
+
+
+@triton.jit
+def _key_range(m0, len_k, offset, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks of query rows [m0, m0 + BLOCK_M): [0, full_end) need no mask, [full_end, hi) do."""
+    if IS_CAUSAL:
+        hi = tl.minimum(len_k, tl.maximum(m0 + BLOCK_M + offset, 0))
+        # a block is wholly visible when its last key j satisfies j <= m0 + offset
+        full_end = (tl.maximum(m0 + offset + 1, 0) // BLOCK_N) * BLOCK_N
+        full_end = tl.minimum(full_end, (len_k // BLOCK_N) * BLOCK_N)
+    else:
+        hi = len_k
+        full_end = (len_k // BLOCK_N) * BLOCK_N
+    return full_end, hi
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, o_m, start, end, len_k, offset, qk_scale, stride_ks, stride_vs,
+               m_d, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    # p_k, p_v point at key row `start` already
+    o_n = start + tl.arange(0, BLOCK_N)
+    for _ in range(start, end, BLOCK_N):
+        if MASKED:
+            m_kv = (o_n < len_k)[:, None] & m_d[None, :]
+            b_k = tl.load(p_k, mask=m_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
+            b_v = tl.load(p_v, mask=m_kv, other=0.0)
+        elif EVEN_D:
+            b_k = tl.load(p_k)
+            b_v = tl.load(p_v)
+        else:
+            b_k = tl.load(p_k, mask=m_d[None, :], other=0.0)
+            b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        if MASKED:
+            m_s = (o_n < len_k)[None, :]
+            if IS_CAUSAL:
+                m_s = m_s & (o_n[None, :] <= o_m[:, None] + offset)
+            b_s = tl.where(m_s, b_s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(b_s, 1))
+            # a row that has seen nothing yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not nan
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(b_s, 1))
+            m_sub = m_new
+        b_p = tl.math.exp2(b_s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        m_i = m_new
+        p_k += BLOCK_N * stride_ks
+        p_v += BLOCK_N * stride_vs
+        o_n += BLOCK_N
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "causal_offset"])
+def _fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K, OFFSETS,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, causal_offset, num_heads, group_size, qk_scale, head_dim,
+    IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_OFFSETS: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // num_heads
+    i_h = i_bh % num_heads
+    i_hk = i_h // group_size
+    q_start, len_q, k_start, len_k, offset = _sequence_bounds(
+        CU_Q, CU_K, OFFSETS, i_b, seqlen_q, seqlen_k, causal_offset, IS_VARLEN, HAS_OFFSETS)
+    m0 = i_m * BLOCK_M
+    if m0 >= len_q:
+        return
+    # 64-bit base pointers; offsets inside a block stay small
+    i_b64 = i_b.to(tl.int64)
+    row_q = (q_start + m0).to(tl.int64)
+    Q += i_b64 * stride_qb + row_q * stride_qs + i_h * stride_qh
+    O += i_b64 * stride_ob + row_q * stride_os + i_h * stride_oh
+    K += i_b64 * stride_kb + k_start.to(tl.int64) * stride_ks + i_hk * stride_kh
+    V += i_b64 * stride_vb + k_start.to(tl.int64) * stride_vs + i_hk * stride_vh
+    LSE += i_b64 * stride_lb + i_h * stride_lh + q_start + m0
+
+    o_r = tl.arange(0, BLOCK_M)  # row within the block
+    o_m = m0 + o_r               # row within the sequence
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < head_dim
+    m_q = (o_m < len_q)[:, None] & m_d[None, :]
+    b_q = tl.load(Q + o_r[:, None] * stride_qs + o_d[None, :], mask=m_q, other=0.0)  # [BLOCK_M, BLOCK_D]
+    o_n = tl.arange(0, BLOCK_N)
+    p_k = K + o_n[:, None] * stride_ks + o_d[None, :]
+    p_v = V + o_n[:, None] * stride_vs + o_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, hi = _key_range(m0, len_k, offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, o_m, 0, full_end, len_k, offset, qk_scale,
+                               stride_ks, stride_vs, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_N)
+    p_k += full_end.to(tl.int64) * stride_ks
+    p_v += full_end.to(tl.int64) * stride_vs
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, o_m, full_end, hi, len_k, offset, qk_scale,
+                               stride_ks, stride_vs, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_N)
+
+    # rows that saw no key: output 0, log-sum-exp -inf
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(O + o_r[:, None] * stride_os + o_d[None, :], acc.to(O.dtype.element_ty), mask=m_q)
+    tl.store(LSE + o_r, lse, mask=o_m < len_q)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+def _fwd(q, k, v, *, softmax_scale, causal, causal_offset, cu_seqlens_q, cu_seqlens_k,
+         max_seqlen_q, max_seqlen_k, causal_offsets, out_dtype, config=None):
+    """Launch the forward on checked inputs; returns (out, lse)."""
+    varlen = cu_seqlens_q is not None
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    head_dim, heads, kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
+    block_d = padded_head_dim(head_dim)
+    block_m, block_n, num_warps, num_stages = config or fwd_config(block_d, causal, q.device)
+    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+        lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)
+        offset = 0
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+        offset = causal_offset if causal_offset is not None else seqlen_k - seqlen_q
+    if out.numel() == 0 or seqlen_q == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    grid = (triton.cdiv(seqlen_q, block_m), batch * heads)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal_offsets,
+        *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(out, varlen),
+        *lse_strides(lse, varlen),
+        seqlen_q, seqlen_k, int(offset), heads, heads // kv_heads, softmax_scale * LOG2E, head_dim,
+        IS_CAUSAL=causal, IS_VARLEN=varlen, HAS_OFFSETS=causal_offsets is not None,
+        EVEN_D=head_dim == block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
