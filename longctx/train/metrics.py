@@ -1,0 +1,72 @@
+"""Step metrics (tokens/s, MFU, memory) and where they go: console, metrics.jsonl, wandb."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# dense bf16 peak TFLOP/s by device name (no sparsity)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "H800": 989.0, "B200": 2250.0, "L40S": 362.0}
+
+
+def training_flops_per_token(config, seq_len: int) -> float:
+    """6 N for the matmuls (embedding lookups excluded, the output head included) plus causal
+    attention: QK^T and PV cost 4 S D H per token per layer forward, half of it under the causal
+    mask, and the backward costs twice the forward."""
+    n = config.num_parameters(embeddings=False) + config.vocab_size * config.hidden_size
+    softmax_layers = sum(config.layer_type(i) == "softmax" for i in range(config.num_hidden_layers))
+    attention = 3 * 0.5 * 4 * seq_len * config.num_attention_heads * config.head_dim * softmax_layers
+    return 6 * n + attention
+
+
+def peak_tflops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+class MetricsLogger:
+    """Rank 0 only: a tqdm bar, a line every `every` steps, metrics.jsonl, and wandb if enabled."""
+
+    def __init__(self, run_dir: Path, cfg, total_steps: int, start_step: int, resolved_config: dict):
+        self.cfg = cfg
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a")
+        self.bar = None
+        if cfg.progress_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        self.wandb = None
+        if cfg.wandb != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb  # imported only when a run logs to it
+            self.wandb = wandb.init(project=cfg.project, dir=str(run_dir), config=resolved_config,
+                                    mode=cfg.wandb, name=Path(run_dir).name, resume="allow",
+                                    settings=wandb.Settings(start_method="thread", console="off"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tok_s']:.0f}",
+                                 mem=f"{metrics['peak_gib']:.1f}G", refresh=False)
+        if step % self.cfg.every == 0:
+            line = (f"step {step} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} grad_norm "
+                    f"{metrics['grad_norm']:.3f} tok/s {metrics['tok_s']:.0f} ({metrics['tok_s_per_gpu']:.0f}/gpu)"
+                    f" step {metrics['step_s']:.2f}s peak {metrics['peak_gib']:.2f} GiB")
+            if metrics.get("mfu") is not None:
+                line += f" mfu {metrics['mfu']:.1%}"
+            (self.bar.write if self.bar is not None else print)(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.file.close()

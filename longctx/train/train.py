@@ -1,0 +1,244 @@
+"""The training loop: config -> data -> model -> parallelism -> steps -> checkpoints.
+
+Launched as `python -m longctx.train key=value ...` or `torchrun --nproc_per_node N -m longctx.train ...`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from longctx.data import build_loader
+from longctx.model import Llama, ModelConfig, load_hf, save_hf
+from longctx.model.hf import load_hf_config
+from longctx.model.llama import shift_labels
+from longctx.ops.cross_entropy import IGNORE_INDEX
+from longctx.parallel.parallelize import parallelize_llama
+from longctx.parallel.sequence import split_sequence
+
+from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .config import Config, model_fields, validate
+from .metrics import MetricsLogger, peak_tflops, training_flops_per_token
+
+
+def init_distributed(device_choice: str) -> torch.device:
+    cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        # data preparation on rank 0 may take long: the others wait in a collective meanwhile
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2),
+                                device_id=device if cuda else None)
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+def decide_run_dir(cfg: Config) -> Path:
+    """Rank 0 decides (ranks started a second apart must not make two folders); the others receive it."""
+    choice = [cfg.run_dir or os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    run_dir = Path(choice[0])
+    if rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    return run_dir
+
+
+def build_model(cfg: Config, device: torch.device) -> Llama:
+    m = cfg.model
+    if m.pretrained:
+        overrides = {k: getattr(m, k) for k in ("attention", "linear_attention", "loss_chunk_size")}
+        model = load_hf(m.pretrained, device=device, **overrides)
+    else:
+        with torch.device(device):
+            model = Llama(ModelConfig(**model_fields(m)))
+    if cfg.train.precision == "bf16_pure":
+        model.to(torch.bfloat16)
+    return model
+
+
+def lr_lambda(cfg):
+    o, total = cfg.optim, cfg.train.steps
+
+    def factor(step: int) -> float:  # step counts optimizer steps taken so far
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
+    return factor
+
+
+def build_optimizer(model, cfg):
+    o = cfg.optim
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def shard_batch(batch: dict, dims, mesh, device) -> dict:
+    """Shift labels on the whole sequence, then give this rank its share of ids, labels and
+    positions (one permutation for all three). cu_seqlens keeps describing the whole sequence."""
+    labels = shift_labels(batch["labels"])
+    local = {"input_ids": batch["input_ids"], "labels": labels, "position_ids": batch["position_ids"]}
+    if dims.sp > 1:
+        group = mesh["sp"].get_group()
+        local = {k: split_sequence(v, group, dim=1, layout=dims.layout) for k, v in local.items()}
+    local["cu_seqlens"] = batch["cu_seqlens"]
+    return {k: v.to(device, non_blocking=True) for k, v in local.items()}
+
+
+class StopSignal:
+    """SIGTERM (a preempted job) asks for a checkpoint and a clean exit at the end of the step."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        # every rank must stop at the same step, so the flag is reduced across ranks
+        flag = torch.tensor(float(self.requested), device=device)
+        return bool(all_reduce(flag, dist.ReduceOp.MAX).item())
+
+
+def train(cfg: Config) -> Path:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    dims = validate(cfg, world_size)               # every config error surfaces here, before any work
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = init_distributed(cfg.train.device)
+    mesh = dims.build_mesh(device.type)
+    run_dir = decide_run_dir(cfg)
+    is_main = rank() == 0
+    t = cfg.train
+    if t.precision == "auto":
+        t.precision = "bf16_autocast" if device.type == "cuda" else "fp32"
+    torch.manual_seed(t.seed)
+
+    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+    loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch, dp_rank=dp_rank,
+                          dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed)
+    model = build_model(cfg, device)
+    model_config = model.config
+    train_model = parallelize_llama(model, dims, mesh, cfg, device)
+    optimizer, scheduler = build_optimizer(train_model, cfg)
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+    start = 0
+    resume_from = checkpointer.latest() if t.resume == "auto" else (None if t.resume == "none" else Path(t.resume))
+    if resume_from is not None:
+        shared, mine = checkpointer.load(resume_from, train_model, optimizer)
+        scheduler.load_state_dict(shared["scheduler"])
+        loader.load_state_dict(mine["loader"])
+        set_rng_state(mine["rng"])
+        start = shared["step"]
+        if is_main:
+            print(f"resumed from {resume_from} at step {start}")
+
+    def save(step):
+        checkpointer.save(step, train_model, optimizer, shared={"scheduler": scheduler.state_dict()},
+                          per_rank={"loader": loader.state_dict(), "rng": rng_state()})
+
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16_autocast"
+                else nullcontext())
+    tokens_per_step = t.seq_len * t.micro_batch * t.grad_accum * dims.dp
+    flops_per_token = training_flops_per_token(model_config, t.seq_len)
+    peak = peak_tflops(device)
+    logger = (MetricsLogger(run_dir, cfg.logging, t.steps, start, OmegaConf.to_container(OmegaConf.structured(cfg)))
+              if is_main else None)
+    stop = StopSignal()
+    data = iter(loader)
+    train_model.train()
+    step = start
+    for step in range(start + 1, t.steps + 1):
+        step_start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        micro_batches = [shard_batch(next(data), dims, mesh, device) for _ in range(t.grad_accum)]
+        # the loss is the sum over this rank's valid tokens divided by the global count, so that
+        # micro-batches and ranks with different numbers of valid tokens (even none) weigh right
+        local_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).float()
+        global_tokens = all_reduce(local_tokens.clone()).clamp(min=1)
+        loss_sum = torch.zeros((), device=device)
+        for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = nullcontext() if last or not hasattr(train_model, "no_sync") else train_model.no_sync()
+            with sync, autocast:
+                out = train_model(mb["input_ids"], position_ids=mb["position_ids"], cu_seqlens=mb["cu_seqlens"],
+                                  labels=mb["labels"], labels_shifted=True, loss_reduction="sum")
+                # data-parallel backends average gradients over the world: scale back to a sum
+                (out.loss * (dims.world_size / global_tokens)).backward()
+            loss_sum += out.loss.detach().float()
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), max_norm)
+        loss = all_reduce(loss_sum) / global_tokens
+        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+        elif t.on_nonfinite == "stop":
+            raise FloatingPointError(f"step {step}: loss {loss.item()} / grad norm {grad_norm.item()} is not "
+                                     "finite; set train.on_nonfinite=skip to skip such steps")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step_s = time.perf_counter() - step_start
+        if is_main:
+            tok_s = tokens_per_step / step_s
+            metrics = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                       "tok_s": tok_s, "tok_s_per_gpu": tok_s / dims.world_size, "step_s": step_s,
+                       "skipped": not finite,
+                       "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+                       "mfu": tok_s / dims.world_size * flops_per_token / (peak * 1e12) if peak else None}
+            logger.log(step, metrics)
+        preempted = stop.agreed(device)
+        if preempted or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            save(step)
+        if preempted:
+            if is_main:
+                print(f"SIGTERM: saved a checkpoint at step {step} in {run_dir}; resume with "
+                      f"run_dir={run_dir} train.resume=auto")
+            break
+    else:
+        if cfg.checkpoint.at_end and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            save(step)
+        if cfg.checkpoint.export_hf and model_config.layer_types is None:
+            export(train_model, model, run_dir / "hf")
+    if logger is not None:
+        logger.close()
+    return run_dir
+
+
+def export(train_model, model, folder: Path) -> None:
+    """Gather the full state (a collective) and write a Hugging Face folder from rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() == 0:
+        save_hf(model, folder, state=state)
+        print(f"exported a Hugging Face checkpoint to {folder}")
