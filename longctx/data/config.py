@@ -1,0 +1,62 @@
+"""The data config: the schema of the Hydra `data` group."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from .packing import OVERLONG, PACKINGS
+from .sharegpt import resolve_path
+from .template import CHAT_TEMPLATES, LOSS_MASKS
+
+
+@dataclass
+class DataConfig:
+    # ShareGPT .json/.jsonl file (cut-off files are recovered), a folder of shards, a datasets
+    # folder or a .parquet file. Relative paths are tried from the cwd, then the repository root.
+    path: str = "data/sharegpt_sample.json"
+    # a local Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json)
+    tokenizer: str = "data/tokenizer"
+    # "auto": the tokenizer's chat_template if it has one, else the built-in Llama-3 format;
+    # "llama3": always the built-in format; "tokenizer": the tokenizer's template (error if none)
+    chat_template: str = "auto"
+    # which tokens count for the loss: "assistant" replies, the "last" reply only, or "all"
+    loss_mask: str = "assistant"
+    # a conversation longer than seq_len: "truncate" (keep the whole exchanges that fit) or
+    # "split" (several samples, each starting at a user turn after the system prompt)
+    overlong: str = "split"
+    # "best_fit" (less padding) or "greedy" (fill in order, start a new sequence when full)
+    packing: str = "best_fit"
+    # processes for tokenizing (datasets.map); small data sets use one
+    num_proc: int = 2
+    # where prepared (tokenized) data is cached; None: $LONGCTX_DATA_CACHE or ~/.cache/longctx/data
+    cache_dir: Optional[str] = None
+    # how long other ranks wait for the rank that prepares the data before giving up
+    prepare_timeout_s: float = 6 * 3600.0
+    # print the kept/skipped table and token statistics when the loader is built (rank 0)
+    verbose: bool = True
+
+    def validate(self) -> "DataConfig":
+        """Cheap checks (no tokenizing): paths exist and every choice is a known one."""
+        resolve_path(self.path, "data.path")
+        tokenizer = resolve_path(self.tokenizer, "data.tokenizer")
+        if tokenizer.is_dir() and not any((tokenizer / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise FileNotFoundError(f"data.tokenizer {self.tokenizer!r} holds no tokenizer.json or "
+                                    f"tokenizer_config.json; point it at a Hugging Face tokenizer folder")
+        for name, value, allowed in (("chat_template", self.chat_template, CHAT_TEMPLATES),
+                                     ("loss_mask", self.loss_mask, LOSS_MASKS),
+                                     ("overlong", self.overlong, OVERLONG),
+                                     ("packing", self.packing, PACKINGS)):
+            if value not in allowed:
+                raise ValueError(f"data.{name}={value!r} is not one of {allowed}")
+        if self.num_proc < 1:
+            raise ValueError(f"data.num_proc={self.num_proc} must be at least 1")
+        if self.prepare_timeout_s <= 0:
+            raise ValueError(f"data.prepare_timeout_s={self.prepare_timeout_s} must be positive")
+        return self
+
+    def resolved_cache_dir(self) -> str:
+        if self.cache_dir:
+            return os.path.expanduser(self.cache_dir)
+        return os.environ.get("LONGCTX_DATA_CACHE",
+                              os.path.join(os.path.expanduser("~"), ".cache", "longctx", "data"))

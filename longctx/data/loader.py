@@ -1,0 +1,132 @@
+"""The distributed, resumable loader of packed sequences.
+
+    loader = build_loader(cfg, seq_len=2048, micro_batch=1, dp_rank=0, dp_size=1, pad_multiple=1, seed=0)
+    batch = next(iter(loader))   # input_ids, labels, position_ids [micro_batch, seq_len] int64;
+                                 # cu_seqlens int32 over the flattened micro_batch * seq_len tokens
+
+Epoch e packs the pieces anew, shuffled by a generator seeded with (seed, e), into a list of
+sequences that is the same on every rank. Step s of the epoch takes the sequences
+[s * G, (s + 1) * G), G = dp_size * micro_batch, and data-parallel rank r takes the r-th run of
+micro_batch of them: the shares of the ranks are disjoint, the sequence-parallel ranks of one group
+(same dp_rank) get the same sequences, and the last len % G sequences of an epoch are left over
+(every rank must take the same number of steps). The loader is endless.
+
+The state is the epoch and the number of sequences of it consumed, the same on every rank, so
+`state_dict()` of any rank resumes all of them; after a restart the next batch is exactly the one
+the uninterrupted run would have produced. A different dp_size or micro_batch resumes from the
+same point of the same epoch.
+
+cu_seqlens: one entry per document start over the flattened rows, then the total. The padding at
+the end of a row is a document of its own (pad ids, labels -100, positions from 0), so attention
+never mixes it with real tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .packing import Pieces, TokenStore, assemble, cut_documents, pack
+
+
+class PackedLoader:
+    def __init__(self, store: TokenStore, seq_len: int, micro_batch: int = 1, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 0, packing: str = "best_fit", overlong: str = "split",
+                 pad_id: int = 0, pad_multiple: int = 1, key: str = "", report: dict | None = None):
+        if seq_len < 1 or micro_batch < 1 or dp_size < 1 or pad_multiple < 1:
+            raise ValueError(f"seq_len={seq_len}, micro_batch={micro_batch}, dp_size={dp_size} and "
+                             f"pad_multiple={pad_multiple} must all be positive")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        if seq_len % pad_multiple:
+            raise ValueError(f"seq_len={seq_len} must be a multiple of pad_multiple={pad_multiple} (the "
+                             f"sequence-parallel divisor, 2 x ring size for ring attention); use seq_len="
+                             f"{-(-seq_len // pad_multiple) * pad_multiple}")
+        self.store, self.seq_len, self.micro_batch = store, seq_len, micro_batch
+        self.dp_rank, self.dp_size, self.seed, self.packing = dp_rank, dp_size, seed, packing
+        self.pad_id, self.key = pad_id, key
+        self.pieces, overlong_counts = cut_documents(store, seq_len, overlong)
+        if len(self.pieces) == 0:
+            raise ValueError(f"no sample with loss tokens fits seq_len={seq_len}")
+        self.epoch, self.consumed = 0, 0
+        self._plan_epoch, self._plan = None, None
+        sequences = self._sequences(0)
+        used = int(self.pieces.lengths.sum())
+        self.report = dict(report or {})
+        self.report["packing"] = {
+            "method": packing, "seq_len": seq_len, "pieces": len(self.pieces), "sequences": len(sequences),
+            "padding_fraction": 1.0 - used / (len(sequences) * seq_len),
+            "sequences_per_step": self.sequences_per_step, "steps_per_epoch": self.steps_per_epoch,
+            "dropped_sequences": len(sequences) % self.sequences_per_step, "overlong": overlong_counts}
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the data packs into {len(sequences)} sequences of {seq_len} tokens, fewer "
+                             f"than one step needs (dp_size {dp_size} x micro_batch {micro_batch}); use "
+                             f"more data, a shorter seq_len or fewer ranks")
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.dp_size * self.micro_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps in the current epoch (packing, so the count, may differ slightly by epoch)."""
+        return len(self._sequences(self.epoch)) // self.sequences_per_step
+
+    def _sequences(self, epoch: int) -> list[np.ndarray]:
+        if self._plan_epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._plan, self._plan_epoch = pack(self.pieces.lengths, self.seq_len, self.packing, rng), epoch
+        return self._plan
+
+    def batch_of(self, sequence_ids: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        rows = [assemble(self.store, self.pieces, ids, self.seq_len, self.pad_id) for ids in sequence_ids]
+        doc_lengths = np.concatenate([row["doc_lengths"] for row in rows])
+        cu_seqlens = np.zeros(len(doc_lengths) + 1, dtype=np.int32)
+        np.cumsum(doc_lengths, out=cu_seqlens[1:])
+        batch = {name: torch.from_numpy(np.stack([row[name] for row in rows]))
+                 for name in ("input_ids", "labels", "position_ids")}
+        batch["cu_seqlens"] = torch.from_numpy(cu_seqlens)
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        sequences = self._sequences(self.epoch)
+        if self.consumed + self.sequences_per_step > len(sequences):
+            self.epoch, self.consumed = self.epoch + 1, 0
+            sequences = self._sequences(self.epoch)
+        first = self.consumed + self.dp_rank * self.micro_batch
+        batch = self.batch_of(sequences[first:first + self.micro_batch])
+        self.consumed += self.sequences_per_step
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len,
+                "packing": self.packing, "data_key": self.key, "pieces": len(self.pieces)}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for name in ("seed", "seq_len", "packing", "data_key", "pieces"):
+            if state.get(name) != mine[name]:
+                raise ValueError(f"cannot resume the data exactly: the checkpoint's {name} is "
+                                 f"{state.get(name)!r}, this run's is {mine[name]!r}; resume with the "
+                                 f"same data, tokenizer and data settings, seq_len and seed")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+def build_loader(cfg: DataConfig, seq_len: int, micro_batch: int = 1, dp_rank: int = 0, dp_size: int = 1,
+                 pad_multiple: int = 1, seed: int = 0) -> PackedLoader:
+    """Prepare (or load the cached) data of `cfg` and return this rank's endless loader.
+
+    Call it on every rank; in a distributed run one process per node tokenizes while the others
+    wait (see longctx.data.prepare). Prints the data report on global rank 0 when cfg.verbose.
+    """
+    from .prepare import _rank, format_report, prepare
+
+    prepared = prepare(cfg)
+    loader = PackedLoader(prepared.store, seq_len, micro_batch, dp_rank, dp_size, seed, cfg.packing,
+                          cfg.overlong, prepared.pad_id, pad_multiple, prepared.key, prepared.report)
+    if cfg.verbose and _rank()[0] == 0:
+        print(format_report(loader.report), flush=True)
+    return loader
