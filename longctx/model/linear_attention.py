@@ -1,0 +1,73 @@
+"""The linear-attention token mixer: lightning attention with a per-head decay (TransNormerLLM).
+
+    q, k = silu(x W_q), silu(x W_k)           (B, S, H, D), (B, S, Hkv, D): sized as softmax attention
+    v = x W_v                                 (B, S, Hkv, D)
+    o = lightning(q, k, v, decay)             causal, S_t = exp(-decay_h) S_{t-1} + k_t^T v_t, o_t = q_t S_t
+    out = W_o (RMSNorm(o) * sigmoid(x W_g))   the output norm and gate
+
+The decay is fixed per head, as in TransNormerLLM and Lightning Attention: decay_h = 2^(-8 (h + 1) / H)
+(ALiBi's slopes), from about 0.7 down to 1/256 per token, so heads see from a few to some thousand
+tokens back. It is a buffer, not a parameter: LASP and the kernel treat it as a constant. No rotary
+embedding: the decay already orders the tokens, so `position_ids` is accepted and unused.
+
+The attention function is picked by name (`config.linear_attention`): `lightning` (one device,
+registered here) or `lasp` / `lasp_allgather` (sequence parallel, registered by longctx.parallel.lasp).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longctx.ops.linear import lightning_attn_func
+
+from .attention import get_linear_attention, register_linear_attention
+from .config import ModelConfig
+from .llama import RMSNorm
+
+
+@register_linear_attention("lightning")
+def lightning_attention(q, k, v, decay, *, cu_seqlens=None):
+    """Lightning attention on one device; packed documents of a batch > 1 are folded into one row."""
+    batch, seqlen = q.shape[:2]
+    if cu_seqlens is not None and batch != 1:
+        flat = [x.reshape(1, batch * seqlen, *x.shape[2:]) for x in (q, k, v)]
+        return lightning_attention(*flat, decay, cu_seqlens=cu_seqlens).reshape(batch, seqlen, *q.shape[2:3], v.shape[-1])
+    out, _ = lightning_attn_func(q, k, v, decay, cu_seqlens=cu_seqlens)
+    return out
+
+
+def head_decays(num_heads: int) -> torch.Tensor:
+    """The fixed per-head decay rates (H,) fp32: 2^(-8 (h + 1) / H)."""
+    return torch.exp2(-8.0 * torch.arange(1, num_heads + 1, dtype=torch.float32) / num_heads)
+
+
+class LinearAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.g_proj = nn.Linear(h, self.num_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.norm = RMSNorm(self.num_heads * d, config.rms_norm_eps)
+        self.register_buffer("decay", head_decays(self.num_heads), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Recompute the decay buffer (after `to_empty` from the meta device)."""
+        self.decay.copy_(head_decays(self.num_heads))
+
+    def forward(self, x, position_ids=None, cu_seqlens=None):
+        batch, seqlen, _ = x.shape
+        d = self.config.head_dim
+        q = F.silu(self.q_proj(x)).view(batch, seqlen, self.num_heads, d)
+        k = F.silu(self.k_proj(x)).view(batch, seqlen, self.num_kv_heads, d)
+        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, d)
+        mixer = get_linear_attention(self.config.linear_attention)
+        out = mixer(q, k, v, self.decay.float(), cu_seqlens=cu_seqlens)
+        out = self.norm(out.reshape(batch, seqlen, self.num_heads * d))
+        return self.o_proj(out * torch.sigmoid(self.g_proj(x)))

@@ -1,0 +1,430 @@
+"""LASP: linear-attention sequence parallelism (Sun et al., 2024), and the softmax attention that
+runs beside it in hybrid models.
+
+Each rank of the sequence-parallel group holds a contiguous shard of L tokens. Lightning attention
+is linear in its initial state, so every rank first runs the kernel on its shard from a zero state,
+with no communication at all:
+
+    out_t   = out0_t + lam^(t+1) q_t S_in          for the tokens before the shard's first document start
+    S_out   = S0 + lam^L S_in                      if no document starts in the shard (else S_out = S0)
+
+and only then combines the d x d fp32 state S_in that arrives from the ranks before it. The
+communication (one state per rank) and the corrections (one matrix product per token) are small
+next to the kernel and never stand in front of it: no barrier, no host sync, no blocking receive
+ahead of work that does not need the state.
+
+Two variants (`variant=`, or the registered mixers `lasp` and `lasp_allgather`):
+- "ring" (LASP): the state travels rank to rank, S_out of rank r is S_in of rank r + 1. The receive
+  is posted before the kernel runs; the chain of small updates costs N - 1 hops.
+- "allgather" (LASP-2 with decay): one all-gather of every rank's zero-start state S0; each rank
+  combines the prefix itself in fp32.
+The backward mirrors it with the state gradient (dS_in = G + lam^L dS_out, where G is what the
+shard's own outputs ask of the incoming state), and reuses the incoming state kept from the forward
+(LASP's state caching) instead of passing it again. The decay is a fixed per-head constant here
+(as in TransNormerLLM): it gets no gradient.
+
+Documents: `cu_seqlens` describes the whole (global) packed sequence. A document that crosses into
+this shard continues from the incoming state; a document that starts here resets it. The shard's
+local document bounds are worked out once per `cu_seqlens` tensor (a host read, shared by all layers
+of a step; none when `cu_seqlens` lives on the CPU).
+
+Hybrid models run their softmax layers on the same contiguous shards: `allgather_kv_attention`
+(registered as `allgather_kv`) gathers K and V (small with GQA) and attends this rank's queries to
+the keys up to its shard's end, document by document.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from longctx.model.attention import document_ranges, register_attention, register_linear_attention
+from longctx.ops.linear import lightning_attn_func
+
+from .sequence import get_sequence_group
+
+__all__ = ["lasp_attn_func", "allgather_kv_attention", "VARIANTS"]
+
+VARIANTS = ("ring", "allgather")
+# Tokens per slice of the state corrections: bounds their fp32 temporaries at long context.
+_CORRECTION_CHUNK = 16384
+
+
+# ----------------------------------------------------------------------------------------------
+# The shard's view of the packed documents
+
+
+@dataclass(frozen=True)
+class ShardDocuments:
+    """How the global documents fall on each shard of `length` tokens."""
+    length: int
+    kernel_bounds: Optional[tuple]   # local document bounds for the kernel; None: one document
+    carry_end: int                   # leading tokens that continue the previous shard's document
+    last_start: int                  # local start of the last document (whose state leaves the shard)
+    passes: tuple                    # per rank: no document starts there, the state passes through
+
+
+def _documents_of_shard(bounds: list[int], rank: int, world: int, length: int) -> ShardDocuments:
+    def starts_in(r):
+        lo = r * length
+        return [s - lo for s in bounds[:-1] if lo <= s < lo + length]
+
+    mine = starts_in(rank)
+    inner = [s for s in mine if s > 0]
+    kernel_bounds = tuple([0] + inner + [length]) if inner else None
+    return ShardDocuments(length=length, kernel_bounds=kernel_bounds,
+                          carry_end=min(mine) if mine else length,
+                          last_start=max(mine) if mine else 0,
+                          passes=tuple(not starts_in(r) for r in range(world)))
+
+
+_CACHE: dict = {}
+
+
+def shard_documents(cu_seqlens: Optional[torch.Tensor], rank: int, world: int, length: int) -> ShardDocuments:
+    """This shard's view of the global `cu_seqlens` (cached per tensor: one host read per step)."""
+    if cu_seqlens is None:
+        return ShardDocuments(length, None, length, 0, tuple([True] * world))
+    key = (id(cu_seqlens), cu_seqlens._version, rank, world, length)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is cu_seqlens:
+        return hit[1]
+    total = world * length
+    bounds = [start for start, _ in document_ranges(cu_seqlens, total)] + [total]
+    docs = _documents_of_shard(bounds, rank, world, length)
+    _CACHE.clear()  # one live entry: the step's cu_seqlens
+    _CACHE[key] = (weakref.ref(cu_seqlens), docs)
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pieces: decays, the corrections, communication
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched a @ b with fp32 (or wider) results; 16-bit operands stay 16-bit on the GPU (fp32
+    accumulation, no TF32 tiles)."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        a3 = a.expand(*shape, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+        b3 = b.to(a.dtype).expand(*shape, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+        try:
+            return torch.bmm(a3, b3, out_dtype=torch.float32).view(*shape, a.shape[-2], b.shape[-1])
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return torch.matmul(a.to(dtype), b.to(dtype))
+
+
+def _decay_powers(decay: torch.Tensor, start: int, end: int, offset: int, sign: int = 1) -> torch.Tensor:
+    """exp(-decay * (offset + sign * t)) for t in [start, end): (T, H) fp32, non-positive exponents."""
+    t = torch.arange(start, end, device=decay.device, dtype=torch.float32)
+    return torch.exp(-(offset + sign * t)[:, None] * decay.float()[None, :])
+
+
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.repeat_interleave(heads // x.shape[2], dim=2) if x.shape[2] != heads else x
+
+
+def _add_incoming_output(out, q, state_in, decay, end):
+    """out[:, t] += lam^(t+1) q_t S_in for t < end, in place (q, out (B, L, H, D); S_in (B, H, Dk, Dv))."""
+    for start in range(0, end, _CORRECTION_CHUNK):
+        stop = min(start + _CORRECTION_CHUNK, end)
+        w = _decay_powers(decay, start, stop, offset=1)                     # [T, H]
+        qs = q[:, start:stop].transpose(1, 2)                               # [B, H, T, Dk]
+        term = _mm_fp32(qs, state_in).transpose(1, 2) * w[None, :, :, None]  # [B, T, H, Dv]
+        out[:, start:stop] += term.to(out.dtype)
+
+
+def _incoming_gradient(q, dout, decay, end):
+    """G = sum over t < end of lam^(t+1) q_t^T dO_t: (B, H, Dk, Dv) fp32."""
+    batch, _, heads, dk = q.shape
+    grad = torch.zeros(batch, heads, dk, dout.shape[-1], device=q.device,
+                       dtype=torch.promote_types(q.dtype, torch.float32))
+    for start in range(0, end, _CORRECTION_CHUNK):
+        stop = min(start + _CORRECTION_CHUNK, end)
+        w = _decay_powers(decay, start, stop, offset=1)
+        qs = (q[:, start:stop] * w[None, :, :, None].to(q.dtype)).permute(0, 2, 3, 1)  # [B, H, Dk, T]
+        grad += _mm_fp32(qs, dout[:, start:stop].transpose(1, 2))
+    return grad
+
+
+def _add_query_gradient(dq, dout, state_in, decay, end):
+    """dq[:, t] += lam^(t+1) dO_t S_in^T for t < end, in place."""
+    for start in range(0, end, _CORRECTION_CHUNK):
+        stop = min(start + _CORRECTION_CHUNK, end)
+        w = _decay_powers(decay, start, stop, offset=1)
+        term = _mm_fp32(dout[:, start:stop].transpose(1, 2), state_in.transpose(-1, -2))  # [B, H, T, Dk]
+        dq[:, start:stop] += (term.transpose(1, 2) * w[None, :, :, None]).to(dq.dtype)
+
+
+def _add_outgoing_gradients(dk, dv, k, v, grad_out, decay, begin, length):
+    """The shard's last document feeds S_out = sum_t lam^(L-1-t) k_t^T v_t: add what dS_out asks of
+    its k and v, in place (summed over the query heads of a GQA group)."""
+    heads = grad_out.shape[1]
+    for start in range(begin, length, _CORRECTION_CHUNK):
+        stop = min(start + _CORRECTION_CHUNK, length)
+        w = _decay_powers(decay, start, stop, offset=length - 1, sign=-1)[None, :, :, None]  # [1, T, H, 1]
+        ks = _expand_heads(k[:, start:stop], heads).transpose(1, 2)        # [B, H, T, Dk]
+        vs = _expand_heads(v[:, start:stop], heads).transpose(1, 2)        # [B, H, T, Dv]
+        grad_k = _mm_fp32(vs, grad_out.transpose(-1, -2)).transpose(1, 2) * w  # [B, T, H, Dk]
+        grad_v = _mm_fp32(ks, grad_out).transpose(1, 2) * w                   # [B, T, H, Dv]
+        dk[:, start:stop] += _sum_groups(grad_k, dk.shape[2]).to(dk.dtype)
+        dv[:, start:stop] += _sum_groups(grad_v, dv.shape[2]).to(dv.dtype)
+
+
+def _sum_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    batch, length, heads, dim = x.shape
+    return x.view(batch, length, kv_heads, heads // kv_heads, dim).sum(3) if heads != kv_heads else x
+
+
+def _group_info(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _global_rank(group, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _chain(terms: list[torch.Tensor], passes: list[bool], block_decay: torch.Tensor) -> torch.Tensor:
+    """Fold x = term_i + [passes_i] lam^L x over the terms in order, in fp32."""
+    x = torch.zeros_like(terms[0])
+    for term, through in zip(terms, passes):
+        x = term + block_decay * x if through else term.clone()
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The autograd function
+
+
+class _Lasp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, decay, group, docs: ShardDocuments, variant: str, needs_grad: bool):
+        rank, world = _group_info(group)
+        batch, length, heads, dk = q.shape
+        dv = v.shape[-1]
+        state_shape = (batch, heads, dk, dv)
+        decay = decay.detach().float()
+        block_decay = torch.exp(-decay * length)[None, :, None, None]  # lam^L, [1, H, 1, 1]
+
+        receive = None
+        if variant == "ring" and rank > 0:
+            # posted first: it completes while this shard's own kernel runs
+            state_in = q.new_empty(state_shape, dtype=torch.float32)
+            receive = dist.irecv(state_in, src=_global_rank(group, rank - 1), group=group)
+
+        bounds = None
+        if docs.kernel_bounds is not None:
+            bounds = torch.tensor(docs.kernel_bounds, dtype=torch.int32, device=q.device)
+        leaves = [x.detach().requires_grad_(needs_grad and x.requires_grad) for x in (q, k, v)]
+        with torch.set_grad_enabled(needs_grad):
+            out, state0 = lightning_attn_func(*leaves, decay, initial_state=None, cu_seqlens=bounds)
+        state0 = state0.detach().float()
+
+        send = None
+        if variant == "ring":
+            if receive is not None:
+                receive.wait()
+            else:
+                state_in = torch.zeros(state_shape, device=q.device, dtype=torch.float32)
+            if rank < world - 1:
+                state_out = state0 + block_decay * state_in if docs.passes[rank] else state0
+                send = dist.isend(state_out.contiguous(), dst=_global_rank(group, rank + 1), group=group)
+        else:
+            states = [state0]
+            if world > 1:
+                states = [torch.empty_like(state0) for _ in range(world)]
+                dist.all_gather(states, state0.contiguous(), group=group)
+            state_in = _chain(states[:rank], list(docs.passes[:rank]), block_decay) if rank else torch.zeros_like(state0)
+
+        result = out.detach()
+        if rank > 0 and docs.carry_end > 0:
+            _add_incoming_output(result, q, state_in, decay, docs.carry_end)
+        if send is not None:
+            send.wait()
+
+        ctx.group, ctx.docs, ctx.variant = group, docs, variant
+        ctx.graph = (out, leaves) if needs_grad else None
+        ctx.save_for_backward(q, k, v, decay, state_in)
+        return result
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, decay, state_in = ctx.saved_tensors
+        group, docs, variant = ctx.group, ctx.docs, ctx.variant
+        rank, world = _group_info(group)
+        length = q.shape[1]
+        dout = dout.contiguous()
+        block_decay = torch.exp(-decay * length)[None, :, None, None]
+
+        # what this shard's own outputs ask of the incoming state: needs only q and dO
+        grad_in = _incoming_gradient(q, dout, decay, docs.carry_end if rank > 0 else 0)
+        receive = gather = None
+        if variant == "ring" and rank < world - 1:
+            grad_out = torch.empty_like(grad_in)
+            receive = dist.irecv(grad_out, src=_global_rank(group, rank + 1), group=group)
+        elif variant == "allgather" and world > 1:
+            grads = [torch.empty_like(grad_in) for _ in range(world)]
+            gather = dist.all_gather(grads, grad_in.contiguous(), group=group, async_op=True)
+
+        out, leaves = ctx.graph
+        wanted = [x for x in leaves if x.requires_grad]
+        found = iter(torch.autograd.grad(out, wanted, dout))
+        dq, dk, dv = (next(found) if x.requires_grad else None for x in leaves)
+        ctx.graph = None
+
+        send = None
+        grad_out_known = rank < world - 1
+        if variant == "ring":
+            if receive is not None:
+                receive.wait()
+            if rank > 0:
+                send_grad = grad_in + block_decay * grad_out if (grad_out_known and docs.passes[rank]) else grad_in
+                send = dist.isend(send_grad.contiguous(), dst=_global_rank(group, rank - 1), group=group)
+        elif gather is not None:
+            gather.wait()
+            if grad_out_known:
+                # dS_out(r) = dS_in(r + 1), folded from the last rank down
+                later = list(range(world - 1, rank, -1))
+                grad_out = _chain([grads[j] for j in later], [docs.passes[j] for j in later], block_decay)
+
+        if dq is not None and rank > 0 and docs.carry_end > 0:
+            _add_query_gradient(dq, dout, state_in, decay, docs.carry_end)
+        if grad_out_known and (dk is not None or dv is not None):
+            dk = dk if dk is not None else torch.zeros_like(k)
+            dv = dv if dv is not None else torch.zeros_like(v)
+            _add_outgoing_gradients(dk, dv, k, v, grad_out, decay, docs.last_start, length)
+            dk = dk if ctx.needs_input_grad[1] else None
+            dv = dv if ctx.needs_input_grad[2] else None
+        if send is not None:
+            send.wait()
+        return dq, dk, dv, None, None, None, None, None
+
+
+def lasp_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, group=None, *,
+                   cu_seqlens: Optional[torch.Tensor] = None, variant: str = "ring") -> torch.Tensor:
+    """Lightning attention over a sequence split contiguously across `group` (None: the default group).
+
+    q, k (B, L, H, Dk) (k may have fewer, grouped heads), v (B, L, Hkv, Dv): this rank's shard, every
+    rank's of the same length L (layout "contiguous" of `split_sequence`). decay (H,) >= 0, fixed.
+    `cu_seqlens` (int32): document bounds of the whole sequence of world * L tokens (B = 1).
+    Returns this rank's output (B, L, H, Dv), equal to the single-device output's shard.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"LASP variant {variant!r} is unknown; choose one of {VARIANTS}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
+        raise ValueError(f"q, k, v must be (B, L, H, D) with the same B and L; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if decay.shape != (q.shape[2],):
+        raise ValueError(f"decay must have one value per query head ({q.shape[2]},); got {tuple(decay.shape)}")
+    if decay.requires_grad:
+        raise ValueError("LASP treats the decay as a fixed per-head constant; pass decay.detach() "
+                         "(or keep it in a buffer)")
+    rank, world = _group_info(group)
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"packed documents (cu_seqlens) need batch size 1, got {q.shape[0]}: pack the "
+                         f"batch into one row")
+    docs = shard_documents(cu_seqlens, rank, world, q.shape[1])
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    return _Lasp.apply(q, k, v, decay, group, docs, variant, needs_grad)
+
+
+@register_linear_attention("lasp")
+def lasp_ring(q, k, v, decay, *, cu_seqlens=None):
+    """LASP with the state passed rank to rank, over `get_sequence_group()`."""
+    return lasp_attn_func(q, k, v, decay, get_sequence_group(), cu_seqlens=cu_seqlens, variant="ring")
+
+
+@register_linear_attention("lasp_allgather")
+def lasp_allgather(q, k, v, decay, *, cu_seqlens=None):
+    """LASP-2 style: one all-gather of the zero-start states, over `get_sequence_group()`."""
+    return lasp_attn_func(q, k, v, decay, get_sequence_group(), cu_seqlens=cu_seqlens, variant="allgather")
+
+
+# ----------------------------------------------------------------------------------------------
+# Softmax attention on contiguous shards (the softmax layers of a hybrid model under LASP)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along the sequence (dim 1); the backward sums every rank's gradient of this shard."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        rank, world = _group_info(group)
+        ctx.group, ctx.rank, ctx.world = group, rank, world
+        shares = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(shares, x.contiguous(), group=group)
+        return torch.cat(shares, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pieces = grad.chunk(ctx.world, dim=1)
+        if dist.get_backend(ctx.group) == "gloo":  # gloo has no reduce-scatter
+            summed = grad.contiguous()
+            dist.all_reduce(summed, group=ctx.group)
+            return summed.chunk(ctx.world, dim=1)[ctx.rank].contiguous(), None
+        mine = torch.empty_like(pieces[0], memory_format=torch.contiguous_format)
+        dist.reduce_scatter_tensor(mine, torch.stack(pieces).contiguous(), group=ctx.group)
+        return mine, None
+
+
+def _segments(cu_seqlens, batch, start, end):
+    """(q_start, q_end) local and (k_start, k_end) global of each document piece in [start, end)."""
+    if cu_seqlens is None:
+        return [(0, end - start, 0, end)]
+    pieces = []
+    for doc_start, doc_end in document_ranges(cu_seqlens, int(cu_seqlens[-1])):
+        lo, hi = max(doc_start, start), min(doc_end, end)
+        if lo < hi:
+            pieces.append((lo - start, hi - start, doc_start, hi))
+    return pieces
+
+
+def _sdpa_bottom_right(q, k, v, scale):
+    """Causal attention with the queries at the end of the keys: q (B, Sq, H, D), k/v (B, Sk, Hkv, D)."""
+    heads = q.shape[2]
+    qt, kt, vt = q.transpose(1, 2), _expand_heads(k, heads).transpose(1, 2), _expand_heads(v, heads).transpose(1, 2)
+    sq, sk = q.shape[1], k.shape[1]
+    mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+@register_attention("allgather_kv")
+def allgather_kv_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+    """Causal softmax attention for contiguous shards over `get_sequence_group()`: K and V are
+    all-gathered (GQA keeps them small) and this rank's queries attend to the keys up to its
+    shard's end. `cu_seqlens` describes the whole sequence, as for `lasp`."""
+    group = get_sequence_group()
+    rank, world = _group_info(group)
+    batch, length = q.shape[:2]
+    if cu_seqlens is not None and batch != 1:
+        raise ValueError(f"packed documents (cu_seqlens) need batch size 1 under sequence parallelism, got {batch}")
+    if world > 1:
+        k, v = _GatherSequence.apply(k, group), _GatherSequence.apply(v, group)
+    start, end = rank * length, (rank + 1) * length
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    segments = _segments(cu_seqlens, batch, start, end)
+    if q.is_cuda:
+        from longctx.ops.attention import flash_attn_func, flash_attn_varlen_func
+        if cu_seqlens is None:
+            return flash_attn_func(q, k[:, :end], v[:, :end], causal=True, softmax_scale=scale)
+        # the documents' key ranges tile [first document's start, end): pack them as they lie
+        first = segments[0][2]
+        bounds_q = [segments[0][0]] + [s[1] for s in segments]
+        bounds_k = [0] + [s[3] - first for s in segments]
+        cu_q = torch.tensor(bounds_q, dtype=torch.int32, device=q.device)
+        cu_k = torch.tensor(bounds_k, dtype=torch.int32, device=q.device)
+        max_q = max(s[1] - s[0] for s in segments)
+        max_k = max(s[3] - s[2] for s in segments)
+        out = flash_attn_varlen_func(q[0], k[0, first:end], v[0, first:end], cu_q, cu_k, max_q, max_k,
+                                     causal=True, softmax_scale=scale)
+        return out.unsqueeze(0)
+    pieces = [_sdpa_bottom_right(q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], scale) for qs, qe, ks, ke in segments]
+    return torch.cat(pieces, dim=1)
