@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from longctx.ops.linear.backward import LightningAttnFunction
+from longctx.ops.linear.forward import CHUNK_SIZE, MAX_HEAD_DIM, use_triton
 from longctx.ops.linear.naive import lightning_attn_chunked
 
 __all__ = ["lightning_attn_func"]
@@ -41,7 +43,8 @@ def _check_inputs(q, k, v, decay, initial_state, cu_seqlens):
             raise ValueError("cu_seqlens must be a 1-D int32 tensor of document starts plus the total token count")
 
 
-def lightning_attn_func(q, k, v, decay, initial_state=None, cu_seqlens=None):
+def lightning_attn_func(q, k, v, decay, initial_state=None, cu_seqlens=None, *, chunk_size=CHUNK_SIZE,
+                        num_segments=None):
     """Causal linear attention with a per-head exponential decay (lightning attention).
 
         S_t = exp(-decay) * S_{t-1} + k_t^T v_t ;  o_t = q_t S_t ;  S_0 = initial_state or 0
@@ -56,6 +59,16 @@ def lightning_attn_func(q, k, v, decay, initial_state=None, cu_seqlens=None):
 
     Returns (out (B, S, H, Dv) in the dtype of q, final_state (B, H, Dk, Dv) fp32). Differentiable in
     q, k, v and initial_state, including through final_state.
+
+    Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1); elsewhere, and for float64,
+    the chunked PyTorch reference. Tuning: `chunk_size` (a power of two >= 16) tokens per chunk,
+    `num_segments` pieces of the sequence run in parallel (None: enough to fill the GPU).
     """
     _check_inputs(q, k, v, decay, initial_state, cu_seqlens)
-    return lightning_attn_chunked(q, k, v, decay, initial_state, cu_seqlens)
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16; got {chunk_size}")
+    if q.dtype == torch.float64 or not use_triton(q) or q.shape[1] == 0:
+        return lightning_attn_chunked(q, k, v, decay, initial_state, cu_seqlens, chunk_size)
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported; got Dk={q.shape[-1]}, Dv={v.shape[-1]}")
+    return LightningAttnFunction.apply(q, k, v, decay, initial_state, cu_seqlens, chunk_size, num_segments)
