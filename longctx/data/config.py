@@ -1,6 +1,7 @@
 """The data config: the schema of the Hydra `data` group."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -60,3 +61,31 @@ class DataConfig:
             return os.path.expanduser(self.cache_dir)
         return os.environ.get("LONGCTX_DATA_CACHE",
                               os.path.join(os.path.expanduser("~"), ".cache", "longctx", "data"))
+
+
+def config_from_args(args: list[str], extras: dict) -> tuple[DataConfig, dict]:
+    """A DataConfig from `key=value` arguments (an optional `data.` prefix is accepted, as in the
+    Hydra overrides of the trainer); keys in `extras` (name -> default) are returned apart."""
+    fields = {f.name: f for f in dataclasses.fields(DataConfig)}
+    values, others = {}, dict(extras)
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.removeprefix("data.")
+        if not sep or (key not in fields and key not in extras):
+            raise SystemExit(f"unknown argument {arg!r}: expected key=value with key one of "
+                             f"{sorted(fields) + sorted(extras)}")
+        if key in extras:
+            others[key] = type(extras[key])(value) if extras[key] is not None else value
+            continue
+        kind = fields[key].type
+        if value.lower() in ("none", "null") and "Optional" in str(kind):
+            values[key] = None
+        elif kind in ("bool", bool):
+            values[key] = value.lower() in ("1", "true", "yes")
+        elif kind in ("int", int):
+            values[key] = int(value)
+        elif kind in ("float", float):
+            values[key] = float(value)
+        else:
+            values[key] = value
+    return DataConfig(**values), others

@@ -225,9 +225,10 @@ def _turns_of(record) -> tuple[list[tuple[str, object]], object]:
 def clean_record(record, repaired: Counter) -> list[dict]:
     """One raw record as a clean conversation: [system?] user, assistant, user, assistant, ...
 
-    Raises SkipRecord(reason) when no training conversation can be made of it; counts each repair
-    in `repaired`.
+    Raises SkipRecord(reason) when no training conversation can be made of it; adds the repairs of
+    a kept record to `repaired`.
     """
+    fixes = Counter()
     pairs, top_system = _turns_of(record)
     if not pairs:
         raise SkipRecord("empty_conversation")
@@ -235,41 +236,42 @@ def clean_record(record, repaired: Counter) -> list[dict]:
     turns: list[dict] = []
     for raw_role, content in pairs:
         role = ROLE_MAP.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
-        text = _text_of(content)
         if role is None:
-            repaired["unknown_role_turn_dropped"] += 1
+            fixes["unknown_role_turn_dropped"] += 1
             continue
+        text = _text_of(content)
         if role == "system":
             system_parts.append(text)
             continue
         if not text:
-            repaired["empty_turn_dropped"] += 1
+            fixes["empty_turn_dropped"] += 1
             continue
         turns.append({"role": role, "content": text})
     if len([p for p in system_parts if p]) > 1:
-        repaired["system_messages_joined"] += 1
+        fixes["system_messages_joined"] += 1
 
     while turns and turns[0]["role"] == "assistant":
-        repaired["leading_assistant_dropped"] += 1
+        fixes["leading_assistant_dropped"] += 1
         turns.pop(0)
     merged: list[dict] = []
     for turn in turns:
         if merged and merged[-1]["role"] == turn["role"]:
             if merged[-1]["content"] == turn["content"]:
-                repaired["repeated_turn_dropped"] += 1
+                fixes["repeated_turn_dropped"] += 1
             else:
-                repaired["repeated_role_merged"] += 1
+                fixes["repeated_role_merged"] += 1
                 merged[-1]["content"] += "\n\n" + turn["content"]
             continue
         merged.append(turn)
     if merged and merged[-1]["role"] == "user" and any(t["role"] == "assistant" for t in merged):
-        repaired["trailing_user_dropped"] += 1
+        fixes["trailing_user_dropped"] += 1
         merged.pop()
     if not any(t["role"] == "user" for t in merged):
         raise SkipRecord("no_user_turn")
     if not any(t["role"] == "assistant" for t in merged):
         raise SkipRecord("no_assistant_turn")
     system = "\n\n".join(p for p in system_parts if p)
+    repaired.update(fixes)
     return ([{"role": "system", "content": system}] if system else []) + merged
 
 
