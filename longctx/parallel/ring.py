@@ -236,8 +236,14 @@ def ring_plan(rank: int, world_size: int, local_len: int, causal: bool, batch: i
 # ------------------------------------------------------------------------------------------------
 # the block math: Triton on CUDA, PyTorch on CPU
 # ------------------------------------------------------------------------------------------------
+# "triton", "torch", or None: by device (Triton on CUDA). Tests set "triton" to run the kernel under
+# TRITON_INTERPRET=1 on the CPU.
+BLOCK_IMPL: str | None = None
+
+
 def _block_functions(device: torch.device):
-    if device.type == "cuda":
+    impl = BLOCK_IMPL or ("triton" if device.type == "cuda" else "torch")
+    if impl == "triton":
         from longctx.ops.attention import attention_backward, attention_forward
         return attention_forward, attention_backward
     return ring_blocks.attention_forward, ring_blocks.attention_backward
@@ -344,7 +350,7 @@ def ring_backward(ring: RingComm, plan, dout, q, k, v, out, lse, scale):
     _, backward = _block_functions(q.device)
     accum = _accum_dtype(q.dtype)
     world = ring.world_size
-    delta = (dout.to(accum) * out.to(accum)).sum(-1).transpose(1, 2)  # [B, H, S] rowsum(dO * O)
+    delta = (dout.to(accum) * out.to(accum)).sum(-1).transpose(1, 2).contiguous()  # [B, H, S] rowsum(dO * O)
     dq = torch.zeros(q.shape, dtype=accum, device=q.device)
     kv = _buffer("kv", (2, 2, *k.shape), k.dtype, k.device) if world > 1 else None
     dkv = _buffer("dkv", (2, 2, *k.shape), accum, k.device)
