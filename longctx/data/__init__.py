@@ -11,7 +11,7 @@ prepared cache starts fast.
 from .config import DataConfig
 from .loader import PackedLoader, build_loader
 from .packing import IGNORE_INDEX, TokenStore
-from .prepare import cache_path, format_report, prepare
+from .cache import cache_path, format_report, prepare
 from .sharegpt import read_sharegpt
 from .template import LLAMA3_CHAT_TEMPLATE, render_llama3, tokenize_conversations
 

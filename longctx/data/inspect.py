@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import config_from_args
 from .loader import PackedLoader
-from .prepare import format_report, prepare
+from .cache import format_report, prepare
 from .sharegpt import resolve_path
 
 EXTRAS = {"sample": 0, "seq_len": 2048, "tokens": 40, "color": "auto"}

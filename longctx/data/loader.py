@@ -122,7 +122,7 @@ def build_loader(cfg: DataConfig, seq_len: int, micro_batch: int = 1, dp_rank: i
     Call it on every rank; in a distributed run one process per node tokenizes while the others
     wait (see longctx.data.prepare). Prints the data report on global rank 0 when cfg.verbose.
     """
-    from .prepare import _rank, format_report, prepare
+    from .cache import _rank, format_report, prepare
 
     prepared = prepare(cfg)
     loader = PackedLoader(prepared.store, seq_len, micro_batch, dp_rank, dp_size, seed, cfg.packing,

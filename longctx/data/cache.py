@@ -35,6 +35,9 @@ from .sharegpt import read_sharegpt, resolve_path
 PIPELINE_VERSION = 1  # bump when tokens or masks of the same inputs would change
 _ARRAYS = ("tokens", "loss_mask", "offsets", "exchange_starts", "exchange_offsets")
 _SMALL_DATA = 2000  # conversations below which one process tokenizes faster than a pool starts
+# A failure marker older than this process (less a launch skew) is a previous run's: ignore it.
+_PROCESS_START = time.time()
+_LAUNCH_SKEW_S = 60.0
 
 
 @dataclass
@@ -180,7 +183,7 @@ class _quiet_datasets:
 def _wait_for(target: Path, failed: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not (target / "done").exists():
-        if failed.exists():
+        if failed.exists() and failed.stat().st_mtime > _PROCESS_START - _LAUNCH_SKEW_S:
             raise RuntimeError(f"the rank preparing the data failed: {failed.read_text()}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout_s:.0f} s for {target} to be prepared by local rank 0; "

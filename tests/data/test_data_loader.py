@@ -1,0 +1,171 @@
+"""The loader on the real sample: batches, caching, exact resume, data-parallel shares, and the
+distributed preparation (one builder, the others wait)."""
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from distributed import run_distributed
+from longctx.data import DataConfig, PackedLoader, build_loader, prepare
+from longctx.data import cache as prepare_module
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    cfg = DataConfig(cache_dir=str(tmp_path_factory.mktemp("data_cache")), verbose=False)
+    prepare(cfg)  # the cold build, once for the module
+    return cfg
+
+
+def rows(batch):
+    return [tuple(row.tolist()) for row in batch["input_ids"]]
+
+
+def test_batches_follow_the_contract(cfg):
+    seq_len, micro_batch = 1024, 3
+    loader = build_loader(cfg, seq_len=seq_len, micro_batch=micro_batch, pad_multiple=8)
+    pad_id = prepare(cfg).pad_id
+    for _ in range(4):
+        batch = next(loader)
+        for name in ("input_ids", "labels", "position_ids"):
+            assert batch[name].shape == (micro_batch, seq_len) and batch[name].dtype == torch.int64
+        cu = batch["cu_seqlens"]
+        assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == micro_batch * seq_len
+        assert all(r * seq_len in cu.tolist() for r in range(micro_batch))
+        ids, labels, positions = (batch[n].reshape(-1) for n in ("input_ids", "labels", "position_ids"))
+        starts = cu[:-1].long()
+        assert (positions[starts] == 0).all() and (labels[starts] == -100).all()
+        restarts = torch.zeros_like(positions, dtype=torch.bool)
+        restarts[starts] = True
+        steps = positions[1:] - positions[:-1]
+        assert ((steps == 1) | restarts[1:]).all()
+        counted = labels != -100
+        assert (labels[counted] == ids[counted]).all() and counted.any()
+        assert not (counted & (ids == pad_id)).any()
+
+
+def test_cache_is_reused_and_fast(cfg, monkeypatch):
+    def no_build(*args):
+        raise AssertionError("the cached data was prepared again")
+    monkeypatch.setattr(prepare_module, "_build", no_build)
+    started = time.perf_counter()
+    prepared = prepare(cfg)
+    assert time.perf_counter() - started < 2.0
+    assert prepared.report["kept"] > 250 and prepared.report["tokens"]["tokens"] == len(prepared.store.tokens)
+    # another setting that changes the tokens gets its own cache
+    assert prepare_module.cache_path(cfg) != prepare_module.cache_path(DataConfig(cache_dir=cfg.cache_dir, loss_mask="last"))
+
+
+def test_resume_gives_exactly_the_next_batches(cfg):
+    kwargs = dict(seq_len=16384, micro_batch=2, seed=3)
+    reference = build_loader(cfg, **kwargs)
+    per_epoch = reference.steps_per_epoch
+    assert 3 < per_epoch < 30
+    uninterrupted = [rows(next(reference)) for _ in range(per_epoch + 4)]
+    assert reference.epoch == 1
+    assert uninterrupted[0] != uninterrupted[per_epoch], "each epoch is shuffled anew"
+
+    stopped = build_loader(cfg, **kwargs)
+    stop_at = per_epoch - 2  # resume just before an epoch boundary
+    for step in range(stop_at):
+        assert rows(next(stopped)) == uninterrupted[step]
+    state = torch.load(_saved(stopped.state_dict()), weights_only=True)
+    resumed = build_loader(cfg, **kwargs)
+    resumed.load_state_dict(state)
+    for step in range(stop_at, per_epoch + 4):
+        assert rows(next(resumed)) == uninterrupted[step]
+
+    with pytest.raises(ValueError, match="seed"):
+        build_loader(cfg, seq_len=16384, micro_batch=2, seed=4).load_state_dict(state)
+
+
+def _saved(state):
+    import io
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_data_parallel_shares_are_disjoint_and_cover_the_epoch(cfg):
+    single = build_loader(cfg, seq_len=4096, seed=5)
+    everything = [rows(next(single))[0] for _ in range(single.steps_per_epoch)]
+    ranks = [build_loader(cfg, seq_len=4096, dp_rank=r, dp_size=3, seed=5) for r in range(3)]
+    steps = ranks[0].steps_per_epoch
+    assert steps == len(everything) // 3
+    shares = [[rows(next(loader))[0] for _ in range(steps)] for loader in ranks]
+    flat = [row for share in shares for row in share]
+    assert len(set(flat)) == len(flat) == 3 * steps  # disjoint
+    assert set(flat) == set(everything[:3 * steps])  # and all of the epoch but the leftover
+    for step in range(steps):  # step s takes sequences 3s, 3s+1, 3s+2 of the epoch
+        assert [shares[r][step] for r in range(3)] == everything[3 * step:3 * step + 3]
+
+    # a run resumed with another data-parallel size goes on from the same point of the epoch
+    state = single.state_dict()
+    single = build_loader(cfg, seq_len=4096, seed=5)
+    for _ in range(4):
+        next(single)
+    state = single.state_dict()
+    wider = [build_loader(cfg, seq_len=4096, dp_rank=r, dp_size=2, seed=5) for r in range(2)]
+    for loader in wider:
+        loader.load_state_dict(state)
+    assert [rows(next(loader))[0] for loader in wider] == everything[4:6]
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="data.chat_template='chatml'"):
+        DataConfig(chat_template="chatml").validate()
+    with pytest.raises(ValueError, match="data.packing"):
+        DataConfig(packing="first_fit").validate()
+    with pytest.raises(FileNotFoundError, match="data.tokenizer.*no/such/tokenizer"):
+        DataConfig(tokenizer="no/such/tokenizer").validate()
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        DataConfig(tokenizer=str(tmp_path / "empty_dir")).validate()
+
+
+def test_config_is_a_valid_structured_hydra_schema():
+    omegaconf = pytest.importorskip("omegaconf")
+    schema = omegaconf.OmegaConf.structured(DataConfig)
+    merged = omegaconf.OmegaConf.merge(schema, {"num_proc": 4, "cache_dir": "/tmp/x"})
+    cfg = omegaconf.OmegaConf.to_object(merged)
+    assert isinstance(cfg, DataConfig) and cfg.num_proc == 4
+
+
+def test_inspect_prints_the_masked_sample(cfg, capsys):
+    from longctx.data.inspect import main
+
+    main([f"cache_dir={cfg.cache_dir}", "data.sample=2", "seq_len=2048", "tokens=8", "color=never"])
+    out = capsys.readouterr().out
+    assert "<|start_header_id|>assistant<|end_header_id|>\n\n>>>" in out
+    assert "<|eot_id|><<<" in out and "kept" in out and "padding" in out
+
+
+def _prepare_on_rank(rank, world_size, path, cache_dir):
+    built = []
+    original = prepare_module._build
+
+    def counting_build(cfg, target):
+        built.append(rank)
+        time.sleep(1.0)  # a slow preparation: the other rank must wait for it, not build too
+        original(cfg, target)
+    prepare_module._build = counting_build
+    loader = build_loader(DataConfig(path=path, cache_dir=cache_dir, verbose=False), seq_len=2048,
+                          dp_rank=rank, dp_size=world_size, seed=11)
+    return {"built": len(built), "batches": [rows(next(loader)) for _ in range(3)]}
+
+
+def test_distributed_ranks_prepare_once_and_read_their_own_shares(tmp_path):
+    # a slice of the real sample keeps the tokenizing short
+    records = json.loads(open("data/sharegpt_sample.json", encoding="utf-8").read())[:60]
+    path = tmp_path / "slice.json"
+    path.write_text(json.dumps(records))
+    results = run_distributed(_prepare_on_rank, 2, str(path), str(tmp_path / "fresh_cache"))
+    assert [r["built"] for r in results] == [1, 0]
+    cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "fresh_cache"), verbose=False)
+    for rank, result in enumerate(results):
+        local = build_loader(cfg, seq_len=2048, dp_rank=rank, dp_size=2, seed=11)
+        assert result["batches"] == [rows(next(local)) for _ in range(3)]
+    assert not set(map(tuple, results[0]["batches"])) & set(map(tuple, results[1]["batches"]))
