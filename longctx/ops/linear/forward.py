@@ -39,6 +39,9 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 CHUNK_SIZE = 64
 STATE_SCAN_BLOCK = 1024
+# GPU launch settings (scripts/bench_lasp.py --sweep times alternatives): the value-dim block of one
+# program, its warps and pipeline stages, and how many programs per multiprocessor the segments aim at.
+GPU_CONFIG = {"block_z": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4}
 
 
 @triton.jit
@@ -223,7 +226,7 @@ class Chunks:
 def default_num_segments(chunks: Chunks, programs_per_segment: int, device) -> int:
     """Enough segments for about four programs per streaming multiprocessor, at most one per chunk."""
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = GPU_CONFIG["programs_per_sm"] * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 8
     return max(1, min(chunks.count, triton.cdiv(target, programs_per_segment)))
@@ -234,11 +237,13 @@ def _dot_precision(dtype) -> str:
 
 
 def _block_z(dz: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(dz)))
+    return min(GPU_CONFIG["block_z"], max(16, triton.next_power_of_2(dz)))
 
 
 def _launch_config(device) -> dict:
-    return {"num_warps": 4, "num_stages": 2} if device.type == "cuda" else {}
+    if device.type != "cuda":
+        return {}
+    return {"num_warps": GPU_CONFIG["num_warps"], "num_stages": GPU_CONFIG["num_stages"]}
 
 
 def chunk_local_states(y, z, decay, chunks: Chunks, num_segments: int, reverse: bool):
