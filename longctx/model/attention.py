@@ -91,3 +91,17 @@ def sdpa_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax_scale=N
             qt[:, :, start:end], kt[:, :, start:end], vt[:, :, start:end],
             is_causal=True, scale=softmax_scale, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+@register_attention("flash")
+def flash_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+    """The Triton FlashAttention-2 kernel (longctx.ops.attention); packed documents in one launch."""
+    from longctx.ops.attention import flash_attn_func, flash_attn_varlen_func
+    if cu_seqlens is None:
+        return flash_attn_func(q, k, v, causal=True, softmax_scale=softmax_scale)
+    flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]   # [B*S, H, D]
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                 causal=True, softmax_scale=softmax_scale)
+    return out.view(q.shape)

@@ -106,3 +106,24 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         load_hf(tmp_path / "hf")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_hf(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("mixer", ["flash"])
+def test_registered_mixers_match_sdpa_in_the_model(mixer):
+    """Logits and gradients with a packed batch are the same whichever mixer the model uses."""
+    torch.manual_seed(2)
+    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention="sdpa")
+    model = Llama(config)
+    ids = torch.randint(0, 50, (1, 21))
+    cu_seqlens = torch.tensor([0, 4, 5, 21], dtype=torch.int32)
+    results = []
+    for name in ("sdpa", mixer):
+        model.zero_grad()
+        config.attention = name
+        out = model(ids, cu_seqlens=cu_seqlens, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
