@@ -34,9 +34,9 @@ from longctx.ops.attention.naive import attention_reference  # noqa: E402
 
 # (seqlen, heads, kv_heads, head_dim, causal)
 SHAPES = [
-    (4096, 32, 32, 128, True), (4096, 32, 8, 128, True),
     (16384, 32, 32, 128, True), (16384, 32, 8, 128, True),
     (65536, 32, 32, 128, True), (65536, 32, 8, 128, True),
+    (4096, 32, 32, 128, True), (4096, 32, 8, 128, True),
     (16384, 32, 32, 64, True), (16384, 32, 32, 256, True),
     (16384, 32, 32, 128, False),
 ]
@@ -198,10 +198,10 @@ CHECK_CASES = [
 VARLEN_DOCS = [1, 700, 1, 129, 0, 333, 64]
 
 
-def run_checks():
+def run_checks(dtypes):
     rows, failures = [], []
     gen = torch.Generator(device="cuda").manual_seed(1234)
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in dtypes:
         for batch, sq, sk, heads, kv_heads, d, causal, offset in CHECK_CASES:
             def rand(*s):
                 return torch.randn(*s, device="cuda", dtype=dtype, generator=gen)
@@ -253,80 +253,88 @@ def _check_one(name, q, k, v, do, kw, extra, failures):
 # ----------------------------------------------------------------------------------------------
 # sweep of block configurations (offline tuning; the winners go into FWD/DKDV/DQ_CONFIGS)
 # ----------------------------------------------------------------------------------------------
+# candidates around the first H100 sweep's winners; a 5th entry "split" runs dK and dV in two passes
 FWD_CANDIDATES = {
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 4, 3), (128, 64, 4, 4)],
-    128: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4),
-          (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3)],
-    256: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 2)],
+    64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)],
+    128: [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 5)],
+    256: [(128, 64, 8, 2), (128, 32, 8, 3)],
 }
 DKDV_CANDIDATES = {
-    64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (128, 128, 8, 2)],
-    128: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3),
-          (32, 64, 4, 4), (64, 128, 4, 2), (16, 128, 4, 4)],
-    256: [(32, 64, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (16, 64, 4, 2), (32, 32, 4, 3)],
+    64: [(64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3)],
+    128: [(32, 64, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 5), (64, 64, 8, 3), (32, 128, 8, 4)],
+    256: [(64, 64, 8, 2), (64, 64, 8, 2, "split"), (32, 64, 4, 2, "split"), (64, 32, 4, 2, "split"),
+          (64, 64, 4, 2, "split"), (128, 64, 8, 2, "split"), (32, 32, 4, 3)],
 }
 DQ_CANDIDATES = {
-    64: [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 2)],
-    128: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
-          (128, 64, 8, 2), (64, 32, 4, 4)],
-    256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2)],
+    64: [(64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 4)],
+    256: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 3)],
 }
 
 
-def run_sweep(seqlen=16384, heads=32):
-    results = []
-    for head_dim in (64, 128, 256):
-        for causal in (True,):
-            print(f"== sweep D={head_dim} causal={causal} S={seqlen} H={heads}", flush=True)
-            gen = torch.Generator(device="cuda").manual_seed(7)
-            q, k, v, do = (torch.randn(1, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16,
-                                       generator=gen) for _ in range(4))
-            scale = head_dim ** -0.5
-            args = dict(softmax_scale=scale, causal=causal, causal_offset=None, cu_seqlens_q=None,
-                        cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, causal_offsets=None)
-            out, lse = _fwd(q, k, v, out_dtype=None, **args)
-            fwd_flops = attention_flops(seqlen, heads, head_dim, causal, "fwd")
-            bd = padded_head_dim(head_dim)
+def run_sweep(head_dims, seqlen=16384, heads=32, apply=False):
+    """Time the candidates (causal, bf16); with `apply`, the winners replace the tables for this run."""
+    results, chosen = [], {}
+    causal = True
+    for head_dim in head_dims:
+        print(f"== sweep D={head_dim} causal={causal} S={seqlen} H={heads}", flush=True)
+        gen = torch.Generator(device="cuda").manual_seed(7)
+        q, k, v, do = (torch.randn(1, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16,
+                                   generator=gen) for _ in range(4))
+        args = dict(softmax_scale=head_dim ** -0.5, causal=causal, causal_offset=None, cu_seqlens_q=None,
+                    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, causal_offsets=None)
+        out, lse = _fwd(q, k, v, out_dtype=None, **args)
+        fwd_flops = attention_flops(seqlen, heads, head_dim, causal, "fwd")
+        bd = padded_head_dim(head_dim)
 
-            def timed(kind, cfg, fn):
-                try:
-                    ms = bench_ms(fn, seqlen)
-                    factor = 1.0 if kind == "fwd" else 2.5
-                    r = dict(kind=kind, head_dim=head_dim, causal=causal, config=cfg, ms=round(ms, 4),
-                             tflops=round(fwd_flops * factor / ms / 1e9, 1))
-                except Exception as e:
-                    r = dict(kind=kind, head_dim=head_dim, causal=causal, config=cfg,
-                             error=f"{type(e).__name__}: {str(e)[:120]}")
-                print("  ", r, flush=True)
-                results.append(r)
-                return r
-            best = {}
-            for cfg in FWD_CANDIDATES[head_dim]:
-                timed("fwd", cfg, lambda: _fwd(q, k, v, out_dtype=None, config=cfg, **args))
-            dq_default = DQ_CONFIGS[(bd, causal)]
-            for cfg in DKDV_CANDIDATES[head_dim]:
-                timed("bwd(dkdv sweep)", cfg,
-                      lambda: _bwd(do, q, k, v, out, lse, delta=None, grad_dtype=None, configs=(cfg, dq_default), **args))
-            cands = [r for r in results if r["kind"] == "bwd(dkdv sweep)" and r["head_dim"] == head_dim and "ms" in r]
-            best_dkdv = min(cands, key=lambda r: r["ms"])["config"] if cands else DKDV_CONFIGS[(bd, causal)]
-            for cfg in DQ_CANDIDATES[head_dim]:
-                timed("bwd(dq sweep)", cfg,
-                      lambda: _bwd(do, q, k, v, out, lse, delta=None, grad_dtype=None, configs=(best_dkdv, cfg), **args))
-            for kind in ("fwd", "bwd(dkdv sweep)", "bwd(dq sweep)"):
-                cands = [r for r in results if r["kind"] == kind and r["head_dim"] == head_dim and "ms" in r]
-                if cands:
-                    best[kind] = min(cands, key=lambda r: r["ms"])
-            print(f"  BEST D={head_dim}: " + json.dumps({k_: (v_["config"], v_["tflops"]) for k_, v_ in best.items()}),
-                  flush=True)
-            del q, k, v, do, out, lse
-            torch.cuda.empty_cache()
-    return results
+        def timed(kind, cfg, fn):
+            try:
+                ms = bench_ms(fn, seqlen)
+                factor = 1.0 if kind == "fwd" else 2.5
+                r = dict(kind=kind, head_dim=head_dim, causal=causal, config=cfg, ms=round(ms, 4),
+                         tflops=round(fwd_flops * factor / ms / 1e9, 1))
+            except Exception as e:
+                r = dict(kind=kind, head_dim=head_dim, causal=causal, config=cfg,
+                         error=f"{type(e).__name__}: {str(e)[:120]}")
+            print("  ", r, flush=True)
+            results.append(r)
+            return r
+
+        def best(kind, default):
+            cands = [r for r in results if r["kind"] == kind and r["head_dim"] == head_dim and "ms" in r]
+            return tuple(min(cands, key=lambda r: r["ms"])["config"]) if cands else default
+
+        for cfg in FWD_CANDIDATES[head_dim]:
+            timed("fwd", cfg, lambda: _fwd(q, k, v, out_dtype=None, config=cfg, **args))
+        dq_default = DQ_CONFIGS[(bd, causal)]
+        for cfg in DKDV_CANDIDATES[head_dim]:
+            timed("bwd(dkdv sweep)", cfg, lambda: _bwd(do, q, k, v, out, lse, delta=None, grad_dtype=None,
+                                                       configs=(cfg, dq_default), **args))
+        best_dkdv = best("bwd(dkdv sweep)", DKDV_CONFIGS[(bd, causal)])
+        for cfg in DQ_CANDIDATES[head_dim]:
+            timed("bwd(dq sweep)", cfg, lambda: _bwd(do, q, k, v, out, lse, delta=None, grad_dtype=None,
+                                                     configs=(best_dkdv, cfg), **args))
+        winners = dict(fwd=best("fwd", FWD_CONFIGS[(bd, causal)]), dkdv=best_dkdv,
+                       dq=best("bwd(dq sweep)", DQ_CONFIGS[(bd, causal)]))
+        chosen[head_dim] = winners
+        print(f"  BEST D={head_dim}: {winners}", flush=True)
+        if apply:
+            for flag in (True, False):
+                FWD_CONFIGS[(bd, flag)] = winners["fwd"]
+                DKDV_CONFIGS[(bd, flag)] = winners["dkdv"]
+                DQ_CONFIGS[(bd, flag)] = winners["dq"]
+        del q, k, v, do, out, lse
+        torch.cuda.empty_cache()
+    return results, chosen
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4K shapes only, no FlexAttention")
-    parser.add_argument("--sweep", action="store_true", help="time candidate block configs first")
+    parser.add_argument("--sweep", type=int, nargs="*", default=None, metavar="HEAD_DIM",
+                        help="time candidate block configs for these head dims first (default 64 128 256)")
+    parser.add_argument("--apply", action="store_true", help="benchmark with the sweep's winners")
+    parser.add_argument("--check-dtypes", default="bfloat16,float16")
     parser.add_argument("--no-bench", action="store_true", help="checks (and sweep) only")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<device>.json)")
@@ -352,16 +360,19 @@ def main():
 
     t0 = time.time()
     print("== correctness (vs float64; yardstick: PyTorch in the same low precision)", flush=True)
-    checks, failures = run_checks()
+    checks, failures = run_checks([getattr(torch, name) for name in args.check_dtypes.split(",") if name])
     result["checks"] = checks
     save()
     print(f"checks: {len(checks) - len(failures)}/{len(checks)} ok ({time.time() - t0:.0f} s)", flush=True)
-    if args.sweep:
+    if args.sweep is not None:
         try:
-            result["sweep"] = run_sweep()
+            result["sweep"], result["sweep_winners"] = run_sweep(args.sweep or [64, 128, 256], apply=args.apply)
         except Exception:
             traceback.print_exc()
         save()
+    result["configs_used"] = {"fwd": {str(k): v for k, v in FWD_CONFIGS.items()},
+                              "dkdv": {str(k): v for k, v in DKDV_CONFIGS.items()},
+                              "dq": {str(k): v for k, v in DQ_CONFIGS.items()}}
     if not args.no_bench:
         shapes = QUICK_SHAPES if args.quick else SHAPES
         for shape in shapes:

@@ -208,11 +208,12 @@ def test_autograd_function_matches_low_level_pair_and_default_scale():
     torch.testing.assert_close(default, explicit, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("blocks", [((16, 32), (32, 16), (16, 32)), ((32, 32), (32, 32), (32, 32))],
-                         ids=["bm16-bn32", "bm32-bn32"])
+@pytest.mark.parametrize("blocks", [((16, 32), (32, 16), (16, 32), ""), ((32, 32), (32, 32), (32, 32), "split")],
+                         ids=["bm16-bn32", "bm32-bn32-split-dkdv"])
 def test_other_block_shapes(blocks):
-    """The causal split (unmasked blocks, diagonal, ragged ends) for other block shapes than the default."""
-    (fm, fn), (km, kn), (qm, qn) = blocks
+    """The causal split (unmasked blocks, diagonal, ragged ends) for other block shapes than the default,
+    and dK, dV computed in separate passes (the large-head-dim configuration)."""
+    (fm, fn), (km, kn), (qm, qn), split = blocks
     dtype = torch.float16
     q = rand(1, 53, 2, 32, dtype=dtype)
     k, v = (rand(1, 61, 1, 32, dtype=dtype) for _ in range(2))
@@ -221,7 +222,7 @@ def test_other_block_shapes(blocks):
                 max_seqlen_q=None, max_seqlen_k=None, causal_offsets=None)
     out, lse = _fwd(q, k, v, out_dtype=None, config=(fm, fn, 4, 1), **args)
     grads = _bwd(dout, q, k, v, out, lse, delta=None, grad_dtype=None,
-                 configs=((km, kn, 4, 1), (qm, qn, 4, 1)), **args)
+                 configs=((km, kn, 4, 1, split), (qm, qn, 4, 1)), **args)
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
     ref_out, _ = attention_reference(*leaves, causal=True, causal_offset=-2)
     ref_grads = torch.autograd.grad(ref_out, leaves, dout.double())

@@ -82,7 +82,7 @@ def _delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_db
 @triton.jit
 def _dkdv_inner(dk, dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, start, end, len_q, offset, qk_scale,
                 stride_qs, stride_ds, m_d, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
     # p_q, p_do, p_lse, p_delta point at query row `start` already.
     # Keys past the end of the document were loaded as 0; their dK, dV rows are never stored, and
     # each key's gradient depends on its own column only, so they need no mask here.
@@ -111,10 +111,12 @@ def _dkdv_inner(dk, dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, start, end, le
         if MASKED:
             if IS_CAUSAL:
                 b_pt = tl.where(o_n[:, None] <= o_m[None, :] + offset, b_pt, 0.0)
-        dv += tl.dot(b_pt.to(b_do.dtype), b_do)              # [BLOCK_N, BLOCK_D]
-        b_dpt = tl.dot(b_v, tl.trans(b_do))                   # [BLOCK_N, BLOCK_M]
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+        if WITH_DV:
+            dv += tl.dot(b_pt.to(b_do.dtype), b_do)          # [BLOCK_N, BLOCK_D]
+        if WITH_DK:
+            b_dpt = tl.dot(b_v, tl.trans(b_do))               # [BLOCK_N, BLOCK_M]
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            dk += tl.dot(b_dst.to(b_q.dtype), b_q)
         p_q += BLOCK_M * stride_qs
         p_do += BLOCK_M * stride_ds
         p_lse += BLOCK_M
@@ -132,7 +134,10 @@ def _dkdv_kernel(
     seqlen_q, seqlen_k, causal_offset, num_kv_heads, group_size, qk_scale, softmax_scale, head_dim,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_OFFSETS: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
 ):
+    # WITH_DK/WITH_DV: both in one pass, or (large head dims) one per launch, which recomputes P but
+    # holds half the accumulators in registers
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // num_kv_heads
@@ -182,21 +187,23 @@ def _dkdv_kernel(
         dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
                              p_q + q_lo.to(tl.int64) * stride_qs, p_do + q_lo.to(tl.int64) * stride_ds,
                              p_lse + q_lo, p_delta + q_lo, o_n, q_lo, mid_end, len_q, offset, qk_scale,
-                             stride_qs, stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M)
+                             stride_qs, stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, WITH_DK, WITH_DV)
         dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
                              p_q + q_mid.to(tl.int64) * stride_qs, p_do + q_mid.to(tl.int64) * stride_ds,
                              p_lse + q_mid, p_delta + q_mid, o_n, q_mid, q_full, len_q, offset, qk_scale,
-                             stride_qs, stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M)
+                             stride_qs, stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M, WITH_DK, WITH_DV)
         dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
                              p_q + tail_start.to(tl.int64) * stride_qs, p_do + tail_start.to(tl.int64) * stride_ds,
                              p_lse + tail_start, p_delta + tail_start, o_n, tail_start, q_end, len_q, offset, qk_scale,
-                             stride_qs, stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M)
+                             stride_qs, stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, WITH_DK, WITH_DV)
 
-    dk *= softmax_scale
-    tl.store(DK + i_b64 * stride_dkb + row_k * stride_dks + i_hk * stride_dkh
-             + o_c[:, None] * stride_dks + o_d[None, :], dk.to(DK.dtype.element_ty), mask=m_kv)
-    tl.store(DV + i_b64 * stride_dvb + row_k * stride_dvs + i_hk * stride_dvh
-             + o_c[:, None] * stride_dvs + o_d[None, :], dv.to(DV.dtype.element_ty), mask=m_kv)
+    if WITH_DK:
+        dk *= softmax_scale
+        tl.store(DK + i_b64 * stride_dkb + row_k * stride_dks + i_hk * stride_dkh
+                 + o_c[:, None] * stride_dks + o_d[None, :], dk.to(DK.dtype.element_ty), mask=m_kv)
+    if WITH_DV:
+        tl.store(DV + i_b64 * stride_dvb + row_k * stride_dvs + i_hk * stride_dvh
+                 + o_c[:, None] * stride_dvs + o_d[None, :], dv.to(DV.dtype.element_ty), mask=m_kv)
 
 
 @triton.jit
@@ -314,8 +321,9 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
     q, k, v, dout = (last_dim_contiguous(t) for t in (q, k, v, dout))
     head_dim, heads, kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
     block_d = padded_head_dim(head_dim)
-    (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = (
-        configs or bwd_configs(block_d, causal, q.device))
+    dkdv_config, (dq_m, dq_n, dq_warps, dq_stages) = configs or bwd_configs(block_d, causal, q.device)
+    dkdv_m, dkdv_n, dkdv_warps, dkdv_stages = dkdv_config[:4]
+    split_dkdv = len(dkdv_config) > 4 and dkdv_config[4] == "split"
     grad_dtype = grad_dtype or q.dtype
     dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=grad_dtype, device=q.device)
@@ -334,12 +342,15 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
     common = dict(IS_CAUSAL=causal, IS_VARLEN=varlen, HAS_OFFSETS=causal_offsets is not None,
                   EVEN_D=head_dim == block_d, BLOCK_D=block_d)
     scale = (softmax_scale * LOG2E, softmax_scale, head_dim)
-    _dkdv_kernel[(triton.cdiv(seqlen_k, dkdv_n), batch * kv_heads)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, causal_offsets,
-        *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(dout, varlen),
-        *strides(dk, varlen), *strides(dv, varlen), *lse_strides(lse, varlen),
-        seqlen_q, seqlen_k, int(offset), kv_heads, heads // kv_heads, *scale,
-        BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, num_warps=dkdv_warps, num_stages=dkdv_stages, **common)
+    passes = [dict(WITH_DK=True, WITH_DV=False), dict(WITH_DK=False, WITH_DV=True)] if split_dkdv else \
+        [dict(WITH_DK=True, WITH_DV=True)]
+    for which in passes:
+        _dkdv_kernel[(triton.cdiv(seqlen_k, dkdv_n), batch * kv_heads)](
+            q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, causal_offsets,
+            *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(dout, varlen),
+            *strides(dk, varlen), *strides(dv, varlen), *lse_strides(lse, varlen),
+            seqlen_q, seqlen_k, int(offset), kv_heads, heads // kv_heads, *scale,
+            BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, num_warps=dkdv_warps, num_stages=dkdv_stages, **which, **common)
     _dq_kernel[(triton.cdiv(seqlen_q, dq_m), batch * heads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, causal_offsets,
         *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(dout, varlen),
