@@ -98,8 +98,66 @@ def _run_case(case, group):
     return [out.detach(), q.grad, k.grad, v.grad]
 
 
-def _worker(rank, world_size, cases, mesh_cases):
+# ------------------------------------------------------------------------------------------------
+# a whole model step: ring on N processes against the single-process model
+# ------------------------------------------------------------------------------------------------
+def make_model_case(seqlen, docs, labels_upto=None):
+    from longctx.model import Llama, ModelConfig
+    config = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
+    model = Llama(ModelConfig(**config, attention="sdpa"))
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ()).item()))
+    input_ids = torch.randint(96, (1, seqlen), generator=gen)
+    labels = torch.randint(96, (1, seqlen), generator=gen)
+    labels[torch.rand(1, seqlen, generator=gen) < 0.2] = -100
+    if labels_upto is not None:  # valid labels only near the start: some ranks hold none
+        labels[:, labels_upto:] = -100
+    return dict(config=config, state=model.state_dict(), input_ids=input_ids, labels=labels,
+                cu_seqlens=_random_documents(1, seqlen, docs, gen) if docs else None)
+
+
+def model_reference(case):
+    """Loss (mean over valid tokens) and parameter gradients of the single-process model."""
+    from longctx.model import Llama, ModelConfig
+    model = Llama(ModelConfig(**case["config"], attention="sdpa"))
+    model.load_state_dict(case["state"])
+    out = model(case["input_ids"], cu_seqlens=case["cu_seqlens"], labels=case["labels"])
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _model_step(case, group):
+    """The sequence-parallel train step: shift labels on the whole sequence, split ids, labels and
+    global positions alike, sum the local loss, divide by the global count of valid tokens."""
+    import torch.distributed as dist
+    from longctx.model import Llama, ModelConfig
+    from longctx.model.llama import positions_from_cu_seqlens, shift_labels
+    ring_module.BLOCK_IMPL = None
+    model = Llama(ModelConfig(**case["config"], attention="ring"))
+    model.load_state_dict(case["state"])
+    input_ids, cu = case["input_ids"], case["cu_seqlens"]
+    labels = shift_labels(case["labels"])
+    positions = (positions_from_cu_seqlens(cu, input_ids.shape) if cu is not None
+                 else torch.arange(input_ids.shape[1]).view(1, -1))
+    local = [split_sequence(x, group) for x in (input_ids, labels, positions)]
+    count = (labels != -100).sum()
+    out = model(local[0], position_ids=local[2], cu_seqlens=cu, labels=local[1],
+                labels_shifted=True, loss_reduction="sum")
+    local_loss = out.loss / count
+    local_loss.backward()
+    loss = local_loss.detach().clone()
+    dist.all_reduce(loss, group=group)
+    grads = {}
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad, group=group)  # what data parallelism over the sp ranks does
+        grads[name] = p.grad
+    return loss, grads, local_loss.detach()
+
+
+def _worker(rank, world_size, cases, mesh_cases, model_cases=None):
     results = {name: _run_case(case, None) for name, case in cases.items()}
+    for name, case in (model_cases or {}).items():
+        results[name] = _model_step(case, None)
     if mesh_cases:
         # data parallel x sequence parallel: each dp rank runs its own batch round its sp ring
         from torch.distributed.device_mesh import init_device_mesh
@@ -186,10 +244,22 @@ def test_ring_two_processes():
         "triton_fp16_docs": dict(make_case(1, 40, 4, 2, 16, causal=True, docs=3, dtype=torch.float16), impl="triton"),
         "triton_fp32": dict(make_case(2, 32, 2, 1, 16, causal=True, dtype=torch.float32), impl="triton"),
     }
+    model_cases = {"model_docs": make_model_case(24, docs=3),
+                   "model_few_labels": make_model_case(16, docs=0, labels_upto=4)}
     fp16 = cases.pop("fp16")
-    results = run_distributed(_worker, 2, {**cases, "fp16": fp16}, None)
+    results = run_distributed(_worker, 2, {**cases, "fp16": fp16}, None, model_cases)
     _check_results(results, cases, 2)
     _assert_fp16([r["fp16"] for r in results], fp16, 2)
+    for name, case in model_cases.items():
+        loss, grads = model_reference(case)
+        for rank, (got_loss, got_grads, local_loss) in enumerate(r[name] for r in results):
+            assert torch.isfinite(local_loss), f"{name}: rank {rank} local loss {local_loss}"
+            assert rel_err(got_loss, loss) < 1e-5, f"{name}: rank {rank} loss {got_loss} != {loss}"
+            for param, g in grads.items():
+                err = rel_err(got_grads[param], g)
+                assert err < 1e-4, f"{name}: rank {rank} grad of {param} relative error {err:.2e}"
+    # labels valid only in the first chunk (rank 0's): rank 1 holds no label token
+    assert results[1]["model_few_labels"][2] == 0
 
 
 def test_ring_four_processes_and_dp_sp_mesh():
