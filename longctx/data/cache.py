@@ -106,10 +106,9 @@ def _arrow_flat(column, dtype) -> np.ndarray:
 
 
 def _build(cfg: DataConfig, target: Path) -> None:
-    import datasets
     from transformers import AutoTokenizer
 
-    from .template import resolve_chat_template, tokenize_conversations
+    from .template import resolve_chat_template
 
     started = time.perf_counter()
     conversations, report = read_sharegpt(cfg.path)
@@ -123,13 +122,29 @@ def _build(cfg: DataConfig, target: Path) -> None:
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "dataset").mkdir(parents=True)
+    try:
+        _tokenize_into(tmp, target, cfg, conversations, tokenizer, chat_template, pad_id, report)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another builder finished first: theirs is the same data
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tokenize_into(tmp: Path, target: Path, cfg: DataConfig, conversations: list, tokenizer,
+                   chat_template: str, pad_id: int, report: dict) -> None:
+    import datasets
+
+    from .template import tokenize_conversations
+
     features = datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "loss_mask": datasets.Sequence(datasets.Value("int8")),
         "exchange_starts": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"), "loss_tokens": datasets.Value("int32")})
     raw = datasets.Dataset.from_dict({"messages": conversations})
-    del conversations
     started = time.perf_counter()
     num_proc = cfg.num_proc if len(raw) >= _SMALL_DATA else 1
     with _quiet_datasets(datasets):
@@ -137,7 +152,7 @@ def _build(cfg: DataConfig, target: Path) -> None:
             lambda batch: tokenize_conversations(batch["messages"], tokenizer, chat_template, cfg.loss_mask),
             batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
             remove_columns=["messages"], features=features, desc="tokenizing",
-            cache_file_name=str(tmp / "dataset" / "tokenized.arrow"), new_fingerprint=target.name)
+            cache_file_name=str(tmp / "dataset" / "tokenized.arrow"), new_fingerprint=target.name[-16:])
     report["tokenize_s"] = round(time.perf_counter() - started, 2)
 
     table = tokenized.data
@@ -160,10 +175,6 @@ def _build(cfg: DataConfig, target: Path) -> None:
     (tmp / "meta.json").write_text(json.dumps({"pad_id": int(pad_id), "chat_template": chat_template,
                                                "loss_mask": cfg.loss_mask, "key": target.name}))
     (tmp / "done").write_text("")
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another builder finished first: theirs is the same data
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _quiet_datasets:
