@@ -7,7 +7,8 @@
 
 The decay is fixed per head, as in TransNormerLLM and Lightning Attention: decay_h = 2^(-8 (h + 1) / H)
 (ALiBi's slopes), from about 0.7 down to 1/256 per token, so heads see from a few to some thousand
-tokens back. It is a buffer, not a parameter: LASP and the kernel treat it as a constant. No rotary
+tokens back. It is a buffer, not a parameter (LASP and the kernel treat it as a constant), and
+stays fp32 when the model is cast to bf16. No rotary
 embedding: the decay already orders the tokens, so `position_ids` is accepted and unused.
 
 The attention function is picked by name (`config.linear_attention`): `lightning` (one device,
@@ -56,6 +57,13 @@ class LinearAttention(nn.Module):
         self.norm = RMSNorm(self.num_heads * d, config.rms_norm_eps)
         self.register_buffer("decay", head_decays(self.num_heads), persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # the decay stays fp32 when the model is cast (bf16 would round the rates by up to 0.4%)
+        super()._apply(fn, *args, **kwargs)
+        if self.decay.dtype != torch.float32:
+            self.decay = head_decays(self.num_heads).to(self.decay.device)
+        return self
+
     @torch.no_grad()
     def init_weights(self):
         """Recompute the decay buffer (after `to_empty` from the meta device)."""
@@ -68,6 +76,6 @@ class LinearAttention(nn.Module):
         k = F.silu(self.k_proj(x)).view(batch, seqlen, self.num_kv_heads, d)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, d)
         mixer = get_linear_attention(self.config.linear_attention)
-        out = mixer(q, k, v, self.decay.float(), cu_seqlens=cu_seqlens)
+        out = mixer(q, k, v, self.decay, cu_seqlens=cu_seqlens)
         out = self.norm(out.reshape(batch, seqlen, self.num_heads * d))
         return self.o_proj(out * torch.sigmoid(self.g_proj(x)))

@@ -1,0 +1,300 @@
+#!/usr/bin/env python
+"""Benchmark LASP on several GPUs against lightning attention on one GPU, and the longest trainable
+sequence of a 1B linear-attention model. Launch with torchrun, one process per GPU:
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
+        torchrun --nproc_per_node 2 scripts/bench_lasp_parallel.py --section lasp --section model
+
+Section `lasp`: 16 heads, head dim 128, bf16, batch 1, forward+backward, total sequence 1M and 4M
+tokens (each GPU holds a contiguous N-th). Rows: `lasp` (ring and allgather variants) on N GPUs;
+on one GPU our kernel and flash-linear-attention's `chunk_lightning_attn` over the whole sequence
+(every rank runs the one-GPU baselines at once on its own GPU, no collectives, the max is kept); and
+our kernel on one shard alone (`lasp_local_shard`), which is the floor LASP adds its corrections and
+communication to. Outputs and gradients of LASP are first checked against our kernel on one GPU.
+Times: CUDA events around a fixed number of steps (the same on every rank), max over ranks.
+
+Section `model`: a LLaMA-3.2-1B-shaped model with every layer linear attention (LASP ring), bf16,
+activation checkpointing per layer, one forward+backward step (no optimizer) at growing total
+lengths until memory runs out; rows give ms, tokens/s and peak memory.
+
+Writes {"device","torch","triton","commit","command","rows"} to
+bench/results/lasp_parallel_<device>x<N>.json after every row (an out-of-memory abort keeps what ran).
+Needs CUDA GPUs; imports nothing beyond torch, triton, fla and longctx (model, ops, parallel).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from longctx.ops.linear import lightning_attn_func  # noqa: E402
+from longctx.parallel import lasp  # noqa: E402
+from longctx.parallel.sequence import split_sequence  # noqa: E402
+
+HEADS, HEAD_DIM = 16, 128
+LASP_SEQLENS = [1 << 20, 1 << 22]
+MODEL_SEQLENS = [1 << 19, 1 << 20, 3 << 19, 1 << 21, 3 << 20]
+
+
+def lightning_flops(seqlen, heads, dk, dv, mode="fwd_bwd", chunk=64):
+    """The same nominal count as bench_lasp.py's kernel section."""
+    forward = seqlen * heads * (2 * chunk * dk + 2 * chunk * dv + 4 * dk * dv)
+    return forward * (3 if mode == "fwd_bwd" else 1)
+
+
+def decays(heads):
+    """fla's chunk_lightning_attn decay for layer 0 of 24, as bench_lasp.py uses."""
+    return 8 / heads * torch.arange(heads, dtype=torch.float32, device="cuda")
+
+
+class Recorder:
+    def __init__(self, args, world):
+        self.rows, self.rank, self.world = [], dist.get_rank(), world
+        device = torch.cuda.get_device_name()
+        slug = device.lower().replace("nvidia", "").strip().split()[0]
+        self.path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "results",
+                                             f"lasp_parallel_{slug}x{world}.json")
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        except OSError:
+            commit = "unknown"
+        self.head = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
+                     "command": f"torchrun --nproc_per_node {world} " + " ".join(sys.argv)}
+
+    def add(self, row):
+        self.rows.append(row)
+        if self.rank == 0:
+            print(json.dumps(row), flush=True)
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "w") as f:
+                json.dump({**self.head, "rows": self.rows}, f, indent=1)
+
+
+def max_over_ranks(value: float) -> float:
+    t = torch.tensor([value], device="cuda", dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def time_steps(step, warmup: int, iters: int) -> tuple[float, float]:
+    """(ms per step, peak GiB above the memory in use before), max over ranks; fixed counts on every rank."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / iters
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return max_over_ranks(ms), max_over_ranks(peak)
+
+
+def inputs(seqlen, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(1, seqlen, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
+               for _ in range(3))
+    do = torch.randn(1, seqlen, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    return q, k, v, do
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_lasp(world, rank):
+    """LASP's shard of the output and gradients against our kernel on the whole sequence, bf16, with
+    packed documents crossing the shard boundaries and a mild decay so that the passed state counts."""
+    failures = []
+    seqlen = 65536
+    q, k, v, do = inputs(seqlen, seed=1)
+    decay = decays(HEADS) / 64 + 1e-4
+    cu = torch.tensor([0, 1000, seqlen // world + 77, seqlen - 5000, seqlen], dtype=torch.int32, device="cuda")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, _ = lightning_attn_func(*leaves, decay, cu_seqlens=cu)
+    out.backward(do)
+    want = [split_sequence(x, None, dim=1, layout="contiguous") for x in [out] + [x.grad for x in leaves]]
+    for variant in lasp.VARIANTS:
+        local = [split_sequence(x, None, dim=1, layout="contiguous").requires_grad_() for x in (q, k, v)]
+        got = lasp.lasp_attn_func(*local, decay, None, cu_seqlens=cu, variant=variant)
+        got.backward(split_sequence(do, None, dim=1, layout="contiguous"))
+        errs = [rel_err(g, w) for g, w in zip([got] + [x.grad for x in local], want)]
+        errs = [max_over_ranks(e) for e in errs]
+        line = f"check lasp {variant} vs one GPU: " + " ".join(f"{n}={e:.2e}" for n, e in zip(("out", "dq", "dk", "dv"), errs))
+        if rank == 0:
+            print(line, flush=True)
+        if not all(e < 2e-2 for e in errs):  # bf16 operands: errors of a few 1e-3 expected
+            failures.append(line)
+    return failures
+
+
+def load_fla():
+    try:
+        from fla.ops.lightning_attn import chunk_lightning_attn
+        return chunk_lightning_attn
+    except Exception:
+        traceback.print_exc()
+        return None
+
+
+def bench_lasp(args, rec, world, rank):
+    failures = check_lasp(world, rank)
+    fla = load_fla()
+    for seqlen in args.seqlens or LASP_SEQLENS:
+        shape = {"seqlen": seqlen, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bf16", "mode": "fwd_bwd"}
+        iters = 10 if seqlen <= (1 << 20) else 4
+        decay = decays(HEADS)
+        q, k, v, do = inputs(seqlen)
+        local = [split_sequence(x, None, dim=1, layout="contiguous") for x in (q, k, v, do)]
+        del q, k, v, do
+        torch.cuda.empty_cache()
+        local_ms = None
+
+        def measure(bench, impl, gpus, step, extra=None):
+            row = {"bench": bench, "impl": impl, **shape, "gpus": gpus, **(extra or {})}
+            try:
+                ms, peak = time_steps(step, warmup=2, iters=iters)
+                tokens = seqlen if bench != "lasp_local_shard" else seqlen // world
+                row.update(ms=round(ms, 3), tok_s=round(tokens / ms * 1e3), peak_gib=round(peak, 2),
+                           tflops=round(lightning_flops(tokens, HEADS, HEAD_DIM, HEAD_DIM) / ms / 1e9, 1))
+            except torch.cuda.OutOfMemoryError as error:
+                row["error"] = f"OutOfMemoryError: {str(error)[:160]}"
+            torch.cuda.empty_cache()
+            rec.add(row)
+            return row
+
+        # our kernel on this rank's shard alone: what LASP costs without its corrections and messages
+        leaves = [x.clone().requires_grad_() for x in local[:3]]
+        local_ms = measure("lasp_local_shard", "longctx", 1,
+                           lambda: lightning_attn_func(*leaves, decay)[0].backward(local[3])).get("ms")
+        for variant in lasp.VARIANTS:
+            step = (lambda variant=variant:
+                    lasp.lasp_attn_func(*leaves, decay, None, variant=variant).backward(local[3]))
+            row = measure("lasp", "longctx", world, step, {"variant": variant})
+            if local_ms and "ms" in row:
+                row["overhead_vs_local_ms"] = round(row["ms"] - local_ms, 3)
+        del leaves
+        torch.cuda.empty_cache()
+        # one GPU on the whole sequence (each rank at once on its own GPU)
+        full = inputs(seqlen)
+        full_leaves = [x.requires_grad_() for x in full[:3]]
+        one_gpu = {"longctx": lambda: lightning_attn_func(*full_leaves, decay)[0].backward(full[3])}
+        if fla is not None:
+            one_gpu["fla"] = lambda: fla(*full_leaves, layer_idx=0, num_layers=24, scale=1.0)[0].backward(full[3])
+        single = {}
+        for impl, step in one_gpu.items():
+            for x in full_leaves:
+                x.grad = None
+            single[impl] = measure("lasp", impl, 1, step, {"variant": "one_gpu"})
+        del full, full_leaves
+        torch.cuda.empty_cache()
+        base = single.get("longctx", {}).get("tok_s")
+        for row in rec.rows:
+            if row["bench"] == "lasp" and row["seqlen"] == seqlen and row["gpus"] == world and base and "tok_s" in row:
+                row["scaling_eff"] = round(row["tok_s"] / (world * base), 3)
+                row["speedup_vs_one_gpu"] = round(row["tok_s"] / base, 2)
+                if "tok_s" in single.get("fla", {}):
+                    row["speedup_vs_fla_one_gpu"] = round(row["tok_s"] / single["fla"]["tok_s"], 2)
+        rec.add(rec.rows.pop())  # rewrite the file with the efficiencies
+    return failures
+
+
+def bench_model(args, rec, world, rank):
+    """Longest trainable sequence of a 1B all-linear model on `world` GPUs (LASP ring)."""
+    import torch.utils.checkpoint as checkpoint
+
+    from longctx.model import Llama, ModelConfig
+    config = ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                         layer_types=["linear"] * 16, linear_attention="lasp", attention="allgather_kv",
+                         loss_chunk_size=8192)
+    with torch.device("cuda"):
+        model = Llama(config).to(torch.bfloat16)
+    for layer in model.layers:  # activation checkpointing per decoder layer
+        layer._plain_forward = layer.forward
+        layer.forward = (lambda *a, _f=layer._plain_forward: checkpoint.checkpoint(_f, *a, use_reentrant=False))
+    params = sum(p.numel() for p in model.parameters())
+    started = time.time()
+    for seqlen in args.model_seqlens or MODEL_SEQLENS:
+        row = {"bench": "train_step", "impl": "longctx", "model": "llama3.2-1b-shape all-linear", "params": params,
+               "seqlen": seqlen, "gpus": world, "dtype": "bf16", "mode": "fwd_bwd", "activation_checkpoint": True}
+        torch.manual_seed(0)
+        ids = torch.randint(0, config.vocab_size, (1, seqlen), device="cuda")
+        local = split_sequence(ids, None, dim=1, layout="contiguous")
+        positions = split_sequence(torch.arange(seqlen, device="cuda")[None], None, dim=1, layout="contiguous")
+
+        def step():
+            loss = model(local, position_ids=positions, labels=local, labels_shifted=True,
+                         loss_reduction="sum").loss / seqlen
+            loss.backward()
+            for p in model.parameters():
+                p.grad = None
+        try:
+            ms, peak = time_steps(step, warmup=1, iters=1)
+            row.update(ms=round(ms, 1), tok_s=round(seqlen / ms * 1e3), peak_gib=round(peak, 2),
+                       total_gib=round(max_over_ranks(torch.cuda.max_memory_allocated() / 2**30), 2))
+        except torch.cuda.OutOfMemoryError as error:
+            row["error"] = f"OutOfMemoryError: {str(error)[:160]}"
+        rec.add(row)
+        torch.cuda.empty_cache()
+        if "error" in row or time.time() - started > args.model_budget_s:
+            break
+    return []
+
+
+SECTIONS = {"lasp": bench_lasp, "model": bench_model}
+
+
+def print_table(rows):
+    print(f"{'bench':<18}{'impl':<9}{'variant':<10}{'gpus':>5}{'seqlen':>9}{'ms':>10}{'Mtok/s':>9}{'GiB':>8}{'eff':>7}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['bench']:<18}{r['impl']:<9}{r.get('variant', ''):<10}{r['gpus']:>5}{r['seqlen']:>9}  {r['error'][:50]}")
+            continue
+        print(f"{r['bench']:<18}{r['impl']:<9}{r.get('variant', ''):<10}{r['gpus']:>5}{r['seqlen']:>9}{r['ms']:>10.2f}"
+              f"{r['tok_s'] / 1e6:>9.2f}{r['peak_gib']:>8.1f}{r.get('scaling_eff', ''):>7}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", action="append", choices=sorted(SECTIONS), help="sections to run (all)")
+    parser.add_argument("--seqlens", type=int, nargs="*", help="total lengths of section lasp")
+    parser.add_argument("--model-seqlens", type=int, nargs="*", help="total lengths of section model")
+    parser.add_argument("--model-budget-s", type=float, default=120.0, help="stop growing the model after this")
+    parser.add_argument("--out", default=None, help="JSON path")
+    args = parser.parse_args()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=180), device_id=torch.device("cuda", local_rank))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    rec = Recorder(args, world)
+    failures = []
+    for name in args.section or sorted(SECTIONS):
+        failures += SECTIONS[name](args, rec, world, rank)
+    if rank == 0:
+        print_table(rec.rows)
+        print(f"wrote {rec.path}")
+        if failures:
+            print("CHECK FAILURES:\n" + "\n".join(failures))
+    dist.destroy_process_group()
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
