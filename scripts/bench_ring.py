@@ -8,6 +8,8 @@ tokens. Three parts, run in one command (the one-GPU part is a plain process, th
     torchrun --nproc_per_node 2 scripts/bench_ring.py --part multi --out DIR
         # longctx ring (+ compute-only and communication-only timings), torch_cp allgather/alltoall
     python scripts/bench_ring.py --part report --out DIR --json bench/results/ring_h200.json
+    python scripts/bench_ring.py --part loopback --out DIR --gpus 2     # no N GPUs at hand: the
+        # ring's computation per rank on one GPU (communication left out), a projection only
 
 The multi part first checks the ring's output and gradients against the one-GPU kernel at 32K.
 Rows: ms (median; the slowest rank's), tflops (per GPU), tok_s, peak_gib (max over GPUs),
@@ -91,8 +93,8 @@ def reset_peak():
         reset_peak()
 
 
-def row(impl, seqlen, gpus, ms, peak, **extra):
-    return dict(bench="ring_attention", impl=impl, seqlen=seqlen, heads=HEADS, kv_heads=KV_HEADS,
+def row(impl, seqlen, gpus, ms, peak, bench="ring_attention", **extra):
+    return dict(bench=bench, impl=impl, seqlen=seqlen, heads=HEADS, kv_heads=KV_HEADS,
                 head_dim=HEAD_DIM, causal=True, mode="fwd_bwd", dtype="bf16", gpus=gpus, ms=round(ms, 3),
                 reps=reps_for(seqlen)[0],
                 tflops=round(flops(seqlen) / gpus / (ms * 1e-3) / 1e12, 1), tok_s=round(seqlen / (ms * 1e-3)),
@@ -135,6 +137,32 @@ def part_single(args):
             print(f"[single] {impl:10s} {seqlen // K:5d}K {ms:10.1f} ms peak {rows[-1]['peak_gib']:.1f} GiB", flush=True)
             del q, k, v, dout
     return rows
+
+
+def part_loopback(args):
+    """One GPU standing in for each rank of an N-GPU ring in turn: the ring's computation alone
+    (a loopback in place of the network). Its slowest rank is the ring's time if communication is
+    wholly hidden; a projection, for when no N-GPU machine can be had, not a measurement of the ring."""
+    rows = []
+    world, scale = args.gpus, HEAD_DIM ** -0.5
+    for seqlen in args.seqlens:
+        local_len = seqlen // world
+        q, k, v, dout = (randn(1, local_len, h, HEAD_DIM) for h in (HEADS, KV_HEADS, KV_HEADS, HEADS))
+        per_rank = []
+        for rank in range(world):
+            plan, loopback = ring_plan(rank, world, local_len, True), LoopbackComm(world, rank)
+
+            def compute_step():
+                out, lse = ring_forward(loopback, plan, q, k, v, scale)
+                ring_backward(loopback, plan, dout, q, k, v, out, lse, scale)
+            reset_peak()
+            per_rank.append(timed(compute_step, reps_for(seqlen)))
+        rows.append(row("longctx", seqlen, world, max(per_rank), peak_gib(), bench="ring_compute_only",
+                        rank_ms=[round(t, 3) for t in per_rank]))
+        save(rows, args, "loopback.json")
+        print(f"[loopback] {seqlen // K:5d}K ranks of {world}: {', '.join(f'{t:.1f}' for t in per_rank)} ms", flush=True)
+        del q, k, v, dout
+        ring_module.free_ring_buffers()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +304,7 @@ def torch_cp(mesh, method, seqlen, world, reps, barrier, slowest, peak_all):
 # ------------------------------------------------------------------------------------------------
 def part_report(args):
     rows = []
-    for name in ("single.json", "multi.json"):
+    for name in ("single.json", "multi.json", "loopback.json"):
         path = os.path.join(args.out, name)
         if os.path.exists(path):
             with open(path) as f:
@@ -289,6 +317,8 @@ def part_report(args):
         if r["impl"] == "torch_cp":
             best_cp[r["seqlen"]] = min(best_cp.get(r["seqlen"], float("inf")), r["ms"])
     for r in rows:
+        if r.get("bench") == "ring_compute_only" and ("longctx", r["seqlen"]) in one_gpu:
+            r["projected_scaling_eff"] = round(one_gpu[("longctx", r["seqlen"])] / (r["gpus"] * r["ms"]), 3)
         if r.get("bench") != "ring_attention" or r["gpus"] == 1:
             continue
         family = "longctx" if r["impl"] == "longctx" else "sdpa_flash"
@@ -300,6 +330,10 @@ def part_report(args):
              f"{'eff':>6s} {'vs cp':>6s} {'hidden':>6s}"
     print(header)
     for r in rows:
+        if r.get("bench") == "ring_compute_only":
+            print(f"{'(compute only, one GPU as each rank in turn)':44s} {r['seqlen'] // K:6d}K {r['gpus']:4d} "
+                  f"{r['ms']:10.1f} {r['tflops']:8.1f} {r['peak_gib']:8.1f} projected eff {r.get('projected_scaling_eff')}")
+            continue
         if r.get("bench") != "ring_attention":
             print({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in r.items()})
             continue
@@ -318,7 +352,8 @@ def part_report(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("single", "multi", "report"), required=True)
+    parser.add_argument("--part", choices=("single", "multi", "loopback", "report"), required=True)
+    parser.add_argument("--gpus", type=int, default=2, help="ring size that --part loopback stands in for")
     parser.add_argument("--out", required=True, help="folder for the parts' rows")
     parser.add_argument("--seqlens", type=lambda s: [int(x) * K for x in s.split(",")], default=[128 * K, 512 * K, 1024 * K],
                         help="in K tokens, comma separated (default 128,512,1024)")
@@ -337,10 +372,10 @@ def main():
         args.seqlens = [64, 128]
     if args.part == "report":
         return part_report(args)
-    if args.part == "single":
+    if args.part in ("single", "loopback"):
         if not SMOKE:
             torch.cuda.set_device(0)
-        part_single(args)
+        (part_single if args.part == "single" else part_loopback)(args)
         return
     local_rank = int(os.environ["LOCAL_RANK"])
     if SMOKE:

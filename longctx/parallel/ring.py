@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -394,6 +395,24 @@ def ring_backward(ring: RingComm, plan, dout, q, k, v, out, lse, scale):
     return dq.to(q.dtype), own[0].to(k.dtype, copy=True), own[1].to(v.dtype, copy=True)
 
 
+# Every layer of a step gets the same cu_seqlens tensor: plan once per tensor (reading it costs a
+# device sync), keyed on the tensor itself (a weak reference, so a new batch never hits a stale plan).
+_PLAN_CACHE: dict = {"tensor": None}
+
+
+def _cached_plan(ring, local_len, causal, batch, cu_seqlens, device):
+    key = (ring.rank, ring.world_size, local_len, causal, batch, str(device))
+    if cu_seqlens is None:
+        return ring_plan(ring.rank, ring.world_size, local_len, causal, batch, None, device)
+    cached = _PLAN_CACHE["tensor"]
+    if (cached is not None and cached() is cu_seqlens and _PLAN_CACHE["version"] == cu_seqlens._version
+            and _PLAN_CACHE["key"] == key):
+        return _PLAN_CACHE["plan"]
+    plan = ring_plan(ring.rank, ring.world_size, local_len, causal, batch, cu_seqlens, device)
+    _PLAN_CACHE.update(tensor=weakref.ref(cu_seqlens), version=cu_seqlens._version, key=key, plan=plan)
+    return plan
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring, plan, scale):
@@ -421,7 +440,7 @@ def ring_attn_func(q, k, v, group=None, causal: bool = True, softmax_scale: floa
     ring = init_ring(group, q.device if q.is_cuda else "cpu")
     _check(q, k, v, ring.world_size)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    plan = ring_plan(ring.rank, ring.world_size, q.shape[1], causal, q.shape[0], cu_seqlens, q.device)
+    plan = _cached_plan(ring, q.shape[1], causal, q.shape[0], cu_seqlens, q.device)
     return _RingAttention.apply(q, k, v, ring, plan, scale)
 
 
