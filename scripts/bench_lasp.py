@@ -142,6 +142,8 @@ def measure(impl, fn, seqlen, mode):
         def step():
             out, _ = fn(*leaves, decay)
             out.backward(do)
+    if impl == "longctx":
+        row["config"] = json.dumps(linear_forward.launch_settings(seqlen, q.device), sort_keys=True)
     try:
         step()
         ms = bench_ms(step, seqlen)
@@ -169,18 +171,20 @@ def bench_kernel(args):
 
 def sweep_kernel(seqlens):
     """Time launch configs of our kernel (fwd+bwd); the rows carry the config, impl longctx_sweep."""
-    default = dict(linear_forward.GPU_CONFIG)
-    candidates = [dict(default, **change) for change in (
+    base = linear_forward.GPU_CONFIGS[0][1]
+    candidates = [dict(base, **change) for change in (
         {}, {"num_warps": 8}, {"block_z": 128, "num_warps": 8}, {"num_stages": 3}, {"programs_per_sm": 2},
         {"programs_per_sm": 8})]
     rows = []
-    for config in candidates:
-        linear_forward.GPU_CONFIG.update(config)
-        for seqlen in seqlens:
-            row = measure("longctx_sweep", lambda q, k, v, d: lightning_attn_func(q, k, v, d), seqlen, "fwd_bwd")
-            row["config"] = json.dumps(config, sort_keys=True)
-            rows.append(row)
-    linear_forward.GPU_CONFIG.update(default)
+    try:
+        for config in candidates:
+            linear_forward.GPU_CONFIG_OVERRIDE = config
+            for seqlen in seqlens:
+                row = measure("longctx_sweep", lambda q, k, v, d: lightning_attn_func(q, k, v, d), seqlen, "fwd_bwd")
+                row["config"] = json.dumps(config, sort_keys=True)
+                rows.append(row)
+    finally:
+        linear_forward.GPU_CONFIG_OVERRIDE = None
     return rows
 
 
@@ -213,6 +217,8 @@ def main():
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
+    if commit == "unknown":  # a copy of the tree without .git (the device machine): say it from outside
+        commit = os.environ.get("LONGCTX_COMMIT", "unknown")
     sections = args.section or sorted(SECTIONS)
     rows, failures = [], []
     for name in sections:

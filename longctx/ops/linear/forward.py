@@ -39,9 +39,26 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 CHUNK_SIZE = 64
 STATE_SCAN_BLOCK = 1024
-# GPU launch settings (scripts/bench_lasp.py --sweep times alternatives): the value-dim block of one
-# program, its warps and pipeline stages, and how many programs per multiprocessor the segments aim at.
-GPU_CONFIG = {"block_z": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4}
+# GPU launch settings by the token count B*S (the largest threshold not above it wins): the output-dim
+# block of one program, its warps and pipeline stages, and how many programs per multiprocessor the
+# segments aim at. From `scripts/bench_lasp.py --sweep` on an H100 (H=16, D=128, bf16, fwd+bwd):
+# 64-wide blocks were best at 16K tokens (12.8M tok/s against 11.6M with 128-wide), 128-wide blocks
+# with 8 warps at 64K (16.2M against 13.8M) and 256K (18.4M against 14.3M).
+GPU_CONFIGS = [
+    (0, {"block_z": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4}),
+    (65536, {"block_z": 128, "num_warps": 8, "num_stages": 2, "programs_per_sm": 4}),
+]
+GPU_CONFIG_OVERRIDE: dict | None = None  # set by the benchmark's sweep
+INTERPRET_CONFIG = {"block_z": 64, "programs_per_sm": 0}
+
+
+def launch_settings(tokens: int, device) -> dict:
+    """The launch settings for a problem of `tokens` tokens (B*S) on `device`."""
+    if device.type != "cuda":
+        return INTERPRET_CONFIG
+    if GPU_CONFIG_OVERRIDE is not None:
+        return GPU_CONFIG_OVERRIDE
+    return [config for threshold, config in GPU_CONFIGS if tokens >= threshold][-1]
 
 
 @triton.jit
@@ -198,6 +215,7 @@ class Chunks:
 
     def __init__(self, batch: int, seqlen: int, chunk_size: int, cu_seqlens: torch.Tensor | None, device):
         self.batch, self.seqlen, self.size = batch, seqlen, chunk_size
+        self.config = launch_settings(batch * seqlen, torch.device(device))
         self.is_varlen = cu_seqlens is not None
         self.last_doc_empty = None
         if not self.is_varlen:
@@ -224,9 +242,9 @@ class Chunks:
 
 
 def default_num_segments(chunks: Chunks, programs_per_segment: int, device) -> int:
-    """Enough segments for about four programs per streaming multiprocessor, at most one per chunk."""
+    """Enough segments for a few programs per streaming multiprocessor, at most one per chunk."""
     if device.type == "cuda":
-        target = GPU_CONFIG["programs_per_sm"] * torch.cuda.get_device_properties(device).multi_processor_count
+        target = chunks.config["programs_per_sm"] * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 8
     return max(1, min(chunks.count, triton.cdiv(target, programs_per_segment)))
@@ -236,14 +254,12 @@ def _dot_precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _block_z(dz: int) -> int:
-    return min(GPU_CONFIG["block_z"], max(16, triton.next_power_of_2(dz)))
+def _block_z(dz: int, config: dict) -> int:
+    return min(config["block_z"], max(16, triton.next_power_of_2(dz)))
 
 
-def _launch_config(device) -> dict:
-    if device.type != "cuda":
-        return {}
-    return {"num_warps": GPU_CONFIG["num_warps"], "num_stages": GPU_CONFIG["num_stages"]}
+def _launch_config(config: dict) -> dict:
+    return {key: config[key] for key in ("num_warps", "num_stages") if key in config}
 
 
 def chunk_local_states(y, z, decay, chunks: Chunks, num_segments: int, reverse: bool):
@@ -252,7 +268,7 @@ def chunk_local_states(y, z, decay, chunks: Chunks, num_segments: int, reverse: 
     heads, dz = decay.shape[0], z.shape[-1]
     states = torch.empty(num_segments, batch * heads, dy, dz, dtype=torch.float32, device=y.device)
     mult = torch.empty(num_segments, batch * heads, dtype=torch.float32, device=y.device)
-    block_z = _block_z(dz)
+    block_z = _block_z(dz, chunks.config)
     grid = (num_segments, batch * heads, triton.cdiv(dz, block_z))
     _chunk_local_state_kernel[grid](
         y, z, states, mult, decay, *chunks.args(),
@@ -261,7 +277,7 @@ def chunk_local_states(y, z, decay, chunks: Chunks, num_segments: int, reverse: 
         states.stride(0), states.stride(1), states.stride(2), states.stride(3),
         DY=dy, DZ=dz, BLOCK_C=chunks.size, BLOCK_DY=max(16, triton.next_power_of_2(dy)), BLOCK_Z=block_z,
         REVERSE=reverse, IS_VARLEN=chunks.is_varlen, DOT_PRECISION=_dot_precision(y.dtype),
-        **_launch_config(y.device))
+        **_launch_config(chunks.config))
     return states, mult
 
 
@@ -284,7 +300,7 @@ def chunk_outputs(x, y, z, decay, states, chunks: Chunks, reverse: bool, transpo
     heads, dz = decay.shape[0], z.shape[-1]
     out = torch.empty(batch, seqlen, heads, dz, dtype=x.dtype, device=x.device)
     ss_r, ss_c = (states.stride(3), states.stride(2)) if transpose_states else (states.stride(2), states.stride(3))
-    block_z = _block_z(dz)
+    block_z = _block_z(dz, chunks.config)
     num_segments = states.shape[0]
     grid = (num_segments, batch * heads, triton.cdiv(dz, block_z))
     _chunk_output_kernel[grid](
@@ -295,7 +311,7 @@ def chunk_outputs(x, y, z, decay, states, chunks: Chunks, reverse: bool, transpo
         states.stride(0), states.stride(1), ss_r, ss_c,
         DY=dy, DZ=dz, BLOCK_C=chunks.size, BLOCK_DY=max(16, triton.next_power_of_2(dy)), BLOCK_Z=block_z,
         REVERSE=reverse, IS_VARLEN=chunks.is_varlen, DOT_PRECISION=_dot_precision(x.dtype),
-        **_launch_config(x.device))
+        **_launch_config(chunks.config))
     return out
 
 
@@ -308,7 +324,8 @@ def lightning_attn_forward(q, k, v, decay, initial_state, cu_seqlens, chunk_size
     dv = v.shape[-1]
     chunks = Chunks(batch, seqlen, chunk_size, cu_seqlens, q.device)
     if num_segments is None:
-        num_segments = default_num_segments(chunks, batch * heads * triton.cdiv(dv, _block_z(dv)), q.device)
+        num_segments = default_num_segments(chunks, batch * heads * triton.cdiv(dv, _block_z(dv, chunks.config)),
+                                               q.device)
     num_segments = max(1, min(num_segments, chunks.count))
     # with ceil-divided chunks per segment, fewer segments may cover all chunks
     num_segments = triton.cdiv(chunks.count, triton.cdiv(chunks.count, num_segments))
