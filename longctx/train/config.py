@@ -5,6 +5,7 @@ types, and `validate` checks what needs more than a type, before any model or GP
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
@@ -193,6 +194,6 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
 
 
 def model_fields(section: ModelSection) -> dict:
-    fields = OmegaConf.to_container(section, resolve=True) if not isinstance(section, dict) else dict(section)
+    fields = dataclasses.asdict(section)
     fields.pop("name"), fields.pop("pretrained")
     return fields

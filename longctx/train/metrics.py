@@ -45,7 +45,7 @@ class MetricsLogger:
             import wandb  # imported only when a run logs to it
             self.wandb = wandb.init(project=cfg.project, dir=str(run_dir), config=resolved_config,
                                     mode=cfg.wandb, name=Path(run_dir).name, resume="allow",
-                                    settings=wandb.Settings(start_method="thread", console="off"))
+                                    settings=wandb.Settings(console="off"))
 
     def log(self, step: int, metrics: dict) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")

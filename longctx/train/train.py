@@ -113,6 +113,14 @@ def shard_batch(batch: dict, dims, mesh, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in local.items()}
 
 
+def peak_memory_gib(device) -> float:
+    """Peak GPU memory allocated in this step, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 class StopSignal:
     """SIGTERM (a preempted job) asks for a checkpoint and a clean exit at the end of the step."""
 
@@ -214,7 +222,7 @@ def train(cfg: Config) -> Path:
             metrics = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
                        "tok_s": tok_s, "tok_s_per_gpu": tok_s / dims.world_size, "step_s": step_s,
                        "skipped": not finite,
-                       "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+                       "peak_gib": peak_memory_gib(device),
                        "mfu": tok_s / dims.world_size * flops_per_token / (peak * 1e12) if peak else None}
             logger.log(step, metrics)
         preempted = stop.agreed(device)

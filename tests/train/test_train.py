@@ -52,12 +52,23 @@ def test_loss_goes_down_and_export_loads_in_transformers(tmp_path):
 
 
 def torchrun(run_dir, steps, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "longctx.train", f"run_dir={run_dir}", f"train.steps={steps}", "checkpoint.every=2",
            "checkpoint.export_hf=false", "optim.warmup_steps=2", *SMALL, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def kill_all(proc, sig, workers_only=False):
+    """Signal torchrun and every worker (torchrun starts its workers in sessions of their own)."""
+    import psutil
+    launcher = psutil.Process(proc.pid)
+    for p in ([] if workers_only else [launcher]) + launcher.children(recursive=True):
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def finish(proc, timeout=300):
@@ -76,7 +87,7 @@ def test_two_process_run_killed_and_resumed_gives_identical_losses(tmp_path):
         if (interrupted / "metrics.jsonl").is_file() and len(losses(interrupted)) >= 3:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_all(proc, signal.SIGKILL)
     proc.wait()
     assert (interrupted / "checkpoints" / "latest").read_text() == "step_00000002"
     out = finish(torchrun(interrupted, 6))
@@ -89,7 +100,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and not ((tmp_path / "metrics.jsonl").is_file() and losses(tmp_path)):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it to both workers
+    kill_all(proc, signal.SIGTERM, workers_only=True)  # a scheduler preempting the job signals every process
     out = finish(proc)
     assert "SIGTERM: saved a checkpoint" in out
     step = max(losses(tmp_path))
@@ -97,8 +108,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, world, message", [
-    (["train.seq_len=1000", "parallel.sp=2", "parallel.sp_method=ring"], 2,
-     "train.seq_len=1000 is not a multiple of 4"),
+    (["train.seq_len=1002", "parallel.sp=2", "parallel.sp_method=ring"], 2,
+     "train.seq_len=1002 is not a multiple of 4"),
     (["parallel.sp=3", "parallel.sp_method=ring"], 4, "parallel.sp=3 must divide the number of processes"),
     (["parallel.dp=3"], 2, r"parallel.dp \(3\) x parallel.sp \(1\) = 3 must equal the number of processes \(2\)"),
     (["data.path=/no/such/file.json"], 1, "/no/such/file.json"),
