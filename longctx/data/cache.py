@@ -241,6 +241,8 @@ def format_report(report: dict) -> str:
         lines.append(f"  empty file: {empty}")
     for bad in report.get("invalid_lines", []):
         lines.append(f"  invalid line: {bad}")
+    for ignored in report.get("ignored_files", []):
+        lines.append(f"  not a data file, ignored: {ignored}")
     stats = report.get("tokens")
     if stats and stats.get("conversations"):
         lines.append(f"tokens ({report.get('chat_template')} template): {stats['tokens']} in "

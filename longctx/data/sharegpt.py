@@ -175,11 +175,13 @@ def iter_raw_records(path: Path, report: dict):
     if path.is_file():
         files = [path]
     else:
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in JSON_SUFFIXES)
+        readable = JSON_SUFFIXES + tuple(DATASETS_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in readable)
         if not files or _is_saved_dataset(path):
             report["files"].append(str(path))
             yield from _records_of_dataset(_load_with_datasets(path))
             return
+        report["ignored_files"] += sorted(str(p) for p in path.iterdir() if p.is_file() and p not in files)
     for file in files:
         report["files"].append(str(file))
         if file.suffix in DATASETS_SUFFIXES:
@@ -277,7 +279,8 @@ def clean_record(record, repaired: Counter) -> list[dict]:
 
 def new_report() -> dict:
     return {"files": [], "records": 0, "kept": 0, "skipped": Counter(), "repaired": Counter(),
-            "truncated_at": None, "truncations": [], "empty_files": [], "invalid_lines": []}
+            "truncated_at": None, "truncations": [], "empty_files": [], "invalid_lines": [],
+            "ignored_files": []}
 
 
 def read_sharegpt(path: str | os.PathLike) -> tuple[list[list[dict]], dict]:

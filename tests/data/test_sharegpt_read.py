@@ -141,12 +141,13 @@ def test_folder_of_shards_parquet_and_saved_dataset(tmp_path):
     write_json(shards / "b.json", [sharegpt("b", ("human", "qb"), ("gpt", "ab"))])
     (shards / "a.jsonl").write_text(json.dumps(sharegpt("a", ("human", "qa"), ("gpt", "aa"))) + "\n")
     (shards / "notes.txt").write_text("not data")
-    conversations, report = read_sharegpt(shards)
-    assert [c[0]["content"] for c in conversations] == ["qa", "qb"]  # files in name order
-    assert report["records"] == 2
-
     records = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
                for i in range(3)]
+    datasets.Dataset.from_list(records[:1]).to_parquet(str(shards / "c.parquet"))
+    conversations, report = read_sharegpt(shards)
+    assert [c[0]["content"] for c in conversations] == ["qa", "qb", "q0"]  # files in name order
+    assert report["records"] == 3 and report["ignored_files"] == [str(shards / "notes.txt")]
+
     datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "chat.parquet"))
     conversations, report = read_sharegpt(tmp_path / "chat.parquet")
     assert [c[1]["content"] for c in conversations] == ["a0", "a1", "a2"]
