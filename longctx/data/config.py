@@ -4,11 +4,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from .packing import OVERLONG, PACKINGS
 from .sharegpt import resolve_path
 from .template import CHAT_TEMPLATES, LOSS_MASKS
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -63,13 +66,43 @@ class DataConfig:
                               os.path.join(os.path.expanduser("~"), ".cache", "longctx", "data"))
 
 
+def data_group_values(name: str) -> dict:
+    """The values of the Hydra `data` group option `name` (configs/data/<name>.yaml, or a .yaml
+    path), following its defaults list as Hydra does."""
+    from omegaconf import OmegaConf
+
+    from .sharegpt import sharegpt_v3_path
+
+    if not OmegaConf.has_resolver("sharegpt_v3_path"):
+        OmegaConf.register_new_resolver("sharegpt_v3_path", sharegpt_v3_path)
+    file = Path(name) if name.endswith(".yaml") else REPO_ROOT / "configs" / "data" / f"{name}.yaml"
+    if not file.exists():
+        options = sorted(p.stem for p in (REPO_ROOT / "configs" / "data").glob("*.yaml"))
+        raise SystemExit(f"data={name}: no such data config {file}; choose one of {options}")
+    node = OmegaConf.load(file)
+    defaults = list(node.pop("defaults", []))
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    merged = OmegaConf.create()
+    for entry in defaults:
+        part = node if entry == "_self_" else OmegaConf.create(data_group_values(str(entry)))
+        merged = OmegaConf.merge(merged, part)
+    return OmegaConf.to_container(merged, resolve=True)
+
+
 def config_from_args(args: list[str], extras: dict) -> tuple[DataConfig, dict]:
     """A DataConfig from `key=value` arguments (an optional `data.` prefix is accepted, as in the
-    Hydra overrides of the trainer); keys in `extras` (name -> default) are returned apart."""
+    Hydra overrides of the trainer); `data=<name>` starts from configs/data/<name>.yaml; keys in
+    `extras` (name -> default) are returned apart."""
     fields = {f.name: f for f in dataclasses.fields(DataConfig)}
     values, others = {}, dict(extras)
     for arg in args:
+        if arg.startswith("data="):
+            values.update(data_group_values(arg.partition("=")[2]))
+    for arg in args:
         key, sep, value = arg.partition("=")
+        if key == "data":
+            continue
         key = key.removeprefix("data.")
         if not sep or (key not in fields and key not in extras):
             raise SystemExit(f"unknown argument {arg!r}: expected key=value with key one of "

@@ -1,12 +1,13 @@
 """See what the model will be trained on before spending GPU hours.
 
     python -m longctx.data.inspect [data.]path=data/sharegpt_sample.json sample=3 seq_len=2048
+    python -m longctx.data.inspect data=sharegpt_v3 loss_mask=last     # a configs/data option
 
 Prints one formatted conversation with the tokens that count for the loss marked (green, or
 between >>> and <<< when the output is not a terminal), its first tokens one by one with their
 labels, the data report (kept/skipped, token statistics) and how the data packs at seq_len.
-Arguments: any DataConfig field as key=value, plus sample (conversation index), seq_len,
-tokens (how many tokens to list) and color (auto, always, never).
+Arguments: data=<configs/data option>, any DataConfig field as key=value, plus sample
+(conversation index), seq_len, tokens (how many tokens to list) and color (auto, always, never).
 """
 from __future__ import annotations
 

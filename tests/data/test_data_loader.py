@@ -169,3 +169,16 @@ def test_distributed_ranks_prepare_once_and_read_their_own_shares(tmp_path):
         local = build_loader(cfg, seq_len=2048, dp_rank=rank, dp_size=2, seed=11)
         assert result["batches"] == [rows(next(local)) for _ in range(3)]
     assert not set(map(tuple, results[0]["batches"])) & set(map(tuple, results[1]["batches"]))
+
+
+def test_command_line_arguments_and_data_groups():
+    from longctx.data.config import config_from_args
+
+    cfg, extra = config_from_args(["data=sharegpt_sample", "data.num_proc=3", "cache_dir=none",
+                                   "verbose=false", "seq_len=4096"], {"seq_len": 2048, "sample": 0})
+    assert cfg.path == "data/sharegpt_sample.json" and cfg.num_proc == 3 and cfg.cache_dir is None
+    assert cfg.verbose is False and extra == {"seq_len": 4096, "sample": 0}
+    with pytest.raises(SystemExit, match="unknown argument 'shuffle=1'"):
+        config_from_args(["shuffle=1"], {})
+    with pytest.raises(SystemExit, match="choose one of"):
+        config_from_args(["data=nonexistent"], {})
