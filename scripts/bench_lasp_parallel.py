@@ -43,7 +43,7 @@ from longctx.parallel.sequence import split_sequence  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 128
 LASP_SEQLENS = [1 << 20, 1 << 22]
-MODEL_SEQLENS = [1 << 19, 1 << 20, 3 << 19, 1 << 21, 3 << 20]
+MODEL_SEQLENS_PER_GPU = [1 << 18, 1 << 19, 3 << 18, 1 << 20, 3 << 19]
 
 
 def lightning_flops(seqlen, heads, dk, dv, mode="fwd_bwd", chunk=64):
@@ -59,7 +59,7 @@ def decays(heads):
 
 class Recorder:
     def __init__(self, args, world):
-        self.rows, self.rank, self.world = [], dist.get_rank(), world
+        self.rows, self.rank, self.world = [], (dist.get_rank() if dist.is_initialized() else 0), world
         device = torch.cuda.get_device_name()
         slug = device.lower().replace("nvidia", "").strip().split()[0]
         self.path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "results",
@@ -82,6 +82,8 @@ class Recorder:
 
 
 def max_over_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
     t = torch.tensor([value], device="cuda", dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
@@ -216,13 +218,14 @@ def bench_lasp(args, rec, world, rank):
 
 
 def bench_model(args, rec, world, rank):
-    """Longest trainable sequence of a 1B all-linear model on `world` GPUs (LASP ring)."""
+    """Longest trainable sequence of a 1B all-linear model on `world` GPUs (LASP ring; one GPU: lightning)."""
     import torch.utils.checkpoint as checkpoint
 
+    import longctx.model.linear_attention  # noqa: F401  (registers the one-GPU "lightning" mixer)
     from longctx.model import Llama, ModelConfig
     config = ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                         layer_types=["linear"] * 16, linear_attention="lasp", attention="allgather_kv",
+                         layer_types=["linear"] * 16, linear_attention="lasp" if world > 1 else "lightning",
                          loss_chunk_size=8192)
     with torch.device("cuda"):
         model = Llama(config).to(torch.bfloat16)
@@ -231,7 +234,9 @@ def bench_model(args, rec, world, rank):
         layer.forward = (lambda *a, _f=layer._plain_forward: checkpoint.checkpoint(_f, *a, use_reentrant=False))
     params = sum(p.numel() for p in model.parameters())
     started = time.time()
-    for seqlen in args.model_seqlens or MODEL_SEQLENS:
+    seqlens = args.model_seqlens or [n * world for n in MODEL_SEQLENS_PER_GPU]
+    first = seqlens[0]  # compiles and warms up; the larger lengths run one timed step each
+    for seqlen in seqlens:
         row = {"bench": "train_step", "impl": "longctx", "model": "llama3.2-1b-shape all-linear", "params": params,
                "seqlen": seqlen, "gpus": world, "dtype": "bf16", "mode": "fwd_bwd", "activation_checkpoint": True}
         torch.manual_seed(0)
@@ -246,7 +251,7 @@ def bench_model(args, rec, world, rank):
             for p in model.parameters():
                 p.grad = None
         try:
-            ms, peak = time_steps(step, warmup=1, iters=1)
+            ms, peak = time_steps(step, warmup=1 if seqlen == first else 0, iters=1)
             row.update(ms=round(ms, 1), tok_s=round(seqlen / ms * 1e3), peak_gib=round(peak, 2),
                        total_gib=round(max_over_ranks(torch.cuda.max_memory_allocated() / 2**30), 2))
         except torch.cuda.OutOfMemoryError as error:
@@ -258,7 +263,80 @@ def bench_model(args, rec, world, rank):
     return []
 
 
-SECTIONS = {"lasp": bench_lasp, "model": bench_model}
+def bench_lasp_one_gpu(args, rec, world, rank):
+    """Section `lasp_sim`, for one GPU when no multi-GPU machine is to be had: what a middle rank of
+    N = 2 does, timed piece by piece on one GPU. Rows: our kernel (and fla) on the whole sequence;
+    our kernel on one shard; `lasp_attn_func` on one shard with world 1 (LASP's phased kernel calls:
+    a rank's work but for its state messages: two chains of N-1 messages of B*H*Dk*Dv*4 = 1 MiB,
+    not measured here)."""
+    fla = load_fla()
+    simulated = 2
+    failures = []
+    q, k, v, do = inputs(65536, seed=3)
+    decay = decays(HEADS) / 64 + 1e-4
+    results = []
+    for fn in (lambda *a: lightning_attn_func(*a, decay)[0], lambda *a: lasp.lasp_attn_func(*a, decay, None)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(do)
+        results.append([out] + [x.grad for x in leaves])
+    errs = [rel_err(a, b) for a, b in zip(*results)]
+    line = "check lasp_attn_func (one rank) vs lightning_attn_func: " + " ".join(f"{e:.1e}" for e in errs)
+    print(line, flush=True)
+    if not all(e < 1e-3 for e in errs):
+        failures.append(line)
+    del q, k, v, do, results
+    for seqlen in args.seqlens or LASP_SEQLENS:
+        shard = seqlen // simulated
+        shape = {"seqlen": seqlen, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bf16", "mode": "fwd_bwd"}
+        iters = 10 if seqlen <= (1 << 20) else 4
+        decay = decays(HEADS)
+
+        def measure(bench, impl, tokens, step, extra=None):
+            row = {"bench": bench, "impl": impl, **shape, "gpus": 1, **(extra or {})}
+            try:
+                ms, peak = time_steps(step, warmup=2, iters=iters)
+                row.update(ms=round(ms, 3), tok_s=round(tokens / ms * 1e3), peak_gib=round(peak, 2),
+                           tflops=round(lightning_flops(tokens, HEADS, HEAD_DIM, HEAD_DIM) / ms / 1e9, 1))
+            except torch.cuda.OutOfMemoryError as error:
+                row["error"] = f"OutOfMemoryError: {str(error)[:160]}"
+            torch.cuda.empty_cache()
+            rec.add(row)
+            return row
+
+        q, k, v, do = inputs(shard)
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        local = measure("lasp_local_shard", "longctx", shard,
+                        lambda: lightning_attn_func(*leaves, decay)[0].backward(do), {"shard_of": simulated})
+        through = measure("lasp_local_shard", "longctx_lasp_fn", shard,
+                          lambda: lasp.lasp_attn_func(*leaves, decay, None).backward(do), {"shard_of": simulated})
+        if "ms" in through:
+            projected = through["ms"]
+            rec.add({"bench": "lasp_projected", "impl": "longctx", **shape, "gpus": simulated,
+                     "ms": round(projected, 3), "tok_s": round(seqlen / projected * 1e3),
+                     "note": "a rank's time from one GPU: lasp_attn_func on its shard; the 1 MiB state messages "
+                             "(two chains of N-1 hops) not included"})
+        del q, k, v, do, leaves
+        torch.cuda.empty_cache()
+        full = inputs(seqlen)
+        full_leaves = [x.requires_grad_() for x in full[:3]]
+        one_gpu = {"longctx": lambda: lightning_attn_func(*full_leaves, decay)[0].backward(full[3])}
+        if fla is not None:
+            one_gpu["fla"] = lambda: fla(*full_leaves, layer_idx=0, num_layers=24, scale=1.0)[0].backward(full[3])
+        for impl, step in one_gpu.items():
+            for x in full_leaves:
+                x.grad = None
+            row = measure("lasp", impl, seqlen, step, {"variant": "one_gpu"})
+            projected = [r for r in rec.rows if r["bench"] == "lasp_projected" and r["seqlen"] == seqlen]
+            if projected and "tok_s" in row:
+                projected[0][f"speedup_vs_{impl}_one_gpu"] = round(projected[0]["tok_s"] / row["tok_s"], 2)
+        rec.add(rec.rows.pop())
+        del full, full_leaves
+        torch.cuda.empty_cache()
+    return failures
+
+
+SECTIONS = {"lasp": bench_lasp, "model": bench_model, "lasp_sim": bench_lasp_one_gpu}
 
 
 def print_table(rows):
@@ -273,7 +351,7 @@ def print_table(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", action="append", choices=sorted(SECTIONS), help="sections to run (all)")
+    parser.add_argument("--section", action="append", choices=sorted(SECTIONS), help="sections to run (torchrun: lasp, model; one process: lasp_sim, model)")
     parser.add_argument("--seqlens", type=int, nargs="*", help="total lengths of section lasp")
     parser.add_argument("--model-seqlens", type=int, nargs="*", help="total lengths of section model")
     parser.add_argument("--model-budget-s", type=float, default=120.0, help="stop growing the model after this")
@@ -281,18 +359,24 @@ def main():
     args = parser.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=180), device_id=torch.device("cuda", local_rank))
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world, rank = 1, 0
+    if "WORLD_SIZE" in os.environ:  # under torchrun
+        dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=180),
+                                device_id=torch.device("cuda", local_rank))
+        world, rank = dist.get_world_size(), dist.get_rank()
+    elif "lasp" in (args.section or []):
+        parser.error("section lasp needs several processes: launch with torchrun (or run --section lasp_sim)")
     rec = Recorder(args, world)
     failures = []
-    for name in args.section or sorted(SECTIONS):
+    for name in args.section or (["lasp", "model"] if world > 1 else ["lasp_sim", "model"]):
         failures += SECTIONS[name](args, rec, world, rank)
     if rank == 0:
         print_table(rec.rows)
         print(f"wrote {rec.path}")
         if failures:
             print("CHECK FAILURES:\n" + "\n".join(failures))
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     sys.exit(1 if failures else 0)
 
 

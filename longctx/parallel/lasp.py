@@ -2,16 +2,23 @@
 runs beside it in hybrid models.
 
 Each rank of the sequence-parallel group holds a contiguous shard of L tokens. Lightning attention
-is linear in its initial state, so every rank first runs the kernel on its shard from a zero state,
-with no communication at all:
+needs from the earlier shards only their d x d state per head, and the state's share is linear:
 
     out_t   = out0_t + lam^(t+1) q_t S_in          for the tokens before the shard's first document start
     S_out   = S0 + lam^L S_in                      if no document starts in the shard (else S_out = S0)
 
-and only then combines the d x d fp32 state S_in that arrives from the ranks before it. The
-communication (one state per rank) and the corrections (one matrix product per token) are small
-next to the kernel and never stand in front of it: no barrier, no host sync, no blocking receive
-ahead of work that does not need the state.
+where out0, S0 are the shard's results from a zero state. So the work that does not need S_in runs
+first, with no communication, and only a small step waits for it. Two implementations:
+- with the Triton kernel (GPU, or the interpreter): its own phases with the exchange in between.
+  (1) each segment's state from zero (a pass over k, v); (2) S_in arrives, the scan over segments
+  (a tiny kernel) gives the segment start states and S_out, which goes on at once; (3) the outputs.
+  No extra pass over the sequence: the incoming state enters through the segment start states,
+  which the backward reuses (LASP's state caching) instead of receiving the state again.
+- otherwise (`lightning_attn_func`'s PyTorch path, e.g. CPU tests without the interpreter): the
+  kernel from a zero state, then the formulas above as separate corrections.
+The communication is one fp32 state per rank (B*H*Dk*Dv*4 bytes: 1 MiB at 16 heads of 128) and
+never stands in front of work that does not need it: no barrier, no host sync, no blocking
+receive ahead of the zero-state pass.
 
 Two variants (`variant=`, or the registered mixers `lasp` and `lasp_allgather`):
 - "ring" (LASP): the state travels rank to rank, S_out of rank r is S_in of rank r + 1. The receive
@@ -41,8 +48,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import triton
 
 from longctx.model.attention import document_ranges, register_attention, register_linear_attention
+from longctx.ops.linear import forward as kernel
 from longctx.ops.linear import lightning_attn_func
 
 from .sequence import get_sequence_group
@@ -179,7 +188,9 @@ def _add_outgoing_gradients(dk, dv, k, v, grad_out, decay, begin, length):
 
 def _sum_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     batch, length, heads, dim = x.shape
-    return x.view(batch, length, kv_heads, heads // kv_heads, dim).sum(3) if heads != kv_heads else x
+    if heads == kv_heads:
+        return x
+    return x.view(batch, length, kv_heads, heads // kv_heads, dim).sum(3, dtype=torch.float32).to(x.dtype)
 
 
 def _group_info(group) -> tuple[int, int]:
@@ -204,7 +215,10 @@ def _chain(terms: list[torch.Tensor], passes: list[bool], block_decay: torch.Ten
 # The autograd function
 
 
-class _Lasp(torch.autograd.Function):
+class _LaspGeneric(torch.autograd.Function):
+    """Any `lightning_attn_func` (the PyTorch path on a CPU): the kernel from a zero state, then the
+    incoming state's share added by separate corrections."""
+
     @staticmethod
     def forward(ctx, q, k, v, decay, group, docs: ShardDocuments, variant: str, needs_grad: bool):
         rank, world = _group_info(group)
@@ -308,6 +322,117 @@ class _Lasp(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+def _uses_triton(q, v) -> bool:
+    """The rule `lightning_attn_func` follows for its Triton path."""
+    return (kernel.use_triton(q) and q.dtype != torch.float64
+            and max(q.shape[-1], v.shape[-1]) <= kernel.MAX_HEAD_DIM and q.shape[1] > 0)
+
+
+def _plan(q, v, bounds):
+    """The kernel's chunk table and segment count, chosen as `lightning_attn_forward` chooses them."""
+    batch, length, heads, _ = q.shape
+    chunks = kernel.Chunks(batch, length, kernel.CHUNK_SIZE, bounds, q.device)
+    per_segment = batch * heads * triton.cdiv(v.shape[-1], kernel._block_z(v.shape[-1], chunks.config))
+    segments = max(1, min(kernel.default_num_segments(chunks, per_segment, q.device), chunks.count))
+    return chunks, triton.cdiv(chunks.count, triton.cdiv(chunks.count, segments))
+
+
+class _LaspPhased(torch.autograd.Function):
+    """The Triton kernel's own phases with the state exchange between them: (1) every segment's
+    state from zero, needing nothing from other ranks; (2) the incoming state, then the scan over
+    segments, which yields the outgoing state; (3) the outputs. Only the tiny scan waits for the
+    state; the incoming state enters the segment start states, which the backward reuses."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, decay, group, docs: ShardDocuments, variant: str):
+        rank, world = _group_info(group)
+        batch, length, heads, dk = q.shape
+        state_shape = (batch, heads, dk, v.shape[-1])
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        decay = decay.detach().float().contiguous()
+        block_decay = torch.exp(-decay * length)[None, :, None, None]
+        uses_incoming = rank > 0 and docs.carry_end > 0  # a document starting at token 0 ignores it
+
+        receive = None
+        if variant == "ring" and rank > 0:
+            state_in = q.new_empty(state_shape, dtype=torch.float32)
+            receive = dist.irecv(state_in, src=_global_rank(group, rank - 1), group=group)
+        bounds = None
+        if docs.kernel_bounds is not None:
+            bounds = torch.tensor(docs.kernel_bounds, dtype=torch.int32, device=q.device)
+        chunks, segments = _plan(q, v, bounds)
+        states, mult = kernel.chunk_local_states(k, v, decay, chunks, segments, reverse=False)
+
+        incoming = None
+        if variant == "ring":
+            if uses_incoming:
+                receive.wait()
+                incoming = state_in
+        elif world > 1:
+            zero_final = kernel.scan_states(states.clone(), mult, None, reverse=False).view(state_shape)
+            gathered = [torch.empty_like(zero_final) for _ in range(world)]
+            dist.all_gather(gathered, zero_final, group=group)
+            if uses_incoming:
+                incoming = _chain(gathered[:rank], list(docs.passes[:rank]), block_decay)
+        final = kernel.scan_states(states, mult, incoming, reverse=False)  # states: segment starts now
+        send = None
+        if variant == "ring" and rank < world - 1:
+            send = dist.isend(final.view(state_shape), dst=_global_rank(group, rank + 1), group=group)
+        out = kernel.chunk_outputs(q, k, v, decay, states, chunks, reverse=False)
+        for work in (receive if not uses_incoming else None, send):
+            if work is not None:
+                work.wait()
+
+        ctx.group, ctx.docs, ctx.variant, ctx.chunks = group, docs, variant, chunks
+        ctx.save_for_backward(q, k, v, decay, states, mult)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, decay, states, mult = ctx.saved_tensors
+        group, docs, variant, chunks = ctx.group, ctx.docs, ctx.variant, ctx.chunks
+        rank, world = _group_info(group)
+        batch, length, heads, dk = q.shape
+        state_shape = (batch, heads, dk, v.shape[-1])
+        dout = dout.contiguous()
+        block_decay = torch.exp(-decay * length)[None, :, None, None]
+        uses_incoming = rank > 0 and docs.carry_end > 0
+
+        receive = None
+        if variant == "ring" and rank < world - 1:
+            grad_out = torch.empty(state_shape, device=q.device, dtype=torch.float32)
+            receive = dist.irecv(grad_out, src=_global_rank(group, rank + 1), group=group)
+        grad_states, _ = kernel.chunk_local_states(q, dout, decay, chunks, states.shape[0], reverse=True)
+
+        outgoing = None  # the gradient of the state this shard passed on
+        if variant == "ring":
+            if receive is not None:
+                receive.wait()
+                outgoing = grad_out
+        elif world > 1:
+            zero_grad = kernel.scan_states(grad_states.clone(), mult, None, reverse=True).view(state_shape)
+            if not uses_incoming:
+                zero_grad.zero_()
+            gathered = [torch.empty_like(zero_grad) for _ in range(world)]
+            dist.all_gather(gathered, zero_grad, group=group)
+            if rank < world - 1:
+                later = list(range(world - 1, rank, -1))
+                outgoing = _chain([gathered[j] for j in later], [docs.passes[j] for j in later], block_decay)
+        grad_in = kernel.scan_states(grad_states, mult, outgoing, reverse=True).view(state_shape)
+        send = None
+        if variant == "ring" and rank > 0:
+            grad_in = grad_in if uses_incoming else torch.zeros_like(grad_in)
+            send = dist.isend(grad_in, dst=_global_rank(group, rank - 1), group=group)
+
+        dq = kernel.chunk_outputs(dout, v, k, decay, states, chunks, reverse=False, transpose_states=True)
+        dk_heads = kernel.chunk_outputs(v, dout, q, decay, grad_states, chunks, reverse=True, transpose_states=True)
+        dv_heads = kernel.chunk_outputs(k, q, dout, decay, grad_states, chunks, reverse=True)
+        if send is not None:
+            send.wait()
+        kv_heads = k.shape[2]
+        return dq, _sum_groups(dk_heads, kv_heads), _sum_groups(dv_heads, kv_heads), None, None, None, None
+
+
 def lasp_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, group=None, *,
                    cu_seqlens: Optional[torch.Tensor] = None, variant: str = "ring") -> torch.Tensor:
     """Lightning attention over a sequence split contiguously across `group` (None: the default group).
@@ -333,7 +458,9 @@ def lasp_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: tor
                          f"batch into one row")
     docs = shard_documents(cu_seqlens, rank, world, q.shape[1])
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    return _Lasp.apply(q, k, v, decay, group, docs, variant, needs_grad)
+    if _uses_triton(q, v):
+        return _LaspPhased.apply(q, k, v, decay, group, docs, variant)
+    return _LaspGeneric.apply(q, k, v, decay, group, docs, variant, needs_grad)
 
 
 @register_linear_attention("lasp")
