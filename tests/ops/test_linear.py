@@ -142,6 +142,20 @@ def test_segments_do_not_change_the_result():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_gradient_through_final_state_only():
+    """LASP uses only the final state of some calls: its gradient alone must reach k, v and the initial state."""
+    q, k, v, decay, init, _, d_final = _inputs(1, 40, 2, 2, 16, 16, "per_head", True, seed=5)
+    grads = []
+    for fn, dtype in ((lightning_attn_func, torch.float32), (lightning_attn_recurrent, torch.float64)):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v, init)]
+        _, final = fn(*leaves[:3], decay.to(dtype), leaves[3], **({"chunk_size": 16} if dtype == torch.float32 else {}))
+        (final.double() * d_final).sum().backward()
+        # q does not reach the final state: the recurrence leaves its gradient None, the kernel zero
+        grads.append([x.grad.double() if x.grad is not None else torch.zeros_like(x) for x in leaves])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_bad_inputs_are_named():
     q = torch.randn(1, 8, 2, 16)
     decay = torch.zeros(2)
@@ -156,6 +170,8 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="batch must be 1"):
         lightning_attn_func(torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16), decay,
                             cu_seqlens=torch.tensor([0, 16], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to the token count 8"):
+        lightning_attn_func(q[:1], q[:1], q[:1], decay, cu_seqlens=torch.tensor([0, 5, 7], dtype=torch.int32))
     with pytest.raises(TypeError, match="share one float dtype"):
         lightning_attn_func(q, q.half(), q, decay)
     with pytest.raises(ValueError, match="chunk_size must be a power of two"):

@@ -41,6 +41,11 @@ def _check_inputs(q, k, v, decay, initial_state, cu_seqlens):
             raise ValueError(f"with cu_seqlens the documents are packed into one row: batch must be 1, got {batch}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError("cu_seqlens must be a 1-D int32 tensor of document starts plus the total token count")
+        if cu_seqlens.device.type == "cpu":  # on a GPU this check would sync with the host on every call
+            bounds = cu_seqlens.tolist()
+            if bounds[0] != 0 or bounds[-1] != seqlen or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+                raise ValueError(f"cu_seqlens must rise from 0 to the token count {seqlen}; got {bounds[:8]}"
+                                 f"{'...' if len(bounds) > 8 else ''}")
 
 
 def lightning_attn_func(q, k, v, decay, initial_state=None, cu_seqlens=None, *, chunk_size=CHUNK_SIZE,

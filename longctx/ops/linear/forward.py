@@ -77,7 +77,7 @@ def _chunk_bounds(CHUNK_START, CHUNK_LEN, CHUNK_RESET, i_b, c, T, NC, BLOCK_C: t
     return start, length, reset
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NC", "G"])
 def _chunk_local_state_kernel(
     Y, Z, STATES, MULT, DECAY, CHUNK_START, CHUNK_LEN, CHUNK_RESET,
     T, NC, G, H,
@@ -128,7 +128,7 @@ def _chunk_local_state_kernel(
         tl.store(MULT + i_seg.to(tl.int64) * (tl.num_programs(1)) + i_bh, carry)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSEG"])
 def _state_scan_kernel(STATES, MULT, INIT, FINAL, NSEG, NBH, SIZE,
                        HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
     """Over the segments in order: write each segment's start state over its local one, then combine."""
@@ -149,7 +149,7 @@ def _state_scan_kernel(STATES, MULT, INIT, FINAL, NSEG, NBH, SIZE,
     tl.store(FINAL + base, b_s, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NC", "G"])
 def _chunk_output_kernel(
     X, Y, Z, O, STATES, DECAY, CHUNK_START, CHUNK_LEN, CHUNK_RESET,
     T, NC, G, H,
