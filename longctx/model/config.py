@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 # LlamaConfig fields that change the computation and that this model does not implement.
 _UNSUPPORTED = {
@@ -22,7 +22,7 @@ class ModelConfig:
     head_dim: Optional[int] = None          # None: hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: Optional[dict] = None     # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    rope_scaling: Optional[Dict[str, Any]] = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -30,8 +30,9 @@ class ModelConfig:
     eos_token_id: Any = 128001
     attention: str = "sdpa"                 # softmax token mixer, by name (model/attention.py)
     linear_attention: str = "lightning"     # linear token mixer, by name
-    layer_types: Optional[list] = None      # per layer "softmax" | "linear"; None: all softmax
+    layer_types: Optional[List[str]] = None  # per layer "softmax" | "linear"; None: all softmax
     loss_chunk_size: int = 4096             # tokens per chunk of the seq x vocab loss
+    mlp_chunk_size: int = 0                 # tokens per chunk of a blockwise, recomputed MLP (0: whole)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -85,7 +86,7 @@ class ModelConfig:
     def to_hf(self):
         """A transformers `LlamaConfig` with the rope settings as trained."""
         from transformers import LlamaConfig
-        mine = {"attention", "linear_attention", "layer_types", "loss_chunk_size"}
+        mine = {"attention", "linear_attention", "layer_types", "loss_chunk_size", "mlp_chunk_size"}
         d = {k: v for k, v in asdict(self).items() if k not in mine}
         if self.layer_types is not None and "linear" in self.layer_types:
             raise ValueError("a model with linear-attention layers has no transformers LlamaForCausalLM "

@@ -14,7 +14,11 @@ register_configs()
 def main(cfg) -> None:
     from .train import train
     try:
-        train(OmegaConf.to_object(cfg))
+        config = OmegaConf.to_object(cfg)   # model shape checks run here
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    try:
+        train(config)
     except ConfigError as error:   # one clear line, no traceback
         raise SystemExit(f"error: {error}") from None
 

@@ -16,30 +16,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from longctx.data import DataConfig
+from longctx.model import ModelConfig
 
 
 @dataclass
-class ModelSection:
-    """A model shape (the fields of longctx.model.ModelConfig), or a pretrained HF folder."""
+class ModelSection(ModelConfig):
+    """A model shape (every field of longctx.model.ModelConfig), or a pretrained HF folder."""
     name: str = "tiny"
     pretrained: Optional[str] = None       # a Hugging Face LLaMA folder; its config.json wins over the shape
-    vocab_size: int = 128256
-    hidden_size: int = 256
-    intermediate_size: int = 688
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 2
-    head_dim: Optional[int] = None
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
-    rope_scaling: Optional[Dict[str, Any]] = None
-    max_position_embeddings: int = 8192
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
     attention: str = "auto"                # auto: the Triton kernel on CUDA, SDPA on CPU
-    linear_attention: str = "lightning"
-    layer_types: Optional[List[str]] = None
-    loss_chunk_size: int = 4096
 
 
 @dataclass
@@ -150,7 +135,6 @@ def validate(cfg: Config, world_size: int) -> "ParallelDims":
 
 
 def _validate(cfg: Config, world_size: int) -> "ParallelDims":
-    from longctx.model import ModelConfig
     from longctx.parallel.mesh import ParallelDims
     t = cfg.train
     _choice(t.precision, ("auto", "bf16_autocast", "bf16_pure", "fp32"), "train.precision")
@@ -183,8 +167,6 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     m = cfg.model
     if m.pretrained is not None and not os.path.isfile(os.path.join(m.pretrained, "config.json")):
         raise ValueError(f"model.pretrained={m.pretrained}: no Hugging Face config.json there")
-    if m.pretrained is None:
-        ModelConfig(**model_fields(m))   # shape checks (heads, layer types, rope scaling)
     if t.precision == "bf16_pure" and dims.dp_backend not in ("fsdp", "deepspeed"):
         raise ValueError("train.precision=bf16_pure keeps fp32 master weights through FSDP2's or "
                          "DeepSpeed's mixed precision: set parallel.dp_backend=fsdp or deepspeed, "

@@ -127,3 +127,21 @@ def test_registered_mixers_match_sdpa_in_the_model(mixer):
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_blockwise_mlp_gives_the_same_loss_and_gradients():
+    torch.manual_seed(3)
+    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention="sdpa")
+    whole = Llama(config)
+    chunked = Llama(ModelConfig(**{**config.__dict__, "mlp_chunk_size": 7}))
+    chunked.load_state_dict(whole.state_dict())
+    ids = torch.randint(0, 50, (2, 30))
+    losses = []
+    for model in (whole, chunked):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)
+    for a, b in zip(chunked.parameters(), whole.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
