@@ -94,20 +94,29 @@ def _documents_of_shard(bounds: list[int], rank: int, world: int, length: int) -
 _CACHE: dict = {}
 
 
+def _per_step(cu_seqlens: torch.Tensor, key: tuple, compute):
+    """`compute()` once per `cu_seqlens` tensor and key: the layers of a step share one host read."""
+    full_key = (id(cu_seqlens), cu_seqlens._version) + key
+    hit = _CACHE.get(full_key)
+    if hit is not None and hit[0]() is cu_seqlens:
+        return hit[1]
+    if any(k[:2] != full_key[:2] for k in _CACHE):
+        _CACHE.clear()  # a new step's cu_seqlens: drop the last one's entries
+    value = compute()
+    _CACHE[full_key] = (weakref.ref(cu_seqlens), value)
+    return value
+
+
 def shard_documents(cu_seqlens: Optional[torch.Tensor], rank: int, world: int, length: int) -> ShardDocuments:
     """This shard's view of the global `cu_seqlens` (cached per tensor: one host read per step)."""
     if cu_seqlens is None:
         return ShardDocuments(length, None, length, 0, tuple([True] * world))
-    key = (id(cu_seqlens), cu_seqlens._version, rank, world, length)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is cu_seqlens:
-        return hit[1]
-    total = world * length
-    bounds = [start for start, _ in document_ranges(cu_seqlens, total)] + [total]
-    docs = _documents_of_shard(bounds, rank, world, length)
-    _CACHE.clear()  # one live entry: the step's cu_seqlens
-    _CACHE[key] = (weakref.ref(cu_seqlens), docs)
-    return docs
+
+    def compute():
+        total = world * length
+        bounds = [start for start, _ in document_ranges(cu_seqlens, total)] + [total]
+        return _documents_of_shard(bounds, rank, world, length)
+    return _per_step(cu_seqlens, ("lasp", rank, world, length), compute)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,16 +511,19 @@ class _GatherSequence(torch.autograd.Function):
         return mine, None
 
 
-def _segments(cu_seqlens, batch, start, end):
+def _segments(cu_seqlens, start, end, total):
     """(q_start, q_end) local and (k_start, k_end) global of each document piece in [start, end)."""
     if cu_seqlens is None:
         return [(0, end - start, 0, end)]
-    pieces = []
-    for doc_start, doc_end in document_ranges(cu_seqlens, int(cu_seqlens[-1])):
-        lo, hi = max(doc_start, start), min(doc_end, end)
-        if lo < hi:
-            pieces.append((lo - start, hi - start, doc_start, hi))
-    return pieces
+
+    def compute():
+        pieces = []
+        for doc_start, doc_end in document_ranges(cu_seqlens, total):
+            lo, hi = max(doc_start, start), min(doc_end, end)
+            if lo < hi:
+                pieces.append((lo - start, hi - start, doc_start, hi))
+        return pieces
+    return _per_step(cu_seqlens, ("allgather_kv", start, end, total), compute)
 
 
 def _sdpa_bottom_right(q, k, v, scale):
@@ -537,7 +549,7 @@ def allgather_kv_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax
         k, v = _GatherSequence.apply(k, group), _GatherSequence.apply(v, group)
     start, end = rank * length, (rank + 1) * length
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    segments = _segments(cu_seqlens, batch, start, end)
+    segments = _segments(cu_seqlens, start, end, world * length)
     if q.is_cuda:
         from longctx.ops.attention import flash_attn_func, flash_attn_varlen_func
         if cu_seqlens is None:
