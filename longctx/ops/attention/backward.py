@@ -19,7 +19,8 @@ import triton.language as tl
 
 from .forward import LOG2E, _key_range, _sequence_bounds, last_dim_contiguous, lse_strides, padded_head_dim, strides
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (padded head dim, causal); chosen on an H100
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, "split"]) per (padded head dim, causal), chosen on an H100
+# (bench/results/attention_h100.json, "sweep"); "split" runs dK and dV in two passes
 DKDV_CONFIGS = {
     (16, False): (64, 64, 4, 3), (16, True): (64, 64, 4, 3),
     (32, False): (64, 64, 4, 3), (32, True): (64, 64, 4, 3),
@@ -32,7 +33,7 @@ DQ_CONFIGS = {
     (32, False): (64, 64, 4, 3), (32, True): (64, 64, 4, 3),
     (64, False): (64, 64, 4, 3), (64, True): (64, 64, 4, 3),
     (128, False): (128, 64, 8, 3), (128, True): (128, 64, 8, 3),
-    (256, False): (128, 32, 8, 2), (256, True): (128, 32, 8, 2),
+    (256, False): (128, 32, 8, 3), (256, True): (128, 32, 8, 3),
 }
 # CPU (TRITON_INTERPRET=1): small blocks, unequal so that tiny tests cross block edges both ways.
 INTERPRET_DKDV_CONFIG = (16, 32, 4, 1)
