@@ -1,0 +1,1 @@
+"""Long-context evaluation: line retrieval, needle in a haystack, perplexity by position."""

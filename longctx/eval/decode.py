@@ -1,0 +1,265 @@
+"""Greedy decoding of short answers after a long prompt: prefill once, then one token at a time.
+
+Prefill runs the model's own forward over the prompt (with whatever softmax mixer the config
+names: `sdpa`, `flash`, or `ring` across a sequence-parallel group) while forward hooks on every
+layer's `k_proj` / `v_proj` keep the keys and values: the KV cache. Each decoded token then costs
+one small step against the cache instead of a forward over the whole context.
+
+Sequence parallel (`model.config.attention == "ring"`, group from `set_sequence_group`): the prompt
+is split zigzag over the group, so each rank caches the keys/values of its own share and nobody
+holds the whole cache. A decode step computes the new token's query on every rank (the layers
+are replicated), attends it to the local cache, and merges the ranks' partial outputs by their
+log-sum-exp with three all-reduces per layer (the same merge ring attention uses). The keys and
+values of decoded tokens are kept by group rank 0 only, so they count once.
+
+A prompt whose length does not divide by 2 x ranks is padded with a separate document (its own
+`cu_seqlens` entry) that the prompt never attends to, and its keys are dropped from the cache.
+
+Only softmax layers have a cache: a model with linear-attention layers decodes with
+`use_cache=False` (a whole forward per token, one process).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from longctx.model.llama import Attention, Llama
+from longctx.model.rotary import apply_rotary, rotary_cos_sin
+from longctx.parallel import ring as _ring  # noqa: F401  registers the `ring` mixer
+from longctx.parallel.sequence import get_sequence_group, sequence_divisor, split_sequence
+
+SEQUENCE_PARALLEL_MIXERS = {"ring": "zigzag"}
+
+
+def group_info(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def sequence_group(model: Llama) -> tuple[object, int, int]:
+    """(group, rank, ranks) that share one sequence: the sequence group for a sequence-parallel
+    mixer; otherwise each process works alone (rank 0 of 1), whatever else runs beside it."""
+    if model.config.attention not in SEQUENCE_PARALLEL_MIXERS:
+        return None, 0, 1
+    group = get_sequence_group()
+    return (group, *group_info(group))
+
+
+@dataclass
+class Shard:
+    """This rank's share of one prompt (batch 1 per row, all rows the same length)."""
+    input_ids: torch.Tensor        # [B, S_local]
+    position_ids: torch.Tensor     # [B, S_local]
+    index: torch.Tensor            # [S_local] positions of these tokens in the padded sequence
+    cu_seqlens: torch.Tensor | None
+    length: int                    # real tokens (without the padding)
+    layout: str | None             # None: not split
+    group: object = None
+
+    @property
+    def real(self) -> torch.Tensor:
+        return self.index < self.length
+
+
+def shard_prompt(model: Llama, input_ids: torch.Tensor, extra: dict | None = None) -> tuple[Shard, dict]:
+    """Split `input_ids` [B, S] (and any [B, S] tensors in `extra`, padded with -100) for the
+    model's mixer: whole on one process, zigzag over the sequence group for `ring`."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+    extra = extra or {}
+    group, _, world = sequence_group(model)
+    length = input_ids.shape[1]
+    device = input_ids.device
+    positions = torch.arange(length, device=device)
+    if world == 1:
+        shard = Shard(input_ids, positions.expand_as(input_ids), positions, None, length, None, None)
+        return shard, extra
+    layout = SEQUENCE_PARALLEL_MIXERS[model.config.attention]
+    divisor = sequence_divisor(world, layout)
+    padded = -(-length // divisor) * divisor
+    pad = padded - length
+    cu_seqlens = None
+    if pad:
+        input_ids = torch.nn.functional.pad(input_ids, (0, pad), value=0)
+        positions = torch.cat([positions, torch.arange(pad, device=device)])
+        extra = {k: torch.nn.functional.pad(v, (0, pad), value=-100) for k, v in extra.items()}
+        # the padding is a document of its own: the prompt never attends to it
+        cu_seqlens = torch.tensor([0, length, padded], dtype=torch.int32, device=device)
+        if input_ids.shape[0] > 1:
+            raise ValueError("sequence-parallel prefill of a batch needs prompts whose length divides "
+                             f"by {divisor}; evaluate one prompt at a time")
+    index = torch.arange(padded, device=device)
+    split = lambda x: split_sequence(x, group, dim=1, layout=layout)  # noqa: E731
+    shard = Shard(split(input_ids), split(positions.expand_as(input_ids)), split(index[None])[0],
+                  cu_seqlens, length, layout, group)
+    return shard, {k: split(v) for k, v in extra.items()}
+
+
+class KVCache:
+    """Per layer: keys (rotated) and values [B, S, Hkv, D] of the tokens this rank holds."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int):
+        self.keys, self.values = keys, values
+        self.length = length     # tokens in the whole sequence so far: the next token's position
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.keys[layer] = torch.cat([self.keys[layer], k], dim=1)
+        self.values[layer] = torch.cat([self.values[layer], v], dim=1)
+
+
+def attention_layers(model: Llama) -> list[Attention]:
+    layers = [layer.self_attn for layer in model.layers]
+    if not all(isinstance(a, Attention) for a in layers):
+        raise NotImplementedError("the KV cache covers softmax attention layers only; this model has "
+                                  "linear-attention layers: decode with use_cache=False")
+    return layers
+
+
+def _owner_broadcast(x: torch.Tensor, owner: int, group, world: int) -> torch.Tensor:
+    """`x` as held by group rank `owner`, on every rank of the group."""
+    if world == 1:
+        return x
+    whole = group if group is not None else dist.group.WORLD
+    dist.broadcast(x, src=dist.get_global_rank(whole, owner), group=group)
+    return x
+
+
+@torch.no_grad()
+def prefill(model: Llama, input_ids: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+    """The logits [B, V] after the last prompt token, and the KV cache of this rank's share."""
+    layers = attention_layers(model)
+    shard, _ = shard_prompt(model, input_ids)
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+    hooks = []
+    for i, attn in enumerate(layers):
+        for name in ("k", "v"):
+            module = getattr(attn, f"{name}_proj")
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, key=(name, i): captured.__setitem__(key, out)))
+    try:
+        hidden = model.hidden_states(shard.input_ids, shard.position_ids, shard.cu_seqlens)  # [B, S_local, h]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    batch, local = shard.input_ids.shape
+    real = shard.real
+    keys, values = [], []
+    cos, sin = None, None
+    for i, attn in enumerate(layers):
+        k = captured[("k", i)].view(batch, local, attn.num_kv_heads, -1)
+        v = captured[("v", i)].view(batch, local, attn.num_kv_heads, -1)
+        if cos is None:
+            cos, sin = rotary_cos_sin(model.inv_freq, shard.position_ids, k.dtype)
+        keys.append(apply_rotary(k, cos, sin)[:, real].contiguous())
+        values.append(v[:, real].contiguous())
+    last = shard.length - 1
+    holder = (shard.index == last).nonzero()
+    owner = _rank_holding(last, shard)
+    final = hidden[:, holder[0, 0]] if holder.numel() else torch.zeros_like(hidden[:, 0])
+    final = _owner_broadcast(final.contiguous(), owner, shard.group, sequence_group(model)[2])
+    return model.lm_head(final).float(), KVCache(keys, values, shard.length)
+
+
+def _rank_holding(index: int, shard: Shard) -> int:
+    """The group rank whose share holds position `index` of the padded sequence."""
+    if shard.layout is None:
+        return 0
+    world = group_info(shard.group)[1]
+    padded = shard.index.numel() * world
+    chunk = padded // (2 * world)
+    piece = index // chunk
+    return piece if piece < world else 2 * world - 1 - piece
+
+
+def attend_cached(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, group=None,
+                  world: int = 1) -> torch.Tensor:
+    """Attention of new queries q [B, 1, H, D] to all cached keys/values [B, S, Hkv, D] of the
+    group (each rank holds some), merged across ranks by log-sum-exp. Returns [B, 1, H, D]."""
+    batch, _, heads, dim = q.shape
+    kv_heads = keys.shape[2]
+    queries = q.reshape(batch, kv_heads, heads // kv_heads, dim)          # head h reads kv head h // G
+    if keys.shape[1]:
+        scores = torch.einsum("bkgd,bskd->bkgs", queries.to(keys.dtype), keys).float() * scale
+        lse = torch.logsumexp(scores, dim=-1)                              # [B, Hkv, G]
+        probs = torch.exp(scores - lse[..., None])
+        out = torch.einsum("bkgs,bskd->bkgd", probs.to(values.dtype), values).float()
+    else:
+        lse = torch.full(queries.shape[:3], -math.inf, device=q.device)
+        out = torch.zeros(queries.shape, device=q.device)
+    if world > 1:
+        top = lse.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        weight = torch.exp(lse - top)                                      # 0 where a rank holds nothing
+        out = out * weight[..., None]
+        dist.all_reduce(out, group=group)
+        dist.all_reduce(weight, group=group)
+        out = out / weight[..., None]
+    return out.reshape(batch, 1, heads, dim).to(q.dtype)
+
+
+@torch.no_grad()
+def decode_step(model: Llama, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Feed one token per row [B, 1] at position `cache.length`; returns the next logits [B, V]."""
+    group, rank, world = sequence_group(model)
+    keeper = rank == 0                      # decoded tokens' keys live on group rank 0 only
+    x = model.embed_tokens(tokens)
+    positions = torch.full_like(tokens, cache.length)
+    cos, sin = rotary_cos_sin(model.inv_freq, positions, x.dtype)
+    batch = tokens.shape[0]
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = apply_rotary(attn.q_proj(h).view(batch, 1, attn.num_heads, -1), cos, sin)
+        k = apply_rotary(attn.k_proj(h).view(batch, 1, attn.num_kv_heads, -1), cos, sin)
+        v = attn.v_proj(h).view(batch, 1, attn.num_kv_heads, -1)
+        if keeper:
+            cache.append(i, k, v)
+        out = attend_cached(q, cache.keys[i], cache.values[i], q.shape[-1] ** -0.5, group, world)
+        x = x + attn.o_proj(out.reshape(batch, 1, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    cache.length += 1
+    return model.lm_head(model.norm(x))[:, -1].float()
+
+
+@torch.no_grad()
+def greedy_generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=None,
+                    use_cache: bool = True) -> torch.Tensor:
+    """The greedily decoded continuation [B, <= max_new_tokens] of `input_ids` [B, S].
+
+    Stops early when every row has produced an end token (`eos_token_id`: an id or a list; rows
+    that ended keep decoding, as transformers pads them, and callers cut at the first end token).
+    Under sequence parallelism every rank of the group calls this with the same prompt and gets
+    the same tokens.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    ends = torch.tensor([] if eos_token_id is None else
+                        ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
+                        device=input_ids.device, dtype=torch.long)
+    group, _, world = sequence_group(model)
+    if use_cache:
+        logits, cache = prefill(model, input_ids)
+    else:
+        if world > 1:
+            raise ValueError("use_cache=False decodes on one process only: set model.config.attention "
+                             "to a one-process mixer ('sdpa', 'flash')")
+        sequence = input_ids
+        logits = model(sequence).logits[:, -1].float()
+    new, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        # ranks agree on the logits up to rounding: rank 0's choice is everyone's
+        token = _owner_broadcast(logits.argmax(-1).contiguous(), 0, group, world)
+        new.append(token)
+        done |= torch.isin(token, ends)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if use_cache:
+            logits = decode_step(model, token[:, None], cache)
+        else:
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+            logits = model(sequence).logits[:, -1].float()
+    return torch.stack(new, dim=1)

@@ -1,0 +1,203 @@
+"""The retrieval tasks of the long-context literature, generated from a seed.
+
+Line retrieval (LongChat, Ring Attention): many numbered lines
+    line swift-harbor: REGISTER_CONTENT is <48213>
+and a question for one of them. Needle in a haystack: one sentence ("the special magic number for
+Lisbon is 4821307.") hidden at a given depth of real text, and a question about it.
+
+A `Sample` holds the prompt text, the expected answer and where the answer sits (`depth`: the
+fraction of the context before the line or needle). The same seed gives the same sample; the
+answer occurs in the prompt exactly once (values are drawn distinct from each other and absent from
+the haystack).
+
+Lengths are in tokens of the tokenizer the model reads: `fit_line_retrieval` and `make_needle` take
+any object with `encode(text, add_special_tokens=False) -> list[int]` and `decode(ids) -> str` (a
+transformers tokenizer).
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+LINE_HEADER = ("Below is a record of lines. Each line starts with 'line <name>' and ends with a "
+               "REGISTER_CONTENT, a number. Remember the REGISTER_CONTENT of every line: at the end "
+               "you will be asked for the REGISTER_CONTENT of one line.\n\n")
+LINE_TEMPLATE = "line {name}: REGISTER_CONTENT is <{value}>\n"
+LINE_QUESTION = "\nWhat is the REGISTER_CONTENT in line {name}? Answer with the number only.\nAnswer: <"
+
+NEEDLE_TEMPLATE = " The special magic number for {key} is {value}. "
+NEEDLE_QUESTION = ("\n\nWhat is the special magic number for {key} mentioned in the text above? "
+                   "Answer with the number only.\nAnswer:")
+
+# Line names are adjective-noun pairs: 48 x 48 = 2304 distinct names.
+ADJECTIVES = ("amber", "bold", "brisk", "calm", "clever", "cosy", "crisp", "dark", "eager", "early",
+              "faint", "fierce", "gentle", "glad", "grand", "green", "hollow", "humble", "icy", "jolly",
+              "keen", "late", "lively", "lone", "loud", "lucky", "mellow", "merry", "misty", "noble",
+              "odd", "pale", "plain", "proud", "quick", "quiet", "rapid", "rough", "rusty", "shy",
+              "silent", "sly", "steady", "swift", "tidy", "vast", "warm", "wild")
+NOUNS = ("anchor", "badger", "beacon", "canyon", "cedar", "comet", "coral", "delta", "ember", "falcon",
+         "fern", "fjord", "garden", "glacier", "harbor", "heron", "island", "jasper", "kettle", "lagoon",
+         "lantern", "maple", "meadow", "meteor", "mirror", "nebula", "oasis", "orchid", "otter", "pebble",
+         "pepper", "prairie", "quartz", "raven", "reef", "river", "saddle", "summit", "thistle", "timber",
+         "tundra", "valley", "violet", "walnut", "willow", "wren", "yonder", "zephyr")
+NEEDLE_KEYS = ("Lisbon", "Nairobi", "Oslo", "Quito", "Hanoi", "Tbilisi", "Montevideo", "Reykjavik",
+               "Auckland", "Dakar", "Kyoto", "Valparaiso", "Tallinn", "Cusco", "Zanzibar", "Marrakesh")
+
+
+@dataclass
+class Sample:
+    prompt: str                # the context and the question: the model continues it with the answer
+    answer: str                # the expected answer (a number, as text)
+    depth: float               # fraction of the context before the answer-bearing line or needle
+    task: str                  # "line_retrieval" | "needle"
+    meta: dict = field(default_factory=dict)
+
+
+def _distinct_numbers(rng: random.Random, count: int, digits: int, forbidden: str = "") -> list[str]:
+    """`count` distinct numbers of exactly `digits` digits, none occurring in `forbidden`."""
+    low, high = 10 ** (digits - 1), 10 ** digits - 1
+    if count > (high - low + 1) // 2:
+        raise ValueError(f"cannot draw {count} distinct {digits}-digit values; use more digits")
+    values: list[str] = []
+    seen: set[str] = set()
+    while len(values) < count:
+        value = str(rng.randint(low, high))
+        if value not in seen and value not in forbidden:
+            seen.add(value)
+            values.append(value)
+    return values
+
+
+def line_names(count: int, rng: random.Random) -> list[str]:
+    """`count` distinct adjective-noun names in a seeded order."""
+    if count > len(ADJECTIVES) * len(NOUNS):
+        raise ValueError(f"at most {len(ADJECTIVES) * len(NOUNS)} lines have distinct names; asked for {count}")
+    pairs = rng.sample(range(len(ADJECTIVES) * len(NOUNS)), count)
+    return [f"{ADJECTIVES[p // len(NOUNS)]}-{NOUNS[p % len(NOUNS)]}" for p in pairs]
+
+
+def depth_index(depth: float, count: int) -> int:
+    """The item at fraction `depth` (0: first, 1: last) of `count` items."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1] (0: start of the context, 1: its end); got {depth}")
+    return round(depth * (count - 1))
+
+
+def make_line_retrieval(num_lines: int, depth: float, seed: int, *, names: list[str] | None = None,
+                        digits: int = 5, header: str = LINE_HEADER, line_template: str = LINE_TEMPLATE,
+                        question: str = LINE_QUESTION) -> Sample:
+    """A prompt of `num_lines` lines and a question for the line at fraction `depth` of them.
+
+    `names` overrides the generated line names (a vocabulary to draw `num_lines` distinct names
+    from, seeded); `digits` is the length of every value. The answer is the asked line's value.
+    """
+    if num_lines < 1:
+        raise ValueError(f"num_lines must be at least 1, got {num_lines}")
+    rng = random.Random(f"line_retrieval/{seed}/{num_lines}/{depth}")
+    if names is None:
+        chosen = line_names(num_lines, rng)
+    else:
+        if num_lines > len(set(names)):
+            raise ValueError(f"{num_lines} lines need as many distinct names; got {len(set(names))}")
+        chosen = rng.sample(sorted(set(names)), num_lines)
+    values = _distinct_numbers(rng, num_lines, digits, forbidden=header + question)
+    target = depth_index(depth, num_lines)
+    lines = [line_template.format(name=n, value=v) for n, v in zip(chosen, values)]
+    prompt = header + "".join(lines) + question.format(name=chosen[target])
+    return Sample(prompt=prompt, answer=values[target], depth=target / max(num_lines - 1, 1),
+                  task="line_retrieval",
+                  meta={"num_lines": num_lines, "line": target, "name": chosen[target], "seed": seed})
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def fit_line_retrieval(tokenizer, length: int, depth: float, seed: int, **kwargs) -> Sample:
+    """The line-retrieval sample with the most lines whose prompt has at most `length` tokens."""
+    one = count_tokens(tokenizer, make_line_retrieval(1, depth, seed, **kwargs).prompt)
+    two = count_tokens(tokenizer, make_line_retrieval(2, depth, seed, **kwargs).prompt)
+    per_line = max(two - one, 1)
+    if one > length:
+        raise ValueError(f"a prompt with a single line already has {one} tokens > length {length}")
+    lines = max(1, 1 + (length - one) // per_line)
+    sample = make_line_retrieval(lines, depth, seed, **kwargs)
+    tokens = count_tokens(tokenizer, sample.prompt)
+    while tokens > length and lines > 1:   # line lengths vary a little: step back until it fits
+        lines = max(1, lines - max(1, (tokens - length) // per_line))
+        sample = make_line_retrieval(lines, depth, seed, **kwargs)
+        tokens = count_tokens(tokenizer, sample.prompt)
+    sample.meta.update(length=length, tokens=tokens)
+    return sample
+
+
+# ------------------------------------------------------------------------------------------------
+# needle in a haystack
+# ------------------------------------------------------------------------------------------------
+def haystack_text(conversations: list[list[dict]]) -> str:
+    """Real text to hide a needle in: the turns of ShareGPT conversations, one after the other."""
+    text = "\n\n".join(m["content"].strip() for c in conversations for m in c if m["content"].strip())
+    if not text:
+        raise ValueError("the haystack is empty: the conversations hold no text")
+    return text
+
+
+_SENTENCE_END = re.compile(r"[.!?\n]\s")
+
+
+def sentence_boundary(text: str, position: int) -> int:
+    """The start of the sentence that `position` falls in (0 when none ends before it)."""
+    last = 0
+    for match in _SENTENCE_END.finditer(text, 0, position + 1):
+        if match.end() > position:
+            break
+        last = match.end()
+    return last
+
+
+class Haystack:
+    """Haystack text tokenized once; windows of it cut by token count."""
+
+    def __init__(self, tokenizer, text: str):
+        self.tokenizer = tokenizer
+        self.text = text
+        self.ids = tokenizer.encode(text, add_special_tokens=False)
+
+    def window(self, tokens: int, start: int = 0) -> tuple[str, bool]:
+        """`tokens` tokens from `start` as text; the haystack repeats if it is too short (flagged)."""
+        ids = self.ids
+        repeated = start + tokens > len(ids)
+        if repeated:
+            ids = ids * (1 + (start + tokens) // len(ids))
+        return self.tokenizer.decode(ids[start:start + tokens]), repeated
+
+
+def make_needle(haystack: Haystack, length: int, depth: float, seed: int, *, digits: int = 7,
+                needle: str = NEEDLE_TEMPLATE, question: str = NEEDLE_QUESTION,
+                random_start: bool = False) -> Sample:
+    """A needle at fraction `depth` of about `length` tokens of haystack, then the question.
+
+    The needle goes to the start of the sentence where the depth falls (as in the original
+    needle-in-a-haystack test), so it does not cut a sentence. `random_start` draws the window's
+    start in the haystack from the seed; otherwise every sample reads the haystack from its start.
+    """
+    rng = random.Random(f"needle/{seed}/{length}/{depth}")
+    key = rng.choice(NEEDLE_KEYS)
+    budget = length - count_tokens(haystack.tokenizer, needle.format(key=key, value="0" * digits)
+                                   + question.format(key=key))
+    if budget < 1:
+        raise ValueError(f"length {length} leaves no room for haystack around the needle and question")
+    start = rng.randrange(max(len(haystack.ids) - budget, 1)) if random_start else 0
+    context, repeated = haystack.window(budget, start)
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1] (0: start of the context, 1: its end); got {depth}")
+    at = len(context) if depth == 1.0 else sentence_boundary(context, int(depth * len(context)))
+    (value,) = _distinct_numbers(rng, 1, digits, forbidden=context + question)
+    sentence = needle.format(key=key, value=value)
+    prompt = context[:at] + sentence + context[at:] + question.format(key=key)
+    full = len(context) + len(sentence)
+    return Sample(prompt=prompt, answer=value, depth=at / max(len(context), 1), task="needle",
+                  meta={"length": length, "asked_depth": depth, "key": key, "needle_at": at,
+                        "context_chars": full, "haystack_repeated": repeated, "seed": seed,
+                        "tokens": count_tokens(haystack.tokenizer, prompt)})
