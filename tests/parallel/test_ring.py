@@ -277,11 +277,9 @@ def test_ring_four_processes_and_dp_sp_mesh():
 
 
 def test_ring_eight_processes():
-    cases = {"gqa_docs": make_case(1, 32, 2, 1, 4, causal=True, docs=5), "fp16": make_case(**FP16_SHAPE)}
-    fp16 = cases.pop("fp16")
-    results = run_distributed(_worker, 8, {**cases, "fp16": fp16}, None)
+    cases = {"gqa_docs": make_case(1, 32, 2, 1, 4, causal=True, docs=5)}
+    results = run_distributed(_worker, 8, cases, None)
     _check_results(results, cases, 8)
-    _assert_fp16([r["fp16"] for r in results], fp16, 8)
 
 
 def test_plan_balances_causal_work():
