@@ -28,7 +28,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from longctx.ops.attention import attention_backward, attention_forward, flash_attn_func  # noqa: E402
-from longctx.ops.attention.backward import DKDV_CONFIGS, DQ_CONFIGS, _bwd  # noqa: E402
+from longctx.ops.attention.backward import DKDV_CONFIGS, DKDV_GQA_CONFIGS, DQ_CONFIGS, _bwd  # noqa: E402
 from longctx.ops.attention.forward import FWD_CONFIGS, _fwd, padded_head_dim  # noqa: E402
 from longctx.ops.attention.naive import attention_reference  # noqa: E402
 
@@ -272,15 +272,23 @@ DQ_CANDIDATES = {
 }
 
 
-def run_sweep(head_dims, seqlen=16384, heads=32, apply=False):
-    """Time the candidates (causal, bf16); with `apply`, the winners replace the tables for this run."""
+DKDV_GQA_CANDIDATES = {
+    128: [(32, 64, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 8, 4), (32, 64, 4, 3), (64, 64, 4, 4)],
+}
+
+
+def run_sweep(head_dims, seqlen=16384, heads=32, kv_heads=32, apply=False):
+    """Time the candidates (causal, bf16); with `apply`, the winners replace the tables for this run.
+    With kv_heads < heads only the dK/dV kernel's grouped-query configs are swept."""
     results, chosen = [], {}
-    causal = True
+    causal, grouped = True, kv_heads != heads
     for head_dim in head_dims:
-        print(f"== sweep D={head_dim} causal={causal} S={seqlen} H={heads}", flush=True)
+        print(f"== sweep D={head_dim} causal={causal} S={seqlen} H={heads} Hkv={kv_heads}", flush=True)
         gen = torch.Generator(device="cuda").manual_seed(7)
-        q, k, v, do = (torch.randn(1, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16,
-                                   generator=gen) for _ in range(4))
+        q, do = (torch.randn(1, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16,
+                             generator=gen) for _ in range(2))
+        k, v = (torch.randn(1, seqlen, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16,
+                            generator=gen) for _ in range(2))
         args = dict(softmax_scale=head_dim ** -0.5, causal=causal, causal_offset=None, cu_seqlens_q=None,
                     cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, causal_offsets=None)
         out, lse = _fwd(q, k, v, out_dtype=None, **args)
@@ -304,9 +312,19 @@ def run_sweep(head_dims, seqlen=16384, heads=32, apply=False):
             cands = [r for r in results if r["kind"] == kind and r["head_dim"] == head_dim and "ms" in r]
             return tuple(min(cands, key=lambda r: r["ms"])["config"]) if cands else default
 
+        dq_default = DQ_CONFIGS[(bd, causal)]
+        if grouped:
+            for cfg in DKDV_GQA_CANDIDATES[head_dim]:
+                timed("bwd(dkdv gqa sweep)", cfg, lambda: _bwd(do, q, k, v, out, lse, delta=None, grad_dtype=None,
+                                                               configs=(cfg, dq_default), **args))
+            winner = best("bwd(dkdv gqa sweep)", DKDV_CONFIGS[(bd, causal)])
+            chosen[head_dim] = dict(dkdv_gqa=winner)
+            print(f"  BEST D={head_dim} GQA: {winner}", flush=True)
+            if apply:
+                DKDV_GQA_CONFIGS[(bd, True)] = DKDV_GQA_CONFIGS[(bd, False)] = winner
+            continue
         for cfg in FWD_CANDIDATES[head_dim]:
             timed("fwd", cfg, lambda: _fwd(q, k, v, out_dtype=None, config=cfg, **args))
-        dq_default = DQ_CONFIGS[(bd, causal)]
         for cfg in DKDV_CANDIDATES[head_dim]:
             timed("bwd(dkdv sweep)", cfg, lambda: _bwd(do, q, k, v, out, lse, delta=None, grad_dtype=None,
                                                        configs=(cfg, dq_default), **args))
@@ -334,6 +352,8 @@ def main():
     parser.add_argument("--sweep", type=int, nargs="*", default=None, metavar="HEAD_DIM",
                         help="time candidate block configs for these head dims first (default 64 128 256)")
     parser.add_argument("--apply", action="store_true", help="benchmark with the sweep's winners")
+    parser.add_argument("--sweep-kv-heads", type=int, default=32, help="kv heads of the sweep (< 32: GQA dK/dV only)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="benchmark only the shapes with these kv heads")
     parser.add_argument("--check-dtypes", default="bfloat16,float16")
     parser.add_argument("--no-bench", action="store_true", help="checks (and sweep) only")
     parser.add_argument("--no-flex", action="store_true")
@@ -366,15 +386,19 @@ def main():
     print(f"checks: {len(checks) - len(failures)}/{len(checks)} ok ({time.time() - t0:.0f} s)", flush=True)
     if args.sweep is not None:
         try:
-            result["sweep"], result["sweep_winners"] = run_sweep(args.sweep or [64, 128, 256], apply=args.apply)
+            result["sweep"], result["sweep_winners"] = run_sweep(args.sweep or [64, 128, 256], kv_heads=args.sweep_kv_heads,
+                                                                 apply=args.apply)
         except Exception:
             traceback.print_exc()
         save()
     result["configs_used"] = {"fwd": {str(k): v for k, v in FWD_CONFIGS.items()},
                               "dkdv": {str(k): v for k, v in DKDV_CONFIGS.items()},
+                              "dkdv_gqa": {str(k): v for k, v in DKDV_GQA_CONFIGS.items()},
                               "dq": {str(k): v for k, v in DQ_CONFIGS.items()}}
     if not args.no_bench:
         shapes = QUICK_SHAPES if args.quick else SHAPES
+        if args.kv_heads is not None:
+            shapes = [s for s in shapes if s[2] == args.kv_heads]
         for shape in shapes:
             result["rows"] += run_benchmark([shape], with_flex=not (args.quick or args.no_flex))
             save()

@@ -35,16 +35,20 @@ DQ_CONFIGS = {
     (128, False): (128, 64, 8, 3), (128, True): (128, 64, 8, 3),
     (256, False): (128, 32, 8, 3), (256, True): (128, 32, 8, 3),
 }
+# grouped-query attention: a dK/dV program loops over the group's query heads, so it may want other
+# blocks; entries here override DKDV_CONFIGS when heads > kv_heads
+DKDV_GQA_CONFIGS = {}
 # CPU (TRITON_INTERPRET=1): small blocks, unequal so that tiny tests cross block edges both ways.
 INTERPRET_DKDV_CONFIG = (16, 32, 4, 1)
 INTERPRET_DQ_CONFIG = (32, 16, 4, 1)
 DELTA_BLOCK_M = 64
 
 
-def bwd_configs(block_d: int, causal: bool, device: torch.device) -> tuple[tuple, tuple]:
+def bwd_configs(block_d: int, causal: bool, grouped: bool, device: torch.device) -> tuple[tuple, tuple]:
     if device.type != "cuda":
         return INTERPRET_DKDV_CONFIG, INTERPRET_DQ_CONFIG
-    return DKDV_CONFIGS[(block_d, causal)], DQ_CONFIGS[(block_d, causal)]
+    dkdv = DKDV_GQA_CONFIGS.get((block_d, causal)) if grouped else None
+    return dkdv or DKDV_CONFIGS[(block_d, causal)], DQ_CONFIGS[(block_d, causal)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +326,7 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
     q, k, v, dout = (last_dim_contiguous(t) for t in (q, k, v, dout))
     head_dim, heads, kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
     block_d = padded_head_dim(head_dim)
-    dkdv_config, (dq_m, dq_n, dq_warps, dq_stages) = configs or bwd_configs(block_d, causal, q.device)
+    dkdv_config, (dq_m, dq_n, dq_warps, dq_stages) = configs or bwd_configs(block_d, causal, heads != kv_heads, q.device)
     dkdv_m, dkdv_n, dkdv_warps, dkdv_stages = dkdv_config[:4]
     split_dkdv = len(dkdv_config) > 4 and dkdv_config[4] == "split"
     grad_dtype = grad_dtype or q.dtype
