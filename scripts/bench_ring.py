@@ -145,6 +145,25 @@ def part_loopback(args):
     wholly hidden; a projection, for when no N-GPU machine can be had, not a measurement of the ring."""
     rows = []
     world, scale = args.gpus, HEAD_DIM ** -0.5
+    # check first: the Triton path of every rank's ring (views, fp32 partial outputs, merges, the
+    # backward's recomputation) against the same ring over the PyTorch block functions
+    check_len = 256 if SMOKE else 8 * K
+    q, k, v, dout = (randn(1, check_len // world, h, HEAD_DIM) for h in (HEADS, KV_HEADS, KV_HEADS, HEADS))
+    errors = {}
+    for rank in range(world):
+        plan, loopback = ring_plan(rank, world, check_len // world, True), LoopbackComm(world, rank)
+        results = {}
+        for impl in ("torch", "triton"):
+            ring_module.BLOCK_IMPL = impl
+            out, lse = ring_forward(loopback, plan, q, k, v, scale)
+            results[impl] = [out, *ring_backward(loopback, plan, dout, q, k, v, out, lse, scale)]
+        ring_module.BLOCK_IMPL = None
+        for name, got, expected in zip(("out", "dq", "dk", "dv"), results["triton"], results["torch"]):
+            err = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+            errors[f"rank{rank}_{name}"] = err
+    print(f"[loopback] check at {check_len} tokens, Triton vs PyTorch blocks, relative errors: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
+    rows.append(dict(bench="ring_check_loopback", impl="longctx", seqlen=check_len, gpus=world, **errors))
     for seqlen in args.seqlens:
         local_len = seqlen // world
         q, k, v, dout = (randn(1, local_len, h, HEAD_DIM) for h in (HEADS, KV_HEADS, KV_HEADS, HEADS))
