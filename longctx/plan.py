@@ -1,0 +1,170 @@
+"""Estimate the peak GPU memory per rank of a training config, before spending GPU hours.
+
+    python -m longctx.plan experiment=llama3-8b_sharegpt_512k --gpus 2 --gpu-gib 141
+
+Counts, per rank: parameters, gradients and optimizer state under the data-parallel backend and
+offload; activations under the checkpointing mode, blockwise MLP and sequence split; the chunked
+loss; ring attention's buffers; and the working memory of the largest op. Says whether it fits
+and, if not, which change would make it fit. The figures are what PyTorch's caching allocator
+reports as allocated (`torch.cuda.max_memory_allocated`); the CUDA context (about 0.5-1 GiB) and
+fragmentation come on top, hence the headroom.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from dataclasses import dataclass, field
+
+GIB = 2**30
+HEADROOM = 0.92   # fraction of the GPU the allocated peak may take
+
+
+@dataclass
+class Estimate:
+    parts: dict = field(default_factory=dict)   # name -> bytes
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def _layer_params(m) -> int:
+    h, d = m.hidden_size, m.head_dim
+    return (h * m.num_attention_heads * d * 2 + h * m.num_key_value_heads * d * 2
+            + 3 * h * m.intermediate_size + 2 * h)
+
+
+def estimate(cfg, world_size: int) -> Estimate:
+    """Peak bytes per rank of one training step of `cfg` (a longctx.train.config.Config)."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    sp = p.sp
+    dp = world_size // sp if p.dp == -1 else p.dp
+    n = world_size
+    params = m.num_parameters()
+    layer = _layer_params(m)
+    pure = t.precision == "bf16_pure"
+    param_bytes = 2 if pure else 4
+    sharded = p.dp_backend == "fsdp" or (p.dp_backend == "deepspeed" and p.zero_stage == 3)
+    offload = p.cpu_offload
+    e = Estimate()
+
+    # parameters (+ the all-gathered bf16 copies of about two layers while sharded)
+    if sharded:
+        e.parts["parameters"] = 0 if offload else params * param_bytes / n
+        e.parts["gathered layers"] = 2 * layer * 2
+    else:
+        e.parts["parameters"] = params * param_bytes
+    # gradients, in the parameters' dtype (fp32 reduction buffers for sharded backends)
+    grads_sharded = sharded or (p.dp_backend == "deepspeed" and p.zero_stage >= 2)
+    if grads_sharded:
+        e.parts["gradients"] = 0 if offload else params * 4 / n
+        e.parts["gradient buckets"] = 2 * layer * 4
+    else:
+        e.parts["gradients"] = params * param_bytes * (2 if p.dp_backend == "ddp" and n > 1 else 1)
+    # AdamW: two fp32 moments (+ an fp32 master copy for bf16 parameters)
+    optim_bytes = params * (8 + (4 if pure else 0))
+    optim_sharded = sharded or p.dp_backend == "deepspeed"
+    e.parts["optimizer"] = 0 if offload else optim_bytes / (n if optim_sharded else 1)
+
+    # activations of this rank's share of the sequence
+    tokens = t.micro_batch * t.seq_len // sp
+    a = 2 if t.precision in ("bf16_autocast", "bf16_pure", "auto") else 4
+    h, d, heads, kv = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_key_value_heads
+    inter = m.intermediate_size
+    mlp_tokens = min(tokens, m.mlp_chunk_size) if m.mlp_chunk_size > 0 else tokens
+    attention_acts = tokens * (2 * h + 2 * heads * d + 2 * kv * d * 2 + heads * d) * a + tokens * heads * 4
+    mlp_acts = mlp_tokens * 4 * inter * a + tokens * 2 * h * a
+    per_layer = attention_acts + mlp_acts + tokens * h * 4  # fp32 residual and norm statistics
+    layers = m.num_hidden_layers
+    if t.activation_checkpoint == "full":
+        # the block inputs of every layer, plus one layer recomputed with its gradients
+        e.parts["activations (checkpointed inputs)"] = layers * tokens * h * a
+        e.parts["activations (layer in backward)"] = 2 * per_layer
+    else:
+        e.parts["activations"] = layers * per_layer + per_layer
+    # the chunked loss: one chunk of fp32 logits and its gradient, the gradients it returns
+    chunk = min(tokens, m.loss_chunk_size)
+    e.parts["loss"] = 2 * chunk * m.vocab_size * 4 + m.vocab_size * h * 4 + 2 * tokens * h * a
+    # ring attention: K and V in a double buffer, dK and dV (fp32) travelling in the backward, fp32 dQ
+    if p.sp_method == "ring" and sp > 1:
+        e.parts["ring buffers"] = 2 * 2 * tokens * kv * d * a + 2 * 2 * tokens * kv * d * 4 + tokens * heads * d * 4
+    # DDP/the optimizer step work on everything at once: foreach AdamW holds a temporary per tensor group
+    e.parts["optimizer step working set"] = 0 if offload else max(layer, m.vocab_size * h) * 4 * 2
+    return e
+
+
+SUGGESTIONS = [
+    ("train.activation_checkpoint=full", lambda c: c.train.activation_checkpoint != "full",
+     lambda c: setattr(c.train, "activation_checkpoint", "full")),
+    ("model.mlp_chunk_size=8192", lambda c: c.model.mlp_chunk_size == 0,
+     lambda c: setattr(c.model, "mlp_chunk_size", 8192)),
+    ("parallel.dp_backend=fsdp", lambda c: c.parallel.dp_backend in ("ddp", "none"),
+     lambda c: setattr(c.parallel, "dp_backend", "fsdp")),
+    ("parallel.cpu_offload=true", lambda c: not c.parallel.cpu_offload and c.parallel.dp_backend in ("fsdp", "deepspeed"),
+     lambda c: setattr(c.parallel, "cpu_offload", True)),
+    ("model.loss_chunk_size=2048", lambda c: c.model.loss_chunk_size > 2048,
+     lambda c: setattr(c.model, "loss_chunk_size", 2048)),
+]
+
+
+def suggest(cfg, world_size: int, budget: float) -> list[str]:
+    """The changes, applied cumulatively in order, up to the first that fits."""
+    changed = copy.deepcopy(cfg)
+    steps = []
+    for name, applies, apply in SUGGESTIONS:
+        if not applies(changed):
+            continue
+        apply(changed)
+        steps.append(f"{name} -> {estimate(changed, world_size).total / GIB:.1f} GiB")
+        if estimate(changed, world_size).total <= budget:
+            return steps
+    fits_with = None
+    for more_sp in (2, 4, 8, 16, 32, 64):
+        c = copy.deepcopy(changed)
+        c.parallel.sp = changed.parallel.sp * more_sp
+        c.parallel.sp_method = "ring" if c.parallel.sp_method == "none" else c.parallel.sp_method
+        if estimate(c, world_size * more_sp).total <= budget:
+            fits_with = c.parallel.sp
+            break
+    if fits_with:
+        steps.append(f"and sequence parallelism over {fits_with} GPUs (parallel.sp={fits_with})")
+    else:
+        steps.append("no combination tried fits: shorten train.seq_len")
+    return steps
+
+
+def report(cfg, world_size: int, gpu_gib: float) -> str:
+    e = estimate(cfg, world_size)
+    budget = gpu_gib * GIB * HEADROOM
+    lines = [f"memory plan per rank: {cfg.model.name}, seq_len {cfg.train.seq_len}, {world_size} GPU(s) "
+             f"(dp_backend {cfg.parallel.dp_backend}, sp {cfg.parallel.sp} {cfg.parallel.sp_method})"]
+    for name, value in e.parts.items():
+        lines.append(f"  {name:<38}{value / GIB:9.2f} GiB")
+    verdict = "fits" if e.total <= budget else "does NOT fit"
+    lines.append(f"  {'total':<38}{e.total / GIB:9.2f} GiB  -> {verdict} in {gpu_gib:.0f} GiB "
+                 f"({HEADROOM:.0%} usable)")
+    if e.total > budget:
+        lines.append("  to fit: " + "; ".join(suggest(cfg, world_size, budget)))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     usage="python -m longctx.plan [hydra overrides ...] --gpus N --gpu-gib G")
+    parser.add_argument("--gpus", type=int, default=None, help="processes in the run (default: dp x sp of the config)")
+    parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU in GiB (H100: 80, H200: 141)")
+    args, overrides = parser.parse_known_args(argv)
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from longctx.train.config import REPO_ROOT, register_configs
+    register_configs()
+    with initialize_config_dir(config_dir=f"{REPO_ROOT}/configs", version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    world = args.gpus or (cfg.parallel.sp * max(cfg.parallel.dp, 1))
+    print(report(cfg, world, args.gpu_gib))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
