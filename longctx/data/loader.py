@@ -18,7 +18,8 @@ same point of the same epoch.
 
 cu_seqlens: one entry per document start over the flattened rows, then the total. The padding at
 the end of a row is a document of its own (pad ids, labels -100, positions from 0), so attention
-never mixes it with real tokens.
+never mixes it with real tokens. Rows are always exactly seq_len tokens, so `pad_multiple` (the
+sequence-parallel divisor, 2 x ring size for ring attention) only has to divide seq_len: checked.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .packing import Pieces, TokenStore, assemble, cut_documents, pack
+from .packing import TokenStore, assemble, cut_documents, pack
 
 
 class PackedLoader:

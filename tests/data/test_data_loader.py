@@ -103,7 +103,6 @@ def test_data_parallel_shares_are_disjoint_and_cover_the_epoch(cfg):
         assert [shares[r][step] for r in range(3)] == everything[3 * step:3 * step + 3]
 
     # a run resumed with another data-parallel size goes on from the same point of the epoch
-    state = single.state_dict()
     single = build_loader(cfg, seq_len=4096, seed=5)
     for _ in range(4):
         next(single)
