@@ -107,7 +107,8 @@ def make_line_retrieval(num_lines: int, depth: float, seed: int, *, names: list[
     prompt = header + "".join(lines) + question.format(name=chosen[target])
     return Sample(prompt=prompt, answer=values[target], depth=target / max(num_lines - 1, 1),
                   task="line_retrieval",
-                  meta={"num_lines": num_lines, "line": target, "name": chosen[target], "seed": seed})
+                  meta={"num_lines": num_lines, "line": target, "name": chosen[target], "asked_depth": depth,
+                        "seed": seed})
 
 
 def count_tokens(tokenizer, text: str) -> int:

@@ -1,0 +1,83 @@
+"""Figures of the evaluation (matplotlib, imported only here and only when drawing)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .scoring import accuracy_by, accuracy_grid
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("drawing the evaluation figures needs matplotlib, which is not installed: "
+                          "pip install matplotlib (the results JSON is written without it)") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def needle_heatmap(results: list[dict], path: str | Path, title: str = "Needle in a haystack") -> Path:
+    """Accuracy over context length (x) and needle depth (y) as a red-to-green heat map."""
+    plt = _pyplot()
+    depths, lengths, grid = accuracy_grid(results, rows="asked_depth", columns="length")
+    values = [[float("nan") if v is None else v for v in row] for row in grid]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(lengths), 1.0 + 0.45 * len(depths)))
+    image = ax.imshow(values, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [_tokens(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            if v == v:
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    return _save(fig, plt, path)
+
+
+def accuracy_by_depth(results: list[dict], path: str | Path, title: str = "Line retrieval") -> Path:
+    """Accuracy against the answer's depth, one line per context length."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    table = accuracy_by(results, "length", "asked_depth")
+    for length in sorted({t["length"] for t in table}):
+        rows = [t for t in table if t["length"] == length]
+        ax.plot([t["asked_depth"] for t in rows], [t["accuracy"] for t in rows], marker="o", label=_tokens(length))
+    ax.set_xlabel("depth of the asked line in the context")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.legend(title="context")
+    return _save(fig, plt, path)
+
+
+def loss_by_position_plot(rows: list[dict], path: str | Path, trained_length: int | None = None,
+                          title: str = "Loss by token position") -> Path:
+    """Mean loss per position bucket (log x axis); a dashed line at the trained context length."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    centres = [(r["start"] * max(r["end"] - 1, r["start"])) ** 0.5 for r in rows]
+    ax.plot(centres, [r["loss"] for r in rows], marker="o")
+    ax.set_xscale("log", base=2)
+    if trained_length:
+        ax.axvline(trained_length, linestyle="--", color="grey", label=f"trained length {_tokens(trained_length)}")
+        ax.legend()
+    ax.set_xlabel("tokens of context before the predicted token")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    return _save(fig, plt, path)
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _save(fig, plt, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
