@@ -64,21 +64,29 @@ class Recorder:
         slug = device.lower().replace("nvidia", "").strip().split()[0]
         self.path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "results",
                                              f"lasp_parallel_{slug}x{world}.json")
+        commit = os.environ.get("GIT_COMMIT")  # the device copy has no .git: pass it in
         try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                     cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
         except OSError:
             commit = "unknown"
         self.head = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
-                     "command": f"torchrun --nproc_per_node {world} " + " ".join(sys.argv)}
+                     "command": (f"torchrun --nproc_per_node {world} " if world > 1 else "python ") + " ".join(sys.argv)}
+        self.kept, self.section = [], None
+        if os.path.exists(self.path):  # rows of sections that do not run this time stay
+            with open(self.path) as f:
+                self.kept = [r for r in json.load(f).get("rows", []) if r.get("section") not in args.sections]
 
-    def add(self, row):
+    def add(self, row, echo=True):
+        if row.get("section") is None:
+            row["section"] = self.section
         self.rows.append(row)
         if self.rank == 0:
-            print(json.dumps(row), flush=True)
+            if echo:
+                print(json.dumps(row), flush=True)
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path, "w") as f:
-                json.dump({**self.head, "rows": self.rows}, f, indent=1)
+                json.dump({**self.head, "rows": self.kept + self.rows}, f, indent=1)
 
 
 def max_over_ranks(value: float) -> float:
@@ -213,7 +221,7 @@ def bench_lasp(args, rec, world, rank):
                 row["speedup_vs_one_gpu"] = round(row["tok_s"] / base, 2)
                 if "tok_s" in single.get("fla", {}):
                     row["speedup_vs_fla_one_gpu"] = round(row["tok_s"] / single["fla"]["tok_s"], 2)
-        rec.add(rec.rows.pop())  # rewrite the file with the efficiencies
+        rec.add(rec.rows.pop(), echo=False)  # rewrite the file with the efficiencies
     return failures
 
 
@@ -318,7 +326,13 @@ def bench_lasp_one_gpu(args, rec, world, rank):
                              "(two chains of N-1 hops) not included"})
         del q, k, v, do, leaves
         torch.cuda.empty_cache()
-        full = inputs(seqlen)
+        try:
+            full = inputs(seqlen)
+        except torch.cuda.OutOfMemoryError:
+            rec.add({"bench": "lasp", "impl": "longctx", **shape, "gpus": 1, "variant": "one_gpu",
+                     "error": "OutOfMemoryError: the whole sequence's inputs do not fit"})
+            torch.cuda.empty_cache()
+            continue
         full_leaves = [x.requires_grad_() for x in full[:3]]
         one_gpu = {"longctx": lambda: lightning_attn_func(*full_leaves, decay)[0].backward(full[3])}
         if fla is not None:
@@ -326,12 +340,13 @@ def bench_lasp_one_gpu(args, rec, world, rank):
         for impl, step in one_gpu.items():
             for x in full_leaves:
                 x.grad = None
+            torch.cuda.empty_cache()
             row = measure("lasp", impl, seqlen, step, {"variant": "one_gpu"})
             projected = [r for r in rec.rows if r["bench"] == "lasp_projected" and r["seqlen"] == seqlen]
             if projected and "tok_s" in row:
                 projected[0][f"speedup_vs_{impl}_one_gpu"] = round(projected[0]["tok_s"] / row["tok_s"], 2)
-        rec.add(rec.rows.pop())
-        del full, full_leaves
+        rec.add(rec.rows.pop(), echo=False)
+        del full, full_leaves, one_gpu, step
         torch.cuda.empty_cache()
     return failures
 
@@ -359,6 +374,7 @@ def main():
     args = parser.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
+    args.sections = None
     world, rank = 1, 0
     if "WORLD_SIZE" in os.environ:  # under torchrun
         dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=180),
@@ -366,9 +382,11 @@ def main():
         world, rank = dist.get_world_size(), dist.get_rank()
     elif "lasp" in (args.section or []):
         parser.error("section lasp needs several processes: launch with torchrun (or run --section lasp_sim)")
+    args.sections = args.section or (["lasp", "model"] if world > 1 else ["lasp_sim", "model"])
     rec = Recorder(args, world)
     failures = []
-    for name in args.section or (["lasp", "model"] if world > 1 else ["lasp_sim", "model"]):
+    for name in args.sections:
+        rec.section = name
         failures += SECTIONS[name](args, rec, world, rank)
     if rank == 0:
         print_table(rec.rows)
