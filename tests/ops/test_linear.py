@@ -53,8 +53,9 @@ def _run(fn, q, k, v, decay, init, d_out, d_final, dtype, cu_seqlens=None, **kwa
     out, final = fn(*leaves, decay, init_leaf, cu_seqlens, **kwargs)
     loss = (out.double() * d_out).sum() + (final.double() * d_final).sum()
     loss.backward()
-    grads = [x.grad for x in leaves] + ([init_leaf.grad] if init is not None else [])
-    return [out, final] + grads
+    grads = leaves + ([init_leaf] if init is not None else [])
+    # a leaf that reaches no output (an initial state before an empty first document) gets no grad: zero
+    return [out, final] + [x.grad if x.grad is not None else torch.zeros_like(x) for x in grads]
 
 
 def _recurrent_low(q, k, v, decay, init, cu_seqlens=None):

@@ -37,16 +37,18 @@ def lightning_attn_recurrent(q, k, v, decay, initial_state=None, cu_seqlens=None
     batch, seqlen, heads, _ = q.shape
     k, v = _expand_kv(k, heads), _expand_kv(v, heads)
     lam = torch.exp(-decay.to(q.dtype))[:, None, None]  # [H, 1, 1]
-    out = torch.zeros(batch, seqlen, heads, v.shape[-1], dtype=q.dtype, device=q.device)
-    final = torch.zeros(batch, heads, q.shape[-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    zero = q.new_zeros(heads, q.shape[-1], v.shape[-1])
+    rows = [[] for _ in range(batch)]  # outputs per row, [H, Dv] each (lists: no in-place writes for autograd)
+    finals = [zero] * batch
     for index, (b, start, end) in enumerate(_documents(cu_seqlens, batch, seqlen)):
         first = cu_seqlens is None or index == 0
-        state = initial_state[b].to(q.dtype) if first and initial_state is not None else final[b] * 0
+        state = initial_state[b].to(q.dtype) if first and initial_state is not None else zero
         for t in range(start, end):
             state = lam * state + k[b, t, :, :, None] * v[b, t, :, None, :]  # [H, Dk, Dv]
-            out[b, t] = torch.einsum("hk,hkv->hv", q[b, t], state)
-        final[b] = state
-    return out, final
+            rows[b].append(torch.einsum("hk,hkv->hv", q[b, t], state))
+        finals[b] = state
+    out = torch.stack([torch.stack(r) if r else q.new_zeros(0, heads, v.shape[-1]) for r in rows])
+    return out, torch.stack(finals)
 
 
 def _chunk_decays(decay: torch.Tensor, length: int):
