@@ -56,9 +56,11 @@ from longctx.ops.linear import lightning_attn_func
 
 from .sequence import get_sequence_group
 
-__all__ = ["lasp_attn_func", "allgather_kv_attention", "VARIANTS"]
+__all__ = ["lasp_attn_func", "allgather_kv_attention", "VARIANTS", "CONTIGUOUS_SOFTMAX_ATTENTION"]
 
 VARIANTS = ("ring", "allgather")
+# The softmax mixer for hybrid models under LASP (contiguous shards; ring attention wants zigzag).
+CONTIGUOUS_SOFTMAX_ATTENTION = "allgather_kv"
 # Tokens per slice of the state corrections: bounds their fp32 temporaries at long context.
 _CORRECTION_CHUNK = 16384
 
