@@ -37,7 +37,7 @@ DQ_CONFIGS = {
 }
 # grouped-query attention: a dK/dV program loops over the group's query heads, so it may want other
 # blocks; entries here override DKDV_CONFIGS when heads > kv_heads
-DKDV_GQA_CONFIGS = {}
+DKDV_GQA_CONFIGS = {(128, False): (64, 128, 8, 3), (128, True): (64, 128, 8, 3)}
 # CPU (TRITON_INTERPRET=1): small blocks, unequal so that tiny tests cross block edges both ways.
 INTERPRET_DKDV_CONFIG = (16, 32, 4, 1)
 INTERPRET_DQ_CONFIG = (32, 16, 4, 1)
