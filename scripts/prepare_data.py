@@ -7,7 +7,8 @@
     python scripts/prepare_data.py data.path=/data/sharegpt.json seq_len=8192,524288 num_proc=8
 
 Arguments: data=<configs/data option>, any DataConfig field as key=value (an optional `data.`
-prefix is accepted, as in the trainer's overrides), and seq_len: one or more comma-separated lengths to show the packing for.
+prefix is accepted, as in the trainer's overrides), and seq_len: one or more comma-separated
+lengths to show the packing for.
 A second run with the same data, tokenizer and settings loads the cache (see
 longctx.data.cache); --rebuild prepares it anew.
 """

@@ -253,7 +253,8 @@ def format_report(report: dict) -> str:
     packing = report.get("packing")
     if packing:
         lines.append(f"packing ({packing['method']}, seq_len {packing['seq_len']}): {packing['pieces']} "
-                     f"samples into {packing['sequences']} sequences, padding {100 * packing['padding_fraction']:.2f}%; "
+                     f"samples into {packing['sequences']} sequences, "
+                     f"padding {100 * packing['padding_fraction']:.2f}%; "
                      f"{packing['steps_per_epoch']} steps per epoch of {packing['sequences_per_step']} "
                      f"sequences, {packing['dropped_sequences']} left over per epoch")
         overlong = packing.get("overlong", {})

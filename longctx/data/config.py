@@ -44,7 +44,8 @@ class DataConfig:
         """Cheap checks (no tokenizing): paths exist and every choice is a known one."""
         resolve_path(self.path, "data.path")
         tokenizer = resolve_path(self.tokenizer, "data.tokenizer")
-        if tokenizer.is_dir() and not any((tokenizer / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+        if tokenizer.is_dir() and not any((tokenizer / f).exists() for f in tokenizer_files):
             raise FileNotFoundError(f"data.tokenizer {self.tokenizer!r} holds no tokenizer.json or "
                                     f"tokenizer_config.json; point it at a Hugging Face tokenizer folder")
         for name, value, allowed in (("chat_template", self.chat_template, CHAT_TEMPLATES),

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n=== first {count} tokens: position, id, token, label ===")
     for position in range(count):
         label = int(ids[position]) if mask[position] else -100
-        print(f"{position:6d} {int(ids[position]):7d} {tokenizer.convert_ids_to_tokens(int(ids[position]))!r:32} {label}")
+        token = tokenizer.convert_ids_to_tokens(int(ids[position]))
+        print(f"{position:6d} {int(ids[position]):7d} {token!r:32} {label}")
 
     loader = PackedLoader(store, extra["seq_len"], packing=cfg.packing, overlong=cfg.overlong,
                           pad_id=prepared.pad_id, key=prepared.key, report=prepared.report)

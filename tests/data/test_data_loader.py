@@ -3,12 +3,11 @@ distributed preparation (one builder, the others wait)."""
 import json
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from distributed import run_distributed
-from longctx.data import DataConfig, PackedLoader, build_loader, prepare
+from longctx.data import DataConfig, build_loader, prepare
 from longctx.data import cache as prepare_module
 
 
@@ -55,7 +54,8 @@ def test_cache_is_reused_and_fast(cfg, monkeypatch):
     assert time.perf_counter() - started < 2.0
     assert prepared.report["kept"] > 250 and prepared.report["tokens"]["tokens"] == len(prepared.store.tokens)
     # another setting that changes the tokens gets its own cache
-    assert prepare_module.cache_path(cfg) != prepare_module.cache_path(DataConfig(cache_dir=cfg.cache_dir, loss_mask="last"))
+    other = DataConfig(cache_dir=cfg.cache_dir, loss_mask="last")
+    assert prepare_module.cache_path(cfg) != prepare_module.cache_path(other)
 
 
 def test_resume_gives_exactly_the_next_batches(cfg):
