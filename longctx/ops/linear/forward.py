@@ -48,16 +48,21 @@ GPU_CONFIGS = [
     (0, {"block_z": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4}),
     (65536, {"block_z": 128, "num_warps": 8, "num_stages": 2, "programs_per_sm": 4}),
 ]
+# Head dims over 128 (not yet timed): the smallest tiles and one stage, to stay within registers and
+# shared memory.
+GPU_CONFIG_WIDE_HEADS = {"block_z": 64, "num_warps": 8, "num_stages": 1, "programs_per_sm": 4}
 GPU_CONFIG_OVERRIDE: dict | None = None  # set by the benchmark's sweep
 INTERPRET_CONFIG = {"block_z": 64, "programs_per_sm": 0}
 
 
-def launch_settings(tokens: int, device) -> dict:
-    """The launch settings for a problem of `tokens` tokens (B*S) on `device`."""
+def launch_settings(tokens: int, device, head_dim: int = 128) -> dict:
+    """The launch settings for `tokens` tokens (B*S) of the larger head dim `head_dim` on `device`."""
     if device.type != "cuda":
         return INTERPRET_CONFIG
     if GPU_CONFIG_OVERRIDE is not None:
         return GPU_CONFIG_OVERRIDE
+    if head_dim > 128:
+        return GPU_CONFIG_WIDE_HEADS
     return [config for threshold, config in GPU_CONFIGS if tokens >= threshold][-1]
 
 
@@ -213,9 +218,10 @@ def _chunk_output_kernel(
 class Chunks:
     """Where the chunks of each row lie: regular for (B, S) inputs, a table on the device for packed documents."""
 
-    def __init__(self, batch: int, seqlen: int, chunk_size: int, cu_seqlens: torch.Tensor | None, device):
+    def __init__(self, batch: int, seqlen: int, chunk_size: int, cu_seqlens: torch.Tensor | None, device,
+                 head_dim: int = 128):
         self.batch, self.seqlen, self.size = batch, seqlen, chunk_size
-        self.config = launch_settings(batch * seqlen, torch.device(device))
+        self.config = launch_settings(batch * seqlen, torch.device(device), head_dim)
         self.is_varlen = cu_seqlens is not None
         self.last_doc_empty = None
         if not self.is_varlen:
@@ -322,7 +328,7 @@ def lightning_attn_forward(q, k, v, decay, initial_state, cu_seqlens, chunk_size
     """
     batch, seqlen, heads, dk = q.shape
     dv = v.shape[-1]
-    chunks = Chunks(batch, seqlen, chunk_size, cu_seqlens, q.device)
+    chunks = Chunks(batch, seqlen, chunk_size, cu_seqlens, q.device, max(dk, dv))
     if num_segments is None:
         num_segments = default_num_segments(chunks, batch * heads * triton.cdiv(dv, _block_z(dv, chunks.config)),
                                                q.device)
