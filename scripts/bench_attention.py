@@ -198,11 +198,13 @@ CHECK_CASES = [
 VARLEN_DOCS = [1, 700, 1, 129, 0, 333, 64]
 
 
-def run_checks(dtypes):
+def run_checks(dtypes, only_head_dim=None):
     rows, failures = [], []
     gen = torch.Generator(device="cuda").manual_seed(1234)
     for dtype in dtypes:
         for batch, sq, sk, heads, kv_heads, d, causal, offset in CHECK_CASES:
+            if only_head_dim is not None and d != only_head_dim:
+                continue
             def rand(*s):
                 return torch.randn(*s, device="cuda", dtype=dtype, generator=gen)
             q, k, v = rand(batch, sq, heads, d), rand(batch, sk, kv_heads, d), rand(batch, sk, kv_heads, d)
@@ -210,6 +212,8 @@ def run_checks(dtypes):
             kw = dict(causal=causal, causal_offset=offset if causal else None)
             rows.append(_check_one(f"{dtype} B{batch}-Sq{sq}-Sk{sk}-H{heads}/{kv_heads}-D{d}-"
                                    f"{'causal' if causal else 'full'}-off{offset}", q, k, v, do, kw, {}, failures))
+        if only_head_dim is not None:
+            continue
         # varlen: documents of length 1 and 0, with and without explicit offsets
         lengths = torch.tensor(VARLEN_DOCS)
         cu = torch.zeros(len(VARLEN_DOCS) + 1, dtype=torch.int32)
@@ -253,25 +257,26 @@ def _check_one(name, q, k, v, do, kw, extra, failures):
 # ----------------------------------------------------------------------------------------------
 # sweep of block configurations (offline tuning; the winners go into FWD/DKDV/DQ_CONFIGS)
 # ----------------------------------------------------------------------------------------------
-# candidates around the first H100 sweep's winners; a 5th entry "split" runs dK and dV in two passes
+# Candidates of the last sweep (the first sweeps' lists and timings are in bench/results/*.json).
+# A 5th entry holds flags joined by "+": "split" runs dK and dV in two passes, "kvright" keeps K and V as
+# right-hand dot operands in the dK/dV kernel (fewer registers at large head dims).
 FWD_CANDIDATES = {
     64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)],
-    128: [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 5)],
-    256: [(128, 64, 8, 2), (128, 32, 8, 3)],
+    128: [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 5)],
+    256: [(128, 64, 8, 2)],
 }
 DKDV_CANDIDATES = {
     64: [(64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3)],
-    128: [(32, 64, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 5), (64, 64, 8, 3), (32, 128, 8, 4)],
-    256: [(64, 64, 8, 2), (64, 64, 8, 2, "split"), (32, 64, 4, 2, "split"), (64, 32, 4, 2, "split"),
-          (64, 64, 4, 2, "split"), (128, 64, 8, 2, "split"), (32, 32, 4, 3)],
+    128: [(32, 64, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 5), (32, 64, 4, 4, "kvright")],
+    256: [(64, 64, 8, 2), (64, 64, 8, 2, "kvright"), (64, 64, 8, 2, "split+kvright"), (64, 128, 8, 2, "kvright"),
+          (128, 64, 8, 2, "kvright"), (64, 64, 4, 2, "kvright"), (32, 64, 4, 2, "kvright"),
+          (64, 32, 4, 2, "split+kvright")],
 }
 DQ_CANDIDATES = {
     64: [(64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 4)],
-    256: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3)],
+    256: [(128, 32, 8, 3)],
 }
-
-
 DKDV_GQA_CANDIDATES = {
     128: [(32, 64, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 8, 4), (32, 64, 4, 3), (64, 64, 4, 4)],
 }
@@ -354,6 +359,7 @@ def main():
     parser.add_argument("--apply", action="store_true", help="benchmark with the sweep's winners")
     parser.add_argument("--sweep-kv-heads", type=int, default=32, help="kv heads of the sweep (< 32: GQA dK/dV only)")
     parser.add_argument("--kv-heads", type=int, default=None, help="benchmark only the shapes with these kv heads")
+    parser.add_argument("--head-dim", type=int, default=None, help="benchmark and check only this head dim")
     parser.add_argument("--check-dtypes", default="bfloat16,float16")
     parser.add_argument("--no-bench", action="store_true", help="checks (and sweep) only")
     parser.add_argument("--no-flex", action="store_true")
@@ -379,11 +385,6 @@ def main():
             json.dump(result, f, indent=1)
 
     t0 = time.time()
-    print("== correctness (vs float64; yardstick: PyTorch in the same low precision)", flush=True)
-    checks, failures = run_checks([getattr(torch, name) for name in args.check_dtypes.split(",") if name])
-    result["checks"] = checks
-    save()
-    print(f"checks: {len(checks) - len(failures)}/{len(checks)} ok ({time.time() - t0:.0f} s)", flush=True)
     if args.sweep is not None:
         try:
             result["sweep"], result["sweep_winners"] = run_sweep(args.sweep or [64, 128, 256], kv_heads=args.sweep_kv_heads,
@@ -395,10 +396,19 @@ def main():
                               "dkdv": {str(k): v for k, v in DKDV_CONFIGS.items()},
                               "dkdv_gqa": {str(k): v for k, v in DKDV_GQA_CONFIGS.items()},
                               "dq": {str(k): v for k, v in DQ_CONFIGS.items()}}
+    # after the sweep, so that the checks run the configurations the benchmark uses
+    print("== correctness (vs float64; yardstick: PyTorch in the same low precision)", flush=True)
+    checks, failures = run_checks([getattr(torch, name) for name in args.check_dtypes.split(",") if name],
+                                  args.head_dim)
+    result["checks"] = checks
+    save()
+    print(f"checks: {len(checks) - len(failures)}/{len(checks)} ok ({time.time() - t0:.0f} s)", flush=True)
     if not args.no_bench:
         shapes = QUICK_SHAPES if args.quick else SHAPES
         if args.kv_heads is not None:
             shapes = [s for s in shapes if s[2] == args.kv_heads]
+        if args.head_dim is not None:
+            shapes = [s for s in shapes if s[3] == args.head_dim]
         for shape in shapes:
             result["rows"] += run_benchmark([shape], with_flex=not (args.quick or args.no_flex))
             save()
