@@ -90,7 +90,7 @@ def peak_gib():
 def reset_peak():
     if not SMOKE:
         torch.cuda.empty_cache()
-        reset_peak()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def row(impl, seqlen, gpus, ms, peak, bench="ring_attention", **extra):
