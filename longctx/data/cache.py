@@ -127,6 +127,11 @@ def _build(cfg: DataConfig, target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish(tmp, target)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a complete cache into place in one step, so that no reader sees half of it."""
     try:
         os.rename(tmp, target)
     except OSError:  # another builder finished first: theirs is the same data

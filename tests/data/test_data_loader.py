@@ -1,6 +1,6 @@
 """The loader on the real sample: batches, caching, exact resume, data-parallel shares, and the
 distributed preparation (one builder, the others wait)."""
-import json
+import shutil
 import time
 
 import pytest
@@ -142,28 +142,27 @@ def test_inspect_prints_the_masked_sample(cfg, capsys):
     assert "<|eot_id|><<<" in out and "kept" in out and "padding" in out
 
 
-def _prepare_on_rank(rank, world_size, path, cache_dir):
+def _prepare_on_rank(rank, world_size, path, cache_dir, prepared_copy):
     built = []
-    original = prepare_module._build
 
-    def counting_build(cfg, target):
+    def slow_build(cfg, target):
+        # the real build runs in the module fixture; here the rank that builds publishes a copy of
+        # it after a delay, which the other rank must wait for rather than build too
         built.append(rank)
-        time.sleep(1.0)  # a slow preparation: the other rank must wait for it, not build too
-        original(cfg, target)
-    prepare_module._build = counting_build
+        time.sleep(1.0)
+        tmp = target.with_name(target.name + ".tmp-test")
+        shutil.copytree(prepared_copy, tmp)
+        prepare_module._publish(tmp, target)
+    prepare_module._build = slow_build
     loader = build_loader(DataConfig(path=path, cache_dir=cache_dir, verbose=False), seq_len=2048,
                           dp_rank=rank, dp_size=world_size, seed=11)
     return {"built": len(built), "batches": [rows(next(loader)) for _ in range(3)]}
 
 
-def test_distributed_ranks_prepare_once_and_read_their_own_shares(tmp_path):
-    # a slice of the real sample keeps the tokenizing short
-    records = json.loads(open("data/sharegpt_sample.json", encoding="utf-8").read())[:60]
-    path = tmp_path / "slice.json"
-    path.write_text(json.dumps(records))
-    results = run_distributed(_prepare_on_rank, 2, str(path), str(tmp_path / "fresh_cache"))
+def test_distributed_ranks_prepare_once_and_read_their_own_shares(cfg, tmp_path):
+    results = run_distributed(_prepare_on_rank, 2, cfg.path, str(tmp_path / "fresh_cache"),
+                              str(prepare(cfg).path))
     assert [r["built"] for r in results] == [1, 0]
-    cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "fresh_cache"), verbose=False)
     for rank, result in enumerate(results):
         local = build_loader(cfg, seq_len=2048, dp_rank=rank, dp_size=2, seed=11)
         assert result["batches"] == [rows(next(local)) for _ in range(3)]
