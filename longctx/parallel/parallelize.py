@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from .data_parallel import apply_ddp, apply_fsdp, world_mesh
 from .mesh import ParallelDims
 from .sequence import set_sequence_group
 
@@ -30,20 +31,22 @@ def apply_activation_checkpointing(model, mode: str) -> None:
         model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
 
 
-def apply_ddp(model, device):
-    from torch.nn.parallel import DistributedDataParallel
-    # parameters are replicated over dp x sp: the default (world) group reduces them all
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
     """Order matters: sequence methods and checkpointing change the plain model before a
-    data-parallel wrapper takes it."""
+    data-parallel backend takes it (FSDP2 shards the checkpoint-wrapped layers).
+
+    DDP returns a wrapper; FSDP2 shards the model in place (it may still be on the meta device:
+    `data_parallel.materialize` it afterwards); DeepSpeed needs the optimizer, so the caller builds
+    its engine afterwards with `data_parallel.build_deepspeed`.
+    """
     apply_sequence_parallel(model, dims, mesh)
     apply_activation_checkpointing(model, cfg.train.activation_checkpoint)
-    if dims.dp_backend == "ddp" and dist.is_initialized():
+    if not dist.is_initialized() or dims.dp_backend in ("none", "deepspeed"):
+        return model
+    if dims.dp_backend == "ddp":
         return apply_ddp(model, device)
-    if dims.dp_backend in ("fsdp", "deepspeed"):
-        raise NotImplementedError(f"parallel.dp_backend={dims.dp_backend} is not available yet (issue 9); "
-                                  "use parallel.dp_backend=ddp")
-    return model
+    if dims.dp_backend == "fsdp":
+        p = cfg.parallel
+        return apply_fsdp(model, world_mesh(mesh), precision=cfg.train.precision,
+                          reshard_after_forward=p.reshard_after_forward, cpu_offload=p.cpu_offload)
+    raise ValueError(f"parallel.dp_backend={dims.dp_backend!r} is unknown")

@@ -7,6 +7,9 @@ Layout of `<run_dir>/checkpoints/`:
 
 A checkpoint is written to `step_N.tmp/` and renamed when every rank has finished, and `latest`
 is replaced after that, so a kill at any moment leaves the previous checkpoint loadable.
+
+Model and optimizer go through DCP under DDP and FSDP2 (sharded, reshardable), and through
+DeepSpeed's own format under a DeepSpeed engine (its ZeRO partitions, in the same step folder).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from longctx.parallel.data_parallel import is_deepspeed
 
 
 def _barrier():
@@ -64,8 +69,11 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
             tmp.mkdir(parents=True)
         _barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+        if is_deepspeed(model):
+            model.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+        else:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
         torch.save(per_rank, tmp / f"rank{self.rank}.pt")
         if self.rank == 0:
             torch.save({"step": step, **shared}, tmp / "meta.pt")
@@ -92,10 +100,21 @@ class Checkpointer:
         path = Path(path)
         if not (path / "meta.pt").is_file():
             raise FileNotFoundError(f"{path} is not a complete longctx checkpoint (no meta.pt)")
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if is_deepspeed(model):
+            if not any(path.glob("*model_states.pt")):
+                raise FileNotFoundError(f"{path} holds no DeepSpeed checkpoint: it was saved by another "
+                                        "parallel.dp_backend; resume with that backend")
+            loaded, _ = model.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise FileNotFoundError(f"DeepSpeed could not load {path}")
+        else:
+            if not (path / ".metadata").is_file():
+                raise FileNotFoundError(f"{path} holds no DCP checkpoint: it was saved by parallel.dp_backend="
+                                        "deepspeed; resume with that backend")
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optim": optim_state}
+            dcp.load(state, checkpoint_id=path)
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         shared = torch.load(path / "meta.pt", weights_only=False)
         rank_file = path / f"rank{self.rank}.pt"
         if not rank_file.is_file():

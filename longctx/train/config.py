@@ -34,8 +34,8 @@ class ParallelSection:
     dp: int = -1                           # -1: world size / sp
     sp: int = 1
     sp_method: str = "none"                # none | ring | lasp
-    zero_stage: int = 2                    # deepspeed only
-    reshard_after_forward: bool = True     # fsdp only
+    zero_stage: int = 0                    # deepspeed only, and required there: 1 | 2 | 3
+    reshard_after_forward: bool = True     # fsdp only (false: parameters stay gathered after the forward, as ZeRO-2)
     cpu_offload: bool = False              # fsdp: params+grads+optimizer; deepspeed: optimizer (stage 3: params too)
 
 
@@ -148,11 +148,7 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
         raise ValueError(f"train.seq_len={t.seq_len} is not a multiple of {dims.seq_divisor}, which "
                          f"{dims.sp_method} over sp={dims.sp} needs ({dims.layout} split); use "
                          f"train.seq_len={(t.seq_len // dims.seq_divisor + 1) * dims.seq_divisor}")
-    if dims.dp_backend == "deepspeed" and p.zero_stage not in (1, 2, 3):
-        raise ValueError(f"parallel.zero_stage={p.zero_stage}: DeepSpeed ZeRO stages are 1, 2 and 3")
-    for backend in ("fsdp", "deepspeed"):
-        if dims.dp_backend == backend:
-            raise ValueError(f"parallel.dp_backend={backend} is not implemented yet (issue 9); use parallel.dp_backend=ddp")
+    _check_data_parallel(cfg, dims)
     if dims.sp_method != "none" and importlib.util.find_spec(f"longctx.parallel.{dims.sp_method}") is None:
         raise ValueError(f"parallel.sp_method={dims.sp_method} is not implemented yet (longctx/parallel/{dims.sp_method}.py)")
     m = cfg.model
@@ -164,6 +160,30 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
                          "or use train.precision=bf16_autocast")
     cfg.data.validate()
     return dims
+
+
+def _check_data_parallel(cfg: Config, dims) -> None:
+    """Backend options that the chosen backend cannot honour."""
+    p, backend = cfg.parallel, cfg.parallel.dp_backend
+    if backend == "deepspeed":
+        if p.zero_stage not in (1, 2, 3):
+            raise ValueError(f"parallel.zero_stage={p.zero_stage}: DeepSpeed needs a ZeRO stage, set "
+                             "parallel.zero_stage=1, 2 or 3")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError("parallel.dp_backend=deepspeed but DeepSpeed is not installed: pip install deepspeed "
+                             "(DS_BUILD_OPS=0 is enough), or use parallel.dp_backend=fsdp")
+        if cfg.train.on_nonfinite == "skip":
+            raise ValueError("train.on_nonfinite=skip: the DeepSpeed engine steps before the gradient norm is "
+                             "known, so it cannot skip a step; use train.on_nonfinite=stop or parallel.dp_backend=fsdp")
+    elif p.zero_stage != 0:
+        hint = {"fsdp": "FSDP2 always shards parameters, gradients and optimizer state (ZeRO-3; "
+                        "parallel.reshard_after_forward=false keeps them gathered between forward and backward)",
+                "ddp": "DDP replicates everything (no ZeRO sharding); use parallel.dp_backend=deepspeed or fsdp "
+                       "to shard"}.get(backend, "")
+        raise ValueError(f"parallel.zero_stage={p.zero_stage} needs parallel.dp_backend=deepspeed, not "
+                         f"{backend}: {hint}; or drop parallel.zero_stage".replace(": ;", ";"))
+    if p.cpu_offload and backend not in ("fsdp", "deepspeed"):
+        raise ValueError(f"parallel.cpu_offload=true needs parallel.dp_backend=fsdp or deepspeed (not {backend})")
 
 
 def model_fields(section: ModelSection) -> dict:

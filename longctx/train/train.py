@@ -18,9 +18,11 @@ from omegaconf import OmegaConf
 
 from longctx.data import build_loader
 from longctx.model import Llama, ModelConfig, load_hf, save_hf
-from longctx.model.hf import load_hf_config
+from longctx.model.hf import check_state_dict, load_hf_config, load_hf_state_dict
 from longctx.model.llama import shift_labels
 from longctx.ops.cross_entropy import IGNORE_INDEX
+from longctx.parallel import data_parallel
+from longctx.parallel.data_parallel import backward, gradient_sync, optimizer_step
 from longctx.parallel.parallelize import parallelize_llama
 from longctx.parallel.sequence import split_sequence
 
@@ -64,17 +66,47 @@ def decide_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def build_model(cfg: Config, device: torch.device) -> Llama:
+def build_model(cfg: Config, device: torch.device, on_meta: bool = False) -> Llama:
+    """The plain model with its weights, or (on_meta) only its shape, for FSDP2 to shard before
+    `materialize` allocates each rank's shards. bf16 copies of the weights are the data-parallel
+    backend's business (FSDP2's policy, DeepSpeed's bf16 mode), which keep fp32 masters."""
     m = cfg.model
+    overrides = {k: getattr(m, k) for k in ("attention", "linear_attention", "loss_chunk_size")}
+    if on_meta:
+        config = load_hf_config(m.pretrained, **overrides) if m.pretrained else ModelConfig(**model_fields(m))
+        with torch.device("meta"):
+            return Llama(config)
     if m.pretrained:
-        overrides = {k: getattr(m, k) for k in ("attention", "linear_attention", "loss_chunk_size")}
-        model = load_hf(m.pretrained, device=device, **overrides)
-    else:
-        with torch.device(device):
-            model = Llama(ModelConfig(**model_fields(m)))
-    if cfg.train.precision == "bf16_pure":
-        model.to(torch.bfloat16)
-    return model
+        return load_hf(m.pretrained, device=device, **overrides)
+    with torch.device(device):
+        return Llama(ModelConfig(**model_fields(m)))
+
+
+def materialize(model, cfg: Config, device: torch.device) -> None:
+    """Allocate a sharded meta model: random weights, or the pretrained ones read by rank 0 alone
+    and sent to each rank's shards (a whole 8B model never sits on one GPU)."""
+    state = None
+    if cfg.model.pretrained and rank() == 0:
+        state = load_hf_state_dict(cfg.model.pretrained)
+        check_state_dict(model, state)
+    data_parallel.materialize(model, device, state, cpu_offload=cfg.parallel.cpu_offload)
+
+
+def build_train_model(cfg: Config, dims, mesh, device):
+    """Model, parallelism and optimizer, in the order each backend needs: FSDP2 shards a meta
+    model before it is allocated; DeepSpeed's engine wraps the optimizer."""
+    fsdp = dims.dp_backend == "fsdp" and dist.is_initialized()
+    model = build_model(cfg, device, on_meta=fsdp)
+    train_model = parallelize_llama(model, dims, mesh, cfg, device)
+    if fsdp:
+        materialize(train_model, cfg, device)
+    optimizer, scheduler = build_optimizer(train_model, cfg)
+    if dims.dp_backend == "deepspeed" and dist.is_initialized():
+        t, p = cfg.train, cfg.parallel
+        config = data_parallel.deepspeed_config(p.zero_stage, t.micro_batch, t.grad_accum, t.precision,
+                                                cfg.optim.grad_clip, cpu_offload=p.cpu_offload)
+        train_model = data_parallel.build_deepspeed(train_model, optimizer, config)
+    return model, train_model, optimizer, scheduler
 
 
 def lr_lambda(cfg):
@@ -154,10 +186,8 @@ def train(cfg: Config) -> Path:
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch, dp_rank=dp_rank,
                           dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed)
-    model = build_model(cfg, device)
+    model, train_model, optimizer, scheduler = build_train_model(cfg, dims, mesh, device)
     model_config = model.config
-    train_model = parallelize_llama(model, dims, mesh, cfg, device)
-    optimizer, scheduler = build_optimizer(train_model, cfg)
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
     start = 0
@@ -191,30 +221,13 @@ def train(cfg: Config) -> Path:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         micro_batches = [shard_batch(next(data), dims, mesh, device) for _ in range(t.grad_accum)]
-        # the loss is the sum over this rank's valid tokens divided by the global count, so that
-        # micro-batches and ranks with different numbers of valid tokens (even none) weigh right
-        local_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).float()
-        global_tokens = all_reduce(local_tokens.clone()).clamp(min=1)
-        loss_sum = torch.zeros((), device=device)
-        for i, mb in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            sync = nullcontext() if last or not hasattr(train_model, "no_sync") else train_model.no_sync()
-            with sync, autocast:
-                out = train_model(mb["input_ids"], position_ids=mb["position_ids"], cu_seqlens=mb["cu_seqlens"],
-                                  labels=mb["labels"], labels_shifted=True, loss_reduction="sum")
-                # data-parallel backends average gradients over the world: scale back to a sum
-                (out.loss * (dims.world_size / global_tokens)).backward()
-            loss_sum += out.loss.detach().float()
+        loss = forward_backward(train_model, micro_batches, dims.world_size, autocast)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), max_norm)
-        loss = all_reduce(loss_sum) / global_tokens
-        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-        if finite:
-            optimizer.step()
-        elif t.on_nonfinite == "stop":
+        grad_norm, finite = optimizer_step(train_model, optimizer, max_norm)   # skips a non-finite step
+        finite = finite and bool(torch.isfinite(loss))
+        if not finite and t.on_nonfinite == "stop":
             raise FloatingPointError(f"step {step}: loss {loss.item()} / grad norm {grad_norm.item()} is not "
                                      "finite; set train.on_nonfinite=skip to skip such steps")
-        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step_s = time.perf_counter() - step_start
         if is_main:
@@ -243,10 +256,28 @@ def train(cfg: Config) -> Path:
     return run_dir
 
 
+def forward_backward(train_model, micro_batches: list[dict], world_size: int, autocast) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches; returns the loss of the global batch.
+
+    The loss is the sum over this rank's valid tokens divided by the global count, so that
+    micro-batches and ranks with different numbers of valid tokens (even none) weigh right.
+    """
+    local_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).float()
+    global_tokens = all_reduce(local_tokens.clone()).clamp(min=1)
+    loss_sum = torch.zeros((), device=local_tokens.device)
+    for i, mb in enumerate(micro_batches):
+        with gradient_sync(train_model, last=i == len(micro_batches) - 1), autocast:
+            out = train_model(mb["input_ids"], position_ids=mb["position_ids"], cu_seqlens=mb["cu_seqlens"],
+                              labels=mb["labels"], labels_shifted=True, loss_reduction="sum")
+            # data-parallel backends average gradients over the world (dp x sp): scale back to a sum
+            backward(train_model, out.loss * (world_size / global_tokens))
+        loss_sum += out.loss.detach().float()
+    return all_reduce(loss_sum) / global_tokens
+
+
 def export(train_model, model, folder: Path) -> None:
     """Gather the full state (a collective) and write a Hugging Face folder from rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = data_parallel.full_state_dict(train_model)
     if rank() == 0:
         save_hf(model, folder, state=state)
         print(f"exported a Hugging Face checkpoint to {folder}")

@@ -1,0 +1,223 @@
+"""Data parallelism over the whole dp x sp world: DDP, FSDP2 and DeepSpeed ZeRO 1/2/3.
+
+Parameters are replicated across the sequence-parallel group, so every backend reduces (or
+shards) over all dp x sp ranks, and every backend averages gradients over that world: the train
+step scales its loss (a sum over this rank's tokens) by world_size / global_tokens to get the
+gradient of the mean over the global batch.
+
+    model = apply_ddp(model, device)
+    apply_fsdp(model, world_mesh(mesh), precision="bf16_pure", reshard_after_forward=True)
+    engine = build_deepspeed(model, optimizer, deepspeed_config(...))
+
+The three differ in who owns the backward and the optimizer step; `gradient_sync`, `backward`,
+`optimizer_step` and `full_state_dict` hide that from the train loop.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager, nullcontext
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# precision name (train.precision) -> FSDP2 parameter dtype; gradients are always reduced in fp32
+FSDP_PARAM_DTYPE = {"fp32": None, "bf16_autocast": torch.bfloat16, "bf16_pure": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP
+# ------------------------------------------------------------------------------------------------
+def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+    # parameters are replicated over dp x sp: the default (world) group reduces them all
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP2
+# ------------------------------------------------------------------------------------------------
+def world_mesh(mesh):
+    """The dp x sp mesh flattened to one dimension: FSDP2 shards over all of it (a 2-D mesh
+    would mean HSDP, replicating over dp)."""
+    return mesh["dp", "sp"]._flatten("dp_sp")
+
+
+def fsdp_mixed_precision(precision: str):
+    """bf16 compute copies of fp32 sharded (master) parameters, gradients reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if precision not in FSDP_PARAM_DTYPE:
+        raise ValueError(f"train.precision={precision!r}: FSDP2 knows {', '.join(FSDP_PARAM_DTYPE)}")
+    return MixedPrecisionPolicy(param_dtype=FSDP_PARAM_DTYPE[precision], reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: nn.Module, mesh, precision: str = "fp32", reshard_after_forward: bool = True,
+               cpu_offload: bool = False) -> nn.Module:
+    """fully_shard each decoder layer (its own all-gather / reduce-scatter group, freed after use),
+    then the root (embeddings, final norm, head; a tied head shares the embedding's shard).
+
+    The model may be on the meta device: shard first, then `materialize` it, so that no rank ever
+    holds the whole model. Returns the model, now an FSDPModule, for symmetry with the others.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    settings = dict(mesh=mesh, mp_policy=fsdp_mixed_precision(precision),
+                    offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    layers = model.layers
+    for i, layer in enumerate(layers):
+        # the last layer's parameters are needed again at once by the backward: keep them gathered
+        last = i == len(layers) - 1
+        fully_shard(layer, reshard_after_forward=reshard_after_forward and not last, **settings)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **settings)
+    return model
+
+
+def materialize(model: nn.Module, device: torch.device, full_state: Optional[dict] = None,
+                cpu_offload: bool = False) -> None:
+    """Give a model built on the meta device (and sharded) real storage: random initialisation,
+    then, if given, the weights of a full state dict that only rank 0 holds (the others pass None);
+    each rank receives its shards from rank 0, tensor by tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model.to_empty(device="cpu" if cpu_offload else device)
+    with torch.no_grad():
+        model.init_weights()
+    if full_state is None and not _any_rank(full_state is not None):
+        return
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    state = dict(full_state or {})
+    if tied:
+        state.pop("lm_head.weight", None)
+    set_model_state_dict(model, state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=not tied))
+
+
+def _any_rank(flag: bool) -> bool:
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor(float(flag))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepSpeed
+# ------------------------------------------------------------------------------------------------
+def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, precision: str, grad_clip: float,
+                     cpu_offload: bool = False) -> dict:
+    """The DeepSpeed config implied by ours. The optimizer and the learning-rate schedule stay
+    ours (a torch AdamW and a LambdaLR handed to the engine), so that every backend trains alike."""
+    if zero_stage not in (1, 2, 3):
+        raise ValueError(f"parallel.zero_stage={zero_stage}: DeepSpeed ZeRO stages are 1, 2 and 3")
+    zero = {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+            "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+    if zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=1e5)
+    if cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        # bf16_pure: a bf16 module with fp32 master weights in the ZeRO optimizer; bf16_autocast keeps
+        # fp32 parameters and the train step's autocast
+        "bf16": {"enabled": precision == "bf16_pure"},
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "zero_allow_untested_optimizer": True,   # our torch AdamW
+        "zero_force_ds_cpu_optimizer": False,    # ... also with the optimizer offloaded to the CPU
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    """The DeepSpeed engine over the default (dp x sp) group; it wraps `optimizer` in place."""
+    import deepspeed
+    deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def is_deepspeed(model) -> bool:
+    engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)   # never import it just to ask
+    return engine is not None and isinstance(model, engine)
+
+
+# ------------------------------------------------------------------------------------------------
+# one train step, whatever the backend
+# ------------------------------------------------------------------------------------------------
+def gradient_sync(model, last: bool):
+    """Reduce gradients only with the last micro-batch of a step (the others accumulate locally)."""
+    if is_deepspeed(model):
+        model.set_gradient_accumulation_boundary(last)
+        return nullcontext()
+    if hasattr(model, "set_requires_gradient_sync"):          # FSDP2
+        return _fsdp_sync(model, last)
+    if hasattr(model, "no_sync") and not last:              # DDP
+        return model.no_sync()
+    return nullcontext()
+
+
+@contextmanager
+def _fsdp_sync(model, last):
+    model.set_requires_gradient_sync(last)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def backward(model, loss: torch.Tensor) -> None:
+    if is_deepspeed(model):
+        # the loss is already normalised by the global token count: no division by grad_accum
+        model.backward(loss, scale_wrt_gas=False)
+    else:
+        loss.backward()
+
+
+def optimizer_step(model, optimizer, max_norm: float) -> tuple[torch.Tensor, bool]:
+    """Clip to `max_norm` (inf: only measure), step, zero the gradients. Returns the gradient norm
+    before clipping and whether it was finite. A non-finite step is skipped under DDP and FSDP2;
+    DeepSpeed's engine steps before we see its norm (config validation refuses on_nonfinite=skip)."""
+    if is_deepspeed(model):
+        model.step()   # clips to its gradient_clipping, steps, zeroes the gradients
+        norm = model.get_global_grad_norm()
+        norm = torch.tensor(float("nan") if norm is None else float(norm))
+        return norm, bool(torch.isfinite(norm))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):                          # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.detach(), finite
+
+
+def unwrap(model) -> nn.Module:
+    """The plain model under a DDP wrapper or DeepSpeed engine (FSDP2 shards it in place)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def full_state_dict(model) -> Optional[dict]:
+    """The whole model's parameters on rank 0's CPU (None elsewhere). A collective: call it on
+    every rank. ZeRO-3 gathers one parameter at a time, so no rank holds more than the result."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if is_deepspeed(model):
+        module = model.module
+        if model.zero_optimization_stage() != 3:
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if rank == 0 else None
+            return state
+        import deepspeed
+        state = {}
+        params = dict(module.named_parameters(remove_duplicate=False))
+        for name, param in params.items():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if rank == 0:
+                    state[name] = param.detach().cpu().clone()
+        return state if rank == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if rank == 0 else None
