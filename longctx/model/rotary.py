@@ -40,4 +40,5 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x (B, S, H, D) by the position angles (the half-split convention of Hugging Face)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    # in x's dtype: under autocast x is bf16 while the angles follow the fp32 residual stream
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)

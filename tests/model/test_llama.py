@@ -145,3 +145,20 @@ def test_blockwise_mlp_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)
     for a, b in zip(chunked.parameters(), whole.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_mixer_gets_one_dtype_under_autocast():
+    """The rotary angles follow the fp32 residual stream; q and k must stay in autocast's bf16
+    like v, or a kernel that requires one dtype (flash) refuses them."""
+    from longctx.model.attention import register_attention, sdpa_attention
+    seen = []
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa_attention(q, k, v, **kwargs)
+    register_attention("dtype_spy", spy)
+    model = Llama(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, attention="dtype_spy"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 50, (1, 8)), labels=torch.randint(0, 50, (1, 8))).loss.backward()
+    assert seen == [(torch.bfloat16,) * 3]
