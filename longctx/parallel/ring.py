@@ -105,11 +105,13 @@ def _backend_is_nccl(group) -> bool:
 
 
 def _buffer(name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A persistent buffer, reused by every layer's ring attention (never returned to callers)."""
-    key = (name, tuple(shape), dtype, str(device))
-    if key not in _BUFFERS:
-        _BUFFERS[key] = torch.empty(shape, dtype=dtype, device=device)
-    return _BUFFERS[key]
+    """A persistent buffer, reused by every layer's ring attention (never returned to callers).
+    One per name: a new shape replaces the old buffer rather than adding to memory."""
+    held = _BUFFERS.get(name)
+    if held is None or held.shape != tuple(shape) or held.dtype != dtype or held.device != torch.device(device):
+        _BUFFERS.pop(name, None)
+        held = _BUFFERS[name] = torch.empty(shape, dtype=dtype, device=device)
+    return held
 
 
 def free_ring_buffers() -> None:
