@@ -258,8 +258,8 @@ def _check_one(name, q, k, v, do, kw, extra, failures):
 # sweep of block configurations (offline tuning; the winners go into FWD/DKDV/DQ_CONFIGS)
 # ----------------------------------------------------------------------------------------------
 # Candidates of the last sweep (the first sweeps' lists and timings are in bench/results/*.json).
-# A 5th entry holds flags joined by "+": "split" runs dK and dV in two passes, "kvright" keeps K and V as
-# right-hand dot operands in the dK/dV kernel (fewer registers at large head dims).
+# A 5th entry "split" runs dK and dV in two passes. (A variant with K and V as right-hand operands of the
+# dK/dV dots, "kvright", was tried at head dim 256 and lost: bench/results/attention_h100_d256.json.)
 FWD_CANDIDATES = {
     64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)],
     128: [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 5)],
@@ -267,10 +267,8 @@ FWD_CANDIDATES = {
 }
 DKDV_CANDIDATES = {
     64: [(64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3)],
-    128: [(32, 64, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 5), (32, 64, 4, 4, "kvright")],
-    256: [(64, 64, 8, 2), (64, 64, 8, 2, "kvright"), (64, 64, 8, 2, "split+kvright"), (64, 128, 8, 2, "kvright"),
-          (128, 64, 8, 2, "kvright"), (64, 64, 4, 2, "kvright"), (32, 64, 4, 2, "kvright"),
-          (64, 32, 4, 2, "split+kvright")],
+    128: [(32, 64, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 5)],
+    256: [(64, 64, 8, 2), (64, 64, 8, 2, "split"), (32, 64, 4, 2, "split"), (64, 64, 4, 2, "split"), (32, 32, 4, 3)],
 }
 DQ_CANDIDATES = {
     64: [(64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4)],

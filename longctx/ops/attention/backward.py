@@ -20,8 +20,8 @@ import triton.language as tl
 from .forward import LOG2E, _key_range, _sequence_bounds, last_dim_contiguous, lse_strides, padded_head_dim, strides
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, "split"]) per (padded head dim, causal), chosen on an H100
-# (bench/results/attention_h100.json, "sweep"); a 5th entry holds flags joined by "+": "split" runs dK and
-# dV in two passes, "kvright" keeps K and V as right-hand dot operands (see _dkdv_inner)
+# (bench/results/attention_h100*.json, "sweep"). A 5th entry "split" runs dK and dV in two passes (fewer
+# registers, P recomputed); it measured slower at head dim 256 on the H100, so no entry uses it now.
 DKDV_CONFIGS = {
     (16, False): (64, 64, 4, 3), (16, True): (64, 64, 4, 3),
     (32, False): (64, 64, 4, 3), (32, True): (64, 64, 4, 3),
@@ -88,8 +88,7 @@ def _delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_db
 @triton.jit
 def _dkdv_inner(dk, dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, start, end, len_q, offset, qk_scale,
                 stride_qs, stride_ds, m_d, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
-                KV_RIGHT: tl.constexpr):
+                EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
     # p_q, p_do, p_lse, p_delta point at query row `start` already.
     # Keys past the end of the document were loaded as 0; their dK, dV rows are never stored, and
     # each key's gradient depends on its own column only, so they need no mask here.
@@ -113,32 +112,17 @@ def _dkdv_inner(dk, dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, start, end, le
             b_delta = tl.load(p_delta)
         # rows that saw nothing (lse -inf) contribute nothing: treat their lse as +inf
         b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
-        if KV_RIGHT:
-            # scores as [BLOCK_M, BLOCK_N]: K and V are right-hand operands, read from shared memory,
-            # which frees registers at large head dims; P and dS are transposed instead
-            b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale      # [BLOCK_M, BLOCK_N], log2 units
-            b_p = tl.math.exp2(b_s - b_lse[:, None])
-            if MASKED:
-                if IS_CAUSAL:
-                    b_p = tl.where(o_n[None, :] <= o_m[:, None] + offset, b_p, 0.0)
-            if WITH_DV:
-                dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
-            if WITH_DK:
-                b_dp = tl.dot(b_do, tl.trans(b_v))            # [BLOCK_M, BLOCK_N]
-                b_ds = b_p * (b_dp - b_delta[:, None])
-                dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
-        else:
-            b_st = tl.dot(b_k, tl.trans(b_q)) * qk_scale     # [BLOCK_N, BLOCK_M], log2 units
-            b_pt = tl.math.exp2(b_st - b_lse[None, :])
-            if MASKED:
-                if IS_CAUSAL:
-                    b_pt = tl.where(o_n[:, None] <= o_m[None, :] + offset, b_pt, 0.0)
-            if WITH_DV:
-                dv += tl.dot(b_pt.to(b_do.dtype), b_do)      # [BLOCK_N, BLOCK_D]
-            if WITH_DK:
-                b_dpt = tl.dot(b_v, tl.trans(b_do))           # [BLOCK_N, BLOCK_M]
-                b_dst = b_pt * (b_dpt - b_delta[None, :])
-                dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+        b_st = tl.dot(b_k, tl.trans(b_q)) * qk_scale         # [BLOCK_N, BLOCK_M], log2 units
+        b_pt = tl.math.exp2(b_st - b_lse[None, :])
+        if MASKED:
+            if IS_CAUSAL:
+                b_pt = tl.where(o_n[:, None] <= o_m[None, :] + offset, b_pt, 0.0)
+        if WITH_DV:
+            dv += tl.dot(b_pt.to(b_do.dtype), b_do)          # [BLOCK_N, BLOCK_D]
+        if WITH_DK:
+            b_dpt = tl.dot(b_v, tl.trans(b_do))               # [BLOCK_N, BLOCK_M]
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            dk += tl.dot(b_dst.to(b_q.dtype), b_q)
         p_q += BLOCK_M * stride_qs
         p_do += BLOCK_M * stride_ds
         p_lse += BLOCK_M
@@ -156,10 +140,10 @@ def _dkdv_kernel(
     seqlen_q, seqlen_k, causal_offset, num_kv_heads, group_size, qk_scale, softmax_scale, head_dim,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_OFFSETS: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, KV_RIGHT: tl.constexpr,
+    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
 ):
     # WITH_DK/WITH_DV: both in one pass, or (large head dims) one per launch, which recomputes P but
-    # holds half the accumulators in registers. KV_RIGHT: see _dkdv_inner.
+    # holds half the accumulators in registers.
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // num_kv_heads
@@ -209,15 +193,15 @@ def _dkdv_kernel(
         dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
                              p_q + q_lo.to(tl.int64) * stride_qs, p_do + q_lo.to(tl.int64) * stride_ds,
                              p_lse + q_lo, p_delta + q_lo, o_n, q_lo, mid_end, len_q, offset, qk_scale,
-                             stride_qs, stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, WITH_DK, WITH_DV, KV_RIGHT)
+                             stride_qs, stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, WITH_DK, WITH_DV)
         dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
                              p_q + q_mid.to(tl.int64) * stride_qs, p_do + q_mid.to(tl.int64) * stride_ds,
                              p_lse + q_mid, p_delta + q_mid, o_n, q_mid, q_full, len_q, offset, qk_scale,
-                             stride_qs, stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M, WITH_DK, WITH_DV, KV_RIGHT)
+                             stride_qs, stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M, WITH_DK, WITH_DV)
         dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
                              p_q + tail_start.to(tl.int64) * stride_qs, p_do + tail_start.to(tl.int64) * stride_ds,
                              p_lse + tail_start, p_delta + tail_start, o_n, tail_start, q_end, len_q, offset, qk_scale,
-                             stride_qs, stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, WITH_DK, WITH_DV, KV_RIGHT)
+                             stride_qs, stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, WITH_DK, WITH_DV)
 
     if WITH_DK:
         dk *= softmax_scale
@@ -345,8 +329,7 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
     block_d = padded_head_dim(head_dim)
     dkdv_config, (dq_m, dq_n, dq_warps, dq_stages) = configs or bwd_configs(block_d, causal, heads != kv_heads, q.device)
     dkdv_m, dkdv_n, dkdv_warps, dkdv_stages = dkdv_config[:4]
-    flags = dkdv_config[4].split("+") if len(dkdv_config) > 4 else []
-    split_dkdv, kv_right = "split" in flags, "kvright" in flags
+    split_dkdv = len(dkdv_config) > 4 and dkdv_config[4] == "split"
     grad_dtype = grad_dtype or q.dtype
     dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=grad_dtype, device=q.device)
@@ -373,7 +356,7 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
             *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(dout, varlen),
             *strides(dk, varlen), *strides(dv, varlen), *lse_strides(lse, varlen),
             seqlen_q, seqlen_k, int(offset), kv_heads, heads // kv_heads, *scale,
-            BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, num_warps=dkdv_warps, num_stages=dkdv_stages, KV_RIGHT=kv_right,
+            BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, num_warps=dkdv_warps, num_stages=dkdv_stages,
             **which, **common)
     _dq_kernel[(triton.cdiv(seqlen_q, dq_m), batch * heads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, causal_offsets,
