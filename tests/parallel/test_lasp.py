@@ -63,6 +63,16 @@ def _lasp_worker(rank, world, seed):
             out = lasp.lasp_attn_func(*local, decay, None, cu_seqlens=cu, variant=variant)
             out.backward(split_sequence(dout, None, dim=1, layout="contiguous"))
             results[packed, variant] = [out.detach()] + [x.grad for x in local]
+    if world == 4:  # a 2-D mesh: two sequence groups {0, 1} and {2, 3} side by side, on different data
+        import torch.distributed as dist
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        group = groups[rank // 2]
+        q, k, v, dout, decay, cu = _case(seed + rank // 2, 2, True)
+        for variant in lasp.VARIANTS:
+            local = [split_sequence(x, group, dim=1, layout="contiguous").requires_grad_(True) for x in (q, k, v)]
+            out = lasp.lasp_attn_func(*local, decay, group, cu_seqlens=cu, variant=variant)
+            out.backward(split_sequence(dout, group, dim=1, layout="contiguous"))
+            results["subgroup", variant] = [out.detach()] + [x.grad for x in local]
     return results
 
 
@@ -88,6 +98,7 @@ def _assert_close(got, single, truth, name):
 
 @pytest.mark.parametrize("world", [2, 4], ids=["2ranks", "4ranks"])
 def test_lasp_matches_one_process(world):
+    """On 4 ranks also two sequence groups of 2 side by side (the sequence axis of a 2-D mesh)."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     results = run_distributed(_lasp_worker, world, seed)
     for packed in _cases(world):
@@ -96,6 +107,13 @@ def test_lasp_matches_one_process(world):
             for i, name in enumerate(("out", "dq", "dk", "dv")):
                 got = torch.cat([results[r][packed, variant][i] for r in range(world)], dim=1)
                 _assert_close(got, single[i], truth[i], f"{variant} packed={packed} {name} (seed {seed})")
+    if world == 4:
+        for index, ranks in enumerate(([0, 1], [2, 3])):
+            single, truth = _reference(*_case(seed + index, 2, True))
+            for variant in lasp.VARIANTS:
+                for i, name in enumerate(("out", "dq", "dk", "dv")):
+                    got = torch.cat([results[r]["subgroup", variant][i] for r in ranks], dim=1)
+                    _assert_close(got, single[i], truth[i], f"{variant} sequence group {ranks} {name} (seed {seed})")
 
 
 def test_shard_documents():
