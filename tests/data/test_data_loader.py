@@ -180,3 +180,16 @@ def test_command_line_arguments_and_data_groups():
         config_from_args(["shuffle=1"], {})
     with pytest.raises(SystemExit, match="choose one of"):
         config_from_args(["data=nonexistent"], {})
+
+
+def test_waiting_ranks_stop_on_the_builders_failure_or_a_timeout(tmp_path, monkeypatch):
+    cfg = DataConfig(cache_dir=str(tmp_path), prepare_timeout_s=1.0, verbose=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # not the builder: it waits for local rank 0
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="prepare_timeout_s"):
+        prepare(cfg)
+    assert 1.0 <= time.monotonic() - started < 5
+    target = prepare_module.cache_path(cfg)
+    target.with_name(target.name + ".failed").write_text("ValueError: no usable conversation")
+    with pytest.raises(RuntimeError, match="no usable conversation"):
+        prepare(cfg)
