@@ -67,7 +67,7 @@ def launch_settings(tokens: int, device, head_dim: int = 128) -> dict:
 
 
 @triton.jit
-def _chunk_bounds(CHUNK_START, CHUNK_LEN, CHUNK_RESET, i_b, c, T, NC, BLOCK_C: tl.constexpr,
+def _chunk_bounds(CHUNK_START, CHUNK_LEN, CHUNK_RESET, i_b, c, T, BLOCK_C: tl.constexpr,
                   IS_VARLEN: tl.constexpr):
     """First token (flattened over B*T, int64), token count and reset flag (fp32 0/1) of chunk c of row i_b."""
     if IS_VARLEN:
@@ -109,7 +109,7 @@ def _chunk_local_state_kernel(
     carry = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0) + 1.0  # multiplier of the segment's start state
     for n in range(0, n_chunks):
         c = c_first + n_chunks - 1 - n if REVERSE else c_first + n
-        start, length, reset = _chunk_bounds(CHUNK_START, CHUNK_LEN, CHUNK_RESET, i_b, c, T, NC, BLOCK_C,
+        start, length, reset = _chunk_bounds(CHUNK_START, CHUNK_LEN, CHUNK_RESET, i_b, c, T, BLOCK_C,
                                              IS_VARLEN)
         if not REVERSE:
             b_s = b_s * (1.0 - reset)
@@ -188,7 +188,7 @@ def _chunk_output_kernel(
     n_chunks = tl.minimum(c_first + G, NC) - c_first
     for n in range(0, n_chunks):
         c = c_first + n_chunks - 1 - n if REVERSE else c_first + n
-        start, length, reset = _chunk_bounds(CHUNK_START, CHUNK_LEN, CHUNK_RESET, i_b, c, T, NC, BLOCK_C,
+        start, length, reset = _chunk_bounds(CHUNK_START, CHUNK_LEN, CHUNK_RESET, i_b, c, T, BLOCK_C,
                                              IS_VARLEN)
         if not REVERSE:
             b_s = b_s * (1.0 - reset)
@@ -254,6 +254,16 @@ def default_num_segments(chunks: Chunks, programs_per_segment: int, device) -> i
     else:
         target = 8
     return max(1, min(chunks.count, triton.cdiv(target, programs_per_segment)))
+
+
+def plan_segments(chunks: Chunks, heads: int, dv: int, device, num_segments: int | None = None) -> int:
+    """The number of segments to run (`num_segments`, or enough to fill the GPU), each non-empty."""
+    if num_segments is None:
+        programs_per_segment = chunks.batch * heads * triton.cdiv(dv, _block_z(dv, chunks.config))
+        num_segments = default_num_segments(chunks, programs_per_segment, device)
+    num_segments = max(1, min(num_segments, chunks.count))
+    # with ceil-divided chunks per segment, fewer segments may cover all chunks
+    return triton.cdiv(chunks.count, triton.cdiv(chunks.count, num_segments))
 
 
 def _dot_precision(dtype) -> str:
@@ -329,12 +339,7 @@ def lightning_attn_forward(q, k, v, decay, initial_state, cu_seqlens, chunk_size
     batch, seqlen, heads, dk = q.shape
     dv = v.shape[-1]
     chunks = Chunks(batch, seqlen, chunk_size, cu_seqlens, q.device, max(dk, dv))
-    if num_segments is None:
-        num_segments = default_num_segments(chunks, batch * heads * triton.cdiv(dv, _block_z(dv, chunks.config)),
-                                               q.device)
-    num_segments = max(1, min(num_segments, chunks.count))
-    # with ceil-divided chunks per segment, fewer segments may cover all chunks
-    num_segments = triton.cdiv(chunks.count, triton.cdiv(chunks.count, num_segments))
+    num_segments = plan_segments(chunks, heads, dv, q.device, num_segments)
     states, mult = chunk_local_states(k, v, decay, chunks, num_segments, reverse=False)
     final = scan_states(states, mult, initial_state, reverse=False)  # states now hold segment starts
     out = chunk_outputs(q, k, v, decay, states, chunks, reverse=False)
