@@ -210,7 +210,7 @@ def _wait_for(target: Path, failed: Path, timeout_s: float) -> None:
 
 def prepare(cfg: DataConfig) -> Prepared:
     """Tokenized data for `cfg`, built and cached on first use (once per node)."""
-    cfg.validate()
+    cfg = DataConfig.of(cfg).validate()
     target = cache_path(cfg)
     failed = target.with_name(target.name + ".failed")
     if not (target / "done").exists():

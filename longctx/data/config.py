@@ -60,6 +60,17 @@ class DataConfig:
             raise ValueError(f"data.prepare_timeout_s={self.prepare_timeout_s} must be positive")
         return self
 
+    @classmethod
+    def of(cls, cfg) -> "DataConfig":
+        """`cfg` as a DataConfig: itself, or built from a mapping (an OmegaConf DictConfig, a dict)."""
+        if isinstance(cfg, cls):
+            return cfg
+        try:
+            items = {str(k): cfg[k] for k in cfg.keys()}
+        except AttributeError:
+            raise TypeError(f"expected a DataConfig or a mapping of its fields, got {type(cfg).__name__}") from None
+        return cls(**items)
+
     def resolved_cache_dir(self) -> str:
         if self.cache_dir:
             return os.path.expanduser(self.cache_dir)

@@ -125,6 +125,7 @@ def build_loader(cfg: DataConfig, seq_len: int, micro_batch: int = 1, dp_rank: i
     """
     from .cache import _rank, format_report, prepare
 
+    cfg = DataConfig.of(cfg)
     prepared = prepare(cfg)
     loader = PackedLoader(prepared.store, seq_len, micro_batch, dp_rank, dp_size, seed, cfg.packing,
                           cfg.overlong, prepared.pad_id, pad_multiple, prepared.key, prepared.report)

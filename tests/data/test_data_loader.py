@@ -131,6 +131,8 @@ def test_config_is_a_valid_structured_hydra_schema():
     merged = omegaconf.OmegaConf.merge(schema, {"num_proc": 4, "cache_dir": "/tmp/x"})
     cfg = omegaconf.OmegaConf.to_object(merged)
     assert isinstance(cfg, DataConfig) and cfg.num_proc == 4
+    # a DictConfig (not converted to the dataclass) is accepted too
+    assert DataConfig.of(merged) == cfg and DataConfig.of({"num_proc": 3}).num_proc == 3
 
 
 def test_inspect_prints_the_masked_sample(cfg, capsys):
