@@ -322,8 +322,7 @@ def ring_forward(ring: RingComm, plan, q, k, v, scale):
     forward, _ = _block_functions(q.device)
     accum = _accum_dtype(q.dtype)
     batch, seqlen, heads, _ = q.shape
-    out = torch.zeros(q.shape, dtype=accum, device=q.device)
-    lse = torch.full((batch, heads, seqlen), float("-inf"), dtype=accum, device=q.device)
+    out = lse = None  # the running state, fp32; the first block that covers every row starts it
     world = ring.world_size
     kv = _buffer("kv", (2, 2, *k.shape), k.dtype, k.device) if world > 1 else None
     pending = []
@@ -344,6 +343,12 @@ def ring_forward(ring: RingComm, plan, q, k, v, scale):
                 _rows(block, q, block.q_rows), _rows(block, k_now, block.k_rows),
                 _rows(block, v_now, block.k_rows), softmax_scale=scale, causal=block.causal,
                 out_dtype=accum, **_varlen_args(block))
+            if out is None and block.batch is None and block.q_rows == (0, seqlen):
+                out, lse = block_out, block_lse
+                continue
+            if out is None:
+                out = torch.zeros(q.shape, dtype=accum, device=q.device)
+                lse = torch.full((batch, heads, seqlen), float("-inf"), dtype=accum, device=q.device)
             _merge(_rows(block, out, block.q_rows), _lse_rows(block, lse), block_out, block_lse)
     return out.to(q.dtype), lse
 
