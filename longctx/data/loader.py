@@ -97,6 +97,9 @@ class PackedLoader:
         if self.consumed + self.sequences_per_step > len(sequences):
             self.epoch, self.consumed = self.epoch + 1, 0
             sequences = self._sequences(self.epoch)
+            if len(sequences) < self.sequences_per_step:  # packing differs by epoch; barely ever this much
+                raise RuntimeError(f"epoch {self.epoch} packs into {len(sequences)} sequences, fewer than "
+                                   f"one step needs ({self.sequences_per_step}); use more data")
         first = self.consumed + self.dp_rank * self.micro_batch
         batch = self.batch_of(sequences[first:first + self.micro_batch])
         self.consumed += self.sequences_per_step
