@@ -253,3 +253,13 @@ def test_bad_inputs_raise_clear_errors():
         attention_forward(q, k, k, causal=False, causal_offset=2)
     with pytest.raises(ValueError, match="float32 of shape"):
         attention_backward(q, q, k, k, q, torch.zeros(1, 4, 7), causal=True)
+    with pytest.raises(TypeError, match="bf16"):
+        flash_attn_func(q.bfloat16(), k.bfloat16(), k.bfloat16())
+
+
+def test_cpu_tensors_without_the_interpreter_raise(monkeypatch):
+    import longctx.ops.attention.forward as forward
+    monkeypatch.setattr(forward, "INTERPRETED", False)
+    q = torch.randn(1, 8, 2, 32, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        flash_attn_func(q, q, q)

@@ -10,6 +10,7 @@ table and `check_inputs`.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -18,6 +19,8 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
+# Triton decides at import (when @triton.jit runs) whether kernels are interpreted on the CPU
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,6 +67,13 @@ def check_inputs(q, k, v, varlen: bool, cu_seqlens_q=None, cu_seqlens_k=None, ca
         raise TypeError(f"dtype {q.dtype} is not supported: use float16 or bfloat16 (float32 for tests)")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda":
+        if not INTERPRETED:
+            raise RuntimeError(f"the Triton attention kernels run on CUDA tensors, got {q.device}: use the sdpa "
+                               f"attention on a CPU, or set TRITON_INTERPRET=1 before importing longctx (tests)")
+        if q.dtype == torch.bfloat16:
+            raise TypeError("Triton's CPU interpreter computes bf16 dots wrongly: use float16 or float32 under "
+                            "TRITON_INTERPRET=1 (bf16 runs on GPUs)")
     head_dim = q.shape[-1]
     if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
         raise ValueError(f"q, k, v must share the head dim, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
