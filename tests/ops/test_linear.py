@@ -83,7 +83,7 @@ def _check(case, dtype, cu_seqlens=None, **kwargs):
 # (batch, seqlen, heads, kv_heads, dk, dv, decay, initial state, chunk_size, num_segments)
 CASES = {
     "B2-T70-H2-D32x16-init-seg2": (2, 70, 2, 2, 32, 16, "per_head", True, 16, 2),
-    "B1-T100-H4-kv2-D16x32-init-seg3": (1, 100, 4, 2, 16, 32, "per_head", True, 16, 3),
+    "B1-T75-H4-kv2-D16x32-init-seg3": (1, 75, 4, 2, 16, 32, "per_head", True, 16, 3),
     "B1-T47-H2-D24x40-noinit": (1, 47, 2, 2, 24, 40, "per_head", False, 16, 2),
     "B1-T33-H2-D16-zero-decay": (1, 33, 2, 1, 16, 16, "zero", True, 16, 1),
     "B1-T40-H1-D16-strong-decay": (1, 40, 1, 1, 16, 16, "strong", True, 16, 2),
