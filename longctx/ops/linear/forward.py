@@ -26,6 +26,9 @@ Numerics: every decay is exp2 of a non-positive exponent (no inverse decays), st
 cross-chunk combinations are fp32, matmuls take operands in the input dtype (bf16/fp16, fp32
 accumulation; fp32 inputs use IEEE fp32), token offsets are 64-bit, the sequence length and chunk
 count are run-time values.
+
+LASP (parallel/lasp.py) runs these phases itself, with the scan's carry crossing ranks: `Chunks`,
+`plan_segments`, `chunk_local_states`, `scan_states` and `chunk_outputs` are its interface.
 """
 from __future__ import annotations
 
@@ -35,7 +38,6 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 CHUNK_SIZE = 64
 STATE_SCAN_BLOCK = 1024
