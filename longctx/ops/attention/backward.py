@@ -82,7 +82,7 @@ def _delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_db
     b_do = tl.load(DO + i_b64 * stride_db + row * stride_ds + i_h * stride_dh
                    + o_r[:, None] * stride_ds + o_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)  # [BLOCK_M]
-    tl.store(DELTA + i_b64 * stride_lb + i_h * stride_lh + row + o_r, delta, mask=(m0 + o_r) < len_q)
+    tl.store(DELTA + i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + row + o_r, delta, mask=(m0 + o_r) < len_q)
 
 
 @triton.jit
@@ -188,8 +188,8 @@ def _dkdv_kernel(
         i_h = i_hk * group_size + g
         p_q = Q + i_b64 * stride_qb + row_q * stride_qs + i_h * stride_qh + o_r[:, None] * stride_qs + o_d[None, :]
         p_do = DO + i_b64 * stride_db + row_q * stride_ds + i_h * stride_dh + o_r[:, None] * stride_ds + o_d[None, :]
-        p_lse = LSE + i_b64 * stride_lb + i_h * stride_lh + row_q + o_r
-        p_delta = DELTA + i_b64 * stride_lb + i_h * stride_lh + row_q + o_r
+        p_lse = LSE + i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + row_q + o_r
+        p_delta = DELTA + i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + row_q + o_r
         dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
                              p_q + q_lo.to(tl.int64) * stride_qs, p_do + q_lo.to(tl.int64) * stride_ds,
                              p_lse + q_lo, p_delta + q_lo, o_n, q_lo, mid_end, len_q, offset, qk_scale,
@@ -277,7 +277,7 @@ def _dq_kernel(
                   + o_r[:, None] * stride_qs + o_d[None, :], mask=m_q, other=0.0)  # [BLOCK_M, BLOCK_D]
     b_do = tl.load(DO + i_b64 * stride_db + row_q * stride_ds + i_h * stride_dh
                    + o_r[:, None] * stride_ds + o_d[None, :], mask=m_q, other=0.0)
-    p_l = i_b64 * stride_lb + i_h * stride_lh + row_q + o_r
+    p_l = i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + row_q + o_r
     b_lse = tl.load(LSE + p_l, mask=m_row, other=float("inf"))
     # rows that saw nothing (lse -inf) contribute nothing: treat their lse as +inf
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634

@@ -4,8 +4,8 @@ One program computes BLOCK_M query rows of one (batch or document, head): it str
 the rows may see, first those wholly visible (no mask at all), then the few on the causal diagonal
 or past the end of the keys (masked). Key blocks wholly above the diagonal are never visited.
 
-Shared by the backward (backward.py): the layout helpers `_strides`, `_lse_strides`, the config
-table and `check_inputs`.
+Shared with the backward (backward.py): `check_inputs`, the layout helpers `strides` and `lse_strides`,
+and the jitted `_sequence_bounds` and `_key_range`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
 # Triton decides at import (when @triton.jit runs) whether kernels are interpreted on the CPU
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -238,7 +237,7 @@ def _fwd_kernel(
     O += i_b64 * stride_ob + row_q * stride_os + i_h * stride_oh
     K += i_b64 * stride_kb + k_start.to(tl.int64) * stride_ks + i_hk * stride_kh
     V += i_b64 * stride_vb + k_start.to(tl.int64) * stride_vs + i_hk * stride_vh
-    LSE += i_b64 * stride_lb + i_h * stride_lh + q_start + m0
+    LSE += i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + q_start + m0
 
     o_r = tl.arange(0, BLOCK_M)  # row within the block
     o_m = m0 + o_r               # row within the sequence
