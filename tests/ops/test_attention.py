@@ -155,6 +155,17 @@ def test_block_pair_with_causal_offset_on_strided_views(offset):
     check_against_reference(q, k, v, dout, dict(causal=True, causal_offset=offset))
 
 
+def test_head_dim_not_contiguous_is_copied_and_gives_the_same_result():
+    dtype = torch.float16
+    q, k, v = (rand(1, 21, 2, 48, dtype=dtype) for _ in range(3))
+    q_t = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, head dim strided
+    assert q_t.stride(-1) != 1
+    out, lse = attention_forward(q_t, k, v, causal=True)
+    ref_out, ref_lse = attention_forward(q, k, v, causal=True)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
+
+
 def test_ring_style_merge_of_two_key_halves_equals_full_attention():
     """Split the keys in two block pairs with offsets, merge by log-sum-exp in fp32: full causal attention."""
     dtype, seqlen, half = torch.float16, 48, 24
