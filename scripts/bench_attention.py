@@ -90,6 +90,12 @@ _FLEX = {}
 def flex(q, k, v, causal):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     if "fn" not in _FLEX:
+        # one compilation per shape: past dynamo's default limit (8) flex would fall back to an unfused
+        # implementation that materialises the scores (it did once, for the 9th shape)
+        import torch._dynamo
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     seqlen = q.shape[2]
     key = (seqlen, causal)
