@@ -36,8 +36,11 @@ local document bounds are worked out once per `cu_seqlens` tensor (a host read, 
 of a step; none when `cu_seqlens` lives on the CPU).
 
 Hybrid models run their softmax layers on the same contiguous shards: `allgather_kv_attention`
-(registered as `allgather_kv`) gathers K and V (small with GQA) and attends this rank's queries to
-the keys up to its shard's end, document by document.
+(registered as `allgather_kv`) gathers K and V (small with GQA) while the shard's own causal block
+runs, then attends the queries of the document that continues from earlier shards to its earlier
+keys and merges the two by their log-sum-exp; the backward returns those keys' gradients with a
+reduce-scatter that overlaps the diagonal block's backward. (Ring attention wants the zigzag
+layout, which the linear layers cannot use.)
 """
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ class ShardDocuments:
     carry_end: int                   # leading tokens that continue the previous shard's document
     last_start: int                  # local start of the last document (whose state leaves the shard)
     passes: tuple                    # per rank: no document starts there, the state passes through
+    past_start: int = 0              # global start of the document that continues into the shard
 
 
 def _documents_of_shard(bounds: list[int], rank: int, world: int, length: int) -> ShardDocuments:
@@ -87,10 +91,12 @@ def _documents_of_shard(bounds: list[int], rank: int, world: int, length: int) -
     mine = starts_in(rank)
     inner = [s for s in mine if s > 0]
     kernel_bounds = tuple([0] + inner + [length]) if inner else None
-    return ShardDocuments(length=length, kernel_bounds=kernel_bounds,
-                          carry_end=min(mine) if mine else length,
+    carry_end = min(mine) if mine else length
+    earlier = [s for s in bounds[:-1] if s < rank * length]
+    return ShardDocuments(length=length, kernel_bounds=kernel_bounds, carry_end=carry_end,
                           last_start=max(mine) if mine else 0,
-                          passes=tuple(not starts_in(r) for r in range(world)))
+                          passes=tuple(not starts_in(r) for r in range(world)),
+                          past_start=max(earlier) if carry_end and earlier else rank * length)
 
 
 _CACHE: dict = {}
@@ -491,7 +497,8 @@ def lasp_allgather(q, k, v, decay, *, cu_seqlens=None):
 
 
 class _GatherSequence(torch.autograd.Function):
-    """All-gather along the sequence (dim 1); the backward sums every rank's gradient of this shard."""
+    """All-gather along the sequence (dim 1); the backward sums every rank's gradient of this shard.
+    (The PyTorch path of `allgather_kv_attention`.)"""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -503,14 +510,112 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        pieces = grad.chunk(ctx.world, dim=1)
-        if dist.get_backend(ctx.group) == "gloo":  # gloo has no reduce-scatter
-            summed = grad.contiguous()
-            dist.all_reduce(summed, group=ctx.group)
-            return summed.chunk(ctx.world, dim=1)[ctx.rank].contiguous(), None
-        mine = torch.empty_like(pieces[0], memory_format=torch.contiguous_format)
-        dist.reduce_scatter_tensor(mine, torch.stack(pieces).contiguous(), group=ctx.group)
-        return mine, None
+        return _reduce_scatter_rows(torch.stack(grad.chunk(ctx.world, dim=1)), ctx.group, ctx.rank), None
+
+
+def _reduce_scatter_rows(rows: torch.Tensor, group, rank: int, async_op: bool = False):
+    """Sum `rows` (N, ...) over the group and keep row `rank`: reduce-scatter (NCCL), or all-reduce
+    and pick (gloo has no reduce-scatter). With `async_op`: (result, work or None)."""
+    if dist.get_backend(group) == "gloo":
+        rows = rows.contiguous()
+        work = dist.all_reduce(rows, group=group, async_op=async_op)
+        return (rows[rank], work) if async_op else rows[rank]
+    mine = torch.empty(rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    work = dist.reduce_scatter_tensor(mine, rows.contiguous(), group=group, async_op=async_op)
+    return (mine, work) if async_op else mine
+
+
+def _diagonal_args(docs: ShardDocuments, device) -> dict:
+    if docs.kernel_bounds is None:
+        return {}
+    bounds = torch.tensor(docs.kernel_bounds, dtype=torch.int32, device=device)
+    longest = max(b - a for a, b in zip(docs.kernel_bounds[:-1], docs.kernel_bounds[1:]))
+    return dict(cu_seqlens_q=bounds, cu_seqlens_k=bounds, max_seqlen_q=longest, max_seqlen_k=longest)
+
+
+class _AllGatherKVAttention(torch.autograd.Function):
+    """Flash-attention kernels with the log-sum-exp: the shard's own causal (diagonal) block runs
+    while K and V are gathered; then the queries of the document that continues from earlier shards
+    attend to its earlier keys, and the two results are merged. The backward sends the earlier
+    keys' gradients back to their owners (reduce-scatter) while the diagonal block's backward runs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, docs: ShardDocuments, scale):
+        from longctx.ops.attention import attention_forward
+        rank, world = _group_info(group)
+        batch, length = q.shape[:2]
+        dk = k.shape[-1]
+        kv = torch.cat([k, v], dim=-1).contiguous()  # one message: [B, L, Hkv, Dk + Dv]
+        gathered = [torch.empty_like(kv) for _ in range(world)]
+        work = dist.all_gather(gathered, kv, group=group, async_op=True) if world > 1 else None
+
+        diagonal = _diagonal_args(docs, q.device)
+        if diagonal:
+            out, lse = attention_forward(q[0], k[0], v[0], causal=True, softmax_scale=scale,
+                                         out_dtype=torch.float32, **diagonal)
+            out, lse = out[None], lse[None]  # [1, L, H, D], [1, H, L]
+        else:
+            out, lse = attention_forward(q, k, v, causal=True, softmax_scale=scale, out_dtype=torch.float32)
+        if work is not None:
+            work.wait()
+
+        seen = docs.carry_end if rank > 0 else 0  # queries that also see earlier shards' keys
+        past_k = past_v = None
+        if seen:
+            past = torch.cat(gathered[:rank], dim=1)[:, docs.past_start:]
+            past_k, past_v = past[..., :dk], past[..., dk:]
+            out_past, lse_past = attention_forward(q[:, :seen], past_k, past_v, causal=False, softmax_scale=scale,
+                                                   out_dtype=torch.float32)
+            merged = torch.logaddexp(lse[..., :seen], lse_past)                     # [B, H, seen]
+            keep = torch.exp(lse[..., :seen] - merged).transpose(1, 2)[..., None]   # [B, seen, H, 1]
+            add = torch.exp(lse_past - merged).transpose(1, 2)[..., None]
+            out[:, :seen] = out[:, :seen] * keep + out_past * add
+            lse[..., :seen] = merged
+        del gathered
+        out = out.to(q.dtype)
+        ctx.group, ctx.docs, ctx.scale, ctx.seen = group, docs, scale, seen
+        ctx.save_for_backward(q, k, v, out, lse, past_k, past_v)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from longctx.ops.attention import attention_backward
+        q, k, v, out, lse, past_k, past_v = ctx.saved_tensors
+        group, docs, scale, seen = ctx.group, ctx.docs, ctx.scale, ctx.seen
+        rank, world = _group_info(group)
+        batch, length = q.shape[:2]
+        dk = k.shape[-1]
+        dout = dout.contiguous()
+
+        # earlier keys first: their gradients travel back while the diagonal block's backward runs
+        rows = torch.zeros(world, batch, length, k.shape[2], dk + v.shape[-1], dtype=k.dtype, device=k.device)
+        dq_past = None
+        if seen:
+            dq_past, dk_past, dv_past = attention_backward(
+                dout[:, :seen], q[:, :seen], past_k, past_v, out[:, :seen], lse[..., :seen].contiguous(),
+                causal=False, softmax_scale=scale, grad_dtype=torch.float32)
+            grad_past = torch.cat([dk_past, dv_past], dim=-1).to(k.dtype)  # [B, rank*L - past_start, Hkv, Dk+Dv]
+            if batch == 1:
+                rows.view(1, world * length, *rows.shape[3:])[:, docs.past_start:rank * length] = grad_past
+            else:  # no documents: the past is whole shards
+                rows[:rank] = grad_past.view(batch, rank, length, *rows.shape[3:]).transpose(0, 1)
+        share, work = _reduce_scatter_rows(rows, group, rank, async_op=True) if world > 1 else (rows[0], None)
+
+        diagonal = _diagonal_args(docs, q.device)
+        if diagonal:
+            dq, dk_local, dv_local = attention_backward(dout[0], q[0], k[0], v[0], out[0], lse[0], causal=True,
+                                                        softmax_scale=scale, grad_dtype=torch.float32, **diagonal)
+            dq, dk_local, dv_local = dq[None], dk_local[None], dv_local[None]
+        else:
+            dq, dk_local, dv_local = attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=scale,
+                                                        grad_dtype=torch.float32)
+        if dq_past is not None:
+            dq[:, :seen] += dq_past
+        if work is not None:
+            work.wait()
+        dk_local += share[..., :dk]
+        dv_local += share[..., dk:]
+        return dq.to(q.dtype), dk_local.to(k.dtype), dv_local.to(v.dtype), None, None, None
 
 
 def _segments(cu_seqlens, start, end, total):
@@ -541,31 +646,21 @@ def _sdpa_bottom_right(q, k, v, scale):
 def allgather_kv_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
     """Causal softmax attention for contiguous shards over `get_sequence_group()`: K and V are
     all-gathered (GQA keeps them small) and this rank's queries attend to the keys up to its
-    shard's end. `cu_seqlens` describes the whole sequence, as for `lasp`."""
+    shard's end. `cu_seqlens` describes the whole sequence, as for `lasp`. With the flash kernels
+    (GPU, or the Triton interpreter) the gather overlaps the shard's own causal block; otherwise
+    PyTorch's SDPA runs each document piece on the gathered keys."""
     group = get_sequence_group()
     rank, world = _group_info(group)
     batch, length = q.shape[:2]
     if cu_seqlens is not None and batch != 1:
         raise ValueError(f"packed documents (cu_seqlens) need batch size 1 under sequence parallelism, got {batch}")
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    if kernel.use_triton(q) and q.dtype != torch.float64:
+        docs = shard_documents(cu_seqlens, rank, world, length)
+        return _AllGatherKVAttention.apply(q, k, v, group, docs, scale)
     if world > 1:
         k, v = _GatherSequence.apply(k, group), _GatherSequence.apply(v, group)
     start, end = rank * length, (rank + 1) * length
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     segments = _segments(cu_seqlens, start, end, world * length)
-    if q.is_cuda:
-        from longctx.ops.attention import flash_attn_func, flash_attn_varlen_func
-        if cu_seqlens is None:
-            return flash_attn_func(q, k[:, :end], v[:, :end], causal=True, softmax_scale=scale)
-        # the documents' key ranges tile [first document's start, end): pack them as they lie
-        first = segments[0][2]
-        bounds_q = [segments[0][0]] + [s[1] for s in segments]
-        bounds_k = [0] + [s[3] - first for s in segments]
-        cu_q = torch.tensor(bounds_q, dtype=torch.int32, device=q.device)
-        cu_k = torch.tensor(bounds_k, dtype=torch.int32, device=q.device)
-        max_q = max(s[1] - s[0] for s in segments)
-        max_k = max(s[3] - s[2] for s in segments)
-        out = flash_attn_varlen_func(q[0], k[0, first:end], v[0, first:end], cu_q, cu_k, max_q, max_k,
-                                     causal=True, softmax_scale=scale)
-        return out.unsqueeze(0)
     pieces = [_sdpa_bottom_right(q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], scale) for qs, qe, ks, ke in segments]
     return torch.cat(pieces, dim=1)

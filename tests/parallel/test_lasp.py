@@ -49,6 +49,14 @@ def _case(seed, world, packed):
     return q, k, v, dout, decay, cu
 
 
+def _softmax_case(seed, world, packed):
+    """As `_case`, with v and dO of the query head dim (softmax attention needs one head dim)."""
+    q, k, _, _, decay, cu = _case(seed, world, packed)
+    g = torch.Generator().manual_seed(seed + 1)
+    v = torch.randn(k.shape, generator=g)
+    return q, k, v, torch.randn(q.shape, generator=g), decay, cu
+
+
 def _cases(world):
     return (True, False) if world == 2 else (True,)
 
@@ -63,6 +71,13 @@ def _lasp_worker(rank, world, seed):
             out = lasp.lasp_attn_func(*local, decay, None, cu_seqlens=cu, variant=variant)
             out.backward(split_sequence(dout, None, dim=1, layout="contiguous"))
             results[packed, variant] = [out.detach()] + [x.grad for x in local]
+    if world == 2:  # the softmax layers of hybrid models on the same contiguous shards
+        for packed in (True, False):
+            q, k, v, dout, _, cu = _softmax_case(seed, world, packed)
+            local = [split_sequence(x, None, dim=1, layout="contiguous").requires_grad_(True) for x in (q, k, v)]
+            out = lasp.allgather_kv_attention(*local, cu_seqlens=cu)
+            out.backward(split_sequence(dout, None, dim=1, layout="contiguous"))
+            results[packed, "allgather_kv"] = [out.detach()] + [x.grad for x in local]
     if world == 4:  # a 2-D mesh: two sequence groups {0, 1} and {2, 3} side by side, on different data
         import torch.distributed as dist
         groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -88,6 +103,18 @@ def _reference(q, k, v, dout, decay, cu):
     return found
 
 
+def _softmax_reference(q, k, v, dout, decay, cu):
+    """Causal softmax attention of the whole sequence (sdpa): (fp32, float64), each [out, dq, dk, dv]."""
+    from longctx.model.attention import sdpa_attention
+    found = []
+    for dtype in (torch.float32, torch.float64):
+        leaves = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]
+        out = sdpa_attention(*leaves, cu_seqlens=cu)
+        out.backward(dout.to(dtype))
+        found.append([out.detach()] + [x.grad for x in leaves])
+    return found
+
+
 def _assert_close(got, single, truth, name):
     got, single, truth = got.double(), single.double(), truth.double()
     reference_error = (single - truth).abs().max().item()
@@ -107,6 +134,12 @@ def test_lasp_matches_one_process(world):
             for i, name in enumerate(("out", "dq", "dk", "dv")):
                 got = torch.cat([results[r][packed, variant][i] for r in range(world)], dim=1)
                 _assert_close(got, single[i], truth[i], f"{variant} packed={packed} {name} (seed {seed})")
+    if world == 2:
+        for packed in (True, False):
+            single, truth = _softmax_reference(*_softmax_case(seed, world, packed))
+            for i, name in enumerate(("out", "dq", "dk", "dv")):
+                got = torch.cat([results[r][packed, "allgather_kv"][i] for r in range(world)], dim=1)
+                _assert_close(got, single[i], truth[i], f"allgather_kv packed={packed} {name} (seed {seed})")
     if world == 4:
         for index, ranks in enumerate(([0, 1], [2, 3])):
             single, truth = _reference(*_case(seed + index, 2, True))
