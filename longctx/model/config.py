@@ -28,7 +28,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     bos_token_id: Optional[int] = 128000
     eos_token_id: Any = 128001
-    attention: str = "sdpa"                 # softmax token mixer, by name (model/attention.py)
+    attention: str = "auto"                 # softmax token mixer by name (model/attention.py); auto: flash on CUDA, sdpa elsewhere
     linear_attention: str = "lightning"     # linear token mixer, by name
     layer_types: Optional[List[str]] = None  # per layer "softmax" | "linear"; None: all softmax
     loss_chunk_size: int = 4096             # tokens per chunk of the seq x vocab loss

@@ -25,7 +25,6 @@ class ModelSection(ModelConfig):
     """A model shape (every field of longctx.model.ModelConfig), or a pretrained HF folder."""
     name: str = "tiny"
     pretrained: Optional[str] = None       # a Hugging Face LLaMA folder; its config.json wins over the shape
-    attention: str = "auto"                # auto: the Triton kernel on CUDA, SDPA on CPU
 
 
 @dataclass
