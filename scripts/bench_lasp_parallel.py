@@ -163,56 +163,75 @@ def load_fla():
         return None
 
 
+def _measure(rec, row, tokens, step, iters):
+    """Time `step` into `row` (or record its out-of-memory) and add the row."""
+    try:
+        ms, peak = time_steps(step, warmup=2, iters=iters)
+        row.update(ms=round(ms, 3), tok_s=round(tokens / ms * 1e3), peak_gib=round(peak, 2),
+                   tflops=round(lightning_flops(tokens, HEADS, HEAD_DIM, HEAD_DIM) / ms / 1e9, 1))
+    except torch.cuda.OutOfMemoryError as error:
+        row["error"] = f"OutOfMemoryError: {str(error)[:160]}"
+    torch.cuda.empty_cache()
+    rec.add(row)
+    return row
+
+
+def _lasp_rows(rec, shape, world, rank, iters):
+    """This rank's shard: our kernel alone, then LASP in both variants (all tensors freed on return)."""
+    seqlen = shape["seqlen"]
+    decay = decays(HEADS)
+    *leaves, do = inputs(seqlen // world, seed=rank)
+    leaves = [x.requires_grad_() for x in leaves]
+    local = _measure(rec, {"bench": "lasp_local_shard", "impl": "longctx", **shape, "gpus": 1}, seqlen // world,
+                     lambda: lightning_attn_func(*leaves, decay)[0].backward(do), iters)
+    for variant in lasp.VARIANTS:
+        row = _measure(rec, {"bench": "lasp", "impl": "longctx", **shape, "gpus": world, "variant": variant}, seqlen,
+                       lambda: lasp.lasp_attn_func(*leaves, decay, None, variant=variant).backward(do), iters)
+        if "ms" in local and "ms" in row:
+            row["overhead_vs_local_ms"] = round(row["ms"] - local["ms"], 3)
+
+
+def _one_gpu_rows(rec, shape, fla, iters):
+    """The whole sequence on one GPU (every rank at once on its own GPU; no collective inside a timed step)."""
+    seqlen = shape["seqlen"]
+    decay = decays(HEADS)
+    try:
+        *leaves, do = inputs(seqlen)
+        fits = 1.0
+    except torch.cuda.OutOfMemoryError:
+        leaves = do = None
+        fits = 0.0
+        torch.cuda.empty_cache()
+    if -max_over_ranks(-fits) < 1:  # decided together: the timings below hold collectives
+        del leaves, do
+        torch.cuda.empty_cache()
+        for impl in ["longctx"] + (["fla"] if fla is not None else []):
+            rec.add({"bench": "lasp", "impl": impl, **shape, "gpus": 1, "variant": "one_gpu",
+                     "error": "OutOfMemoryError: the whole sequence's inputs do not fit on one GPU"})
+        return {}
+    leaves = [x.requires_grad_() for x in leaves]
+    steps = {"longctx": lambda: lightning_attn_func(*leaves, decay)[0].backward(do)}
+    if fla is not None:
+        steps["fla"] = lambda: fla(*leaves, layer_idx=0, num_layers=24, scale=1.0)[0].backward(do)
+    single = {}
+    for impl, step in steps.items():
+        for x in leaves:
+            x.grad = None
+        torch.cuda.empty_cache()
+        single[impl] = _measure(rec, {"bench": "lasp", "impl": impl, **shape, "gpus": 1, "variant": "one_gpu"},
+                                seqlen, step, iters)
+    return single
+
+
 def bench_lasp(args, rec, world, rank):
     failures = check_lasp(world, rank)
     fla = load_fla()
     for seqlen in args.seqlens or LASP_SEQLENS:
         shape = {"seqlen": seqlen, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bf16", "mode": "fwd_bwd"}
         iters = 10 if seqlen <= (1 << 20) else 4
-        decay = decays(HEADS)
-        q, k, v, do = inputs(seqlen)
-        local = [split_sequence(x, None, dim=1, layout="contiguous") for x in (q, k, v, do)]
-        del q, k, v, do
+        _lasp_rows(rec, shape, world, rank, iters)
         torch.cuda.empty_cache()
-        local_ms = None
-
-        def measure(bench, impl, gpus, step, extra=None):
-            row = {"bench": bench, "impl": impl, **shape, "gpus": gpus, **(extra or {})}
-            try:
-                ms, peak = time_steps(step, warmup=2, iters=iters)
-                tokens = seqlen if bench != "lasp_local_shard" else seqlen // world
-                row.update(ms=round(ms, 3), tok_s=round(tokens / ms * 1e3), peak_gib=round(peak, 2),
-                           tflops=round(lightning_flops(tokens, HEADS, HEAD_DIM, HEAD_DIM) / ms / 1e9, 1))
-            except torch.cuda.OutOfMemoryError as error:
-                row["error"] = f"OutOfMemoryError: {str(error)[:160]}"
-            torch.cuda.empty_cache()
-            rec.add(row)
-            return row
-
-        # our kernel on this rank's shard alone: what LASP costs without its corrections and messages
-        leaves = [x.clone().requires_grad_() for x in local[:3]]
-        local_ms = measure("lasp_local_shard", "longctx", 1,
-                           lambda: lightning_attn_func(*leaves, decay)[0].backward(local[3])).get("ms")
-        for variant in lasp.VARIANTS:
-            step = (lambda variant=variant:
-                    lasp.lasp_attn_func(*leaves, decay, None, variant=variant).backward(local[3]))
-            row = measure("lasp", "longctx", world, step, {"variant": variant})
-            if local_ms and "ms" in row:
-                row["overhead_vs_local_ms"] = round(row["ms"] - local_ms, 3)
-        del leaves
-        torch.cuda.empty_cache()
-        # one GPU on the whole sequence (each rank at once on its own GPU)
-        full = inputs(seqlen)
-        full_leaves = [x.requires_grad_() for x in full[:3]]
-        one_gpu = {"longctx": lambda: lightning_attn_func(*full_leaves, decay)[0].backward(full[3])}
-        if fla is not None:
-            one_gpu["fla"] = lambda: fla(*full_leaves, layer_idx=0, num_layers=24, scale=1.0)[0].backward(full[3])
-        single = {}
-        for impl, step in one_gpu.items():
-            for x in full_leaves:
-                x.grad = None
-            single[impl] = measure("lasp", impl, 1, step, {"variant": "one_gpu"})
-        del full, full_leaves
+        single = _one_gpu_rows(rec, shape, fla, iters)
         torch.cuda.empty_cache()
         base = single.get("longctx", {}).get("tok_s")
         for row in rec.rows:
