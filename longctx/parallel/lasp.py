@@ -51,7 +51,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import triton
 
 from longctx.model.attention import document_ranges, register_attention, register_linear_attention
 from longctx.ops.linear import forward as kernel
@@ -346,12 +345,10 @@ def _uses_triton(q, v) -> bool:
 
 
 def _plan(q, v, bounds):
-    """The kernel's chunk table and segment count, chosen as `lightning_attn_forward` chooses them."""
+    """The kernel's chunk table and segment count, as `lightning_attn_forward` plans them."""
     batch, length, heads, _ = q.shape
     chunks = kernel.Chunks(batch, length, kernel.CHUNK_SIZE, bounds, q.device)
-    per_segment = batch * heads * triton.cdiv(v.shape[-1], kernel._block_z(v.shape[-1], chunks.config))
-    segments = max(1, min(kernel.default_num_segments(chunks, per_segment, q.device), chunks.count))
-    return chunks, triton.cdiv(chunks.count, triton.cdiv(chunks.count, segments))
+    return chunks, kernel.plan_segments(chunks, heads, v.shape[-1], q.device)
 
 
 class _LaspPhased(torch.autograd.Function):
