@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 _SOFTMAX: dict[str, Callable] = {}
 _LINEAR: dict[str, Callable] = {}
-_WHERE = {"ring": "longctx.parallel.ring", "lasp": "longctx.parallel.lasp"}
+_WHERE = {"ring": "longctx.parallel.ring", "lasp": "longctx.parallel.lasp",
+          "lasp_allgather": "longctx.parallel.lasp", "allgather_kv": "longctx.parallel.lasp"}
 
 
 def register_attention(name: str, fn: Callable | None = None):

@@ -55,12 +55,14 @@ class ModelConfig:
         return "softmax" if self.layer_types is None else self.layer_types[index]
 
     def num_parameters(self, embeddings: bool = True) -> int:
-        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
-        attn = h * self.num_attention_heads * self.head_dim * 2 + h * kv * 2
+        h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        attn = h * q * 2 + h * kv * 2
+        linear = attn + h * q + q             # a linear layer adds its gate and output norm
         mlp = 3 * h * self.intermediate_size
-        per_layer = attn + mlp + 2 * h
+        layers = sum((linear if self.layer_type(i) == "linear" else attn) + mlp + 2 * h
+                     for i in range(self.num_hidden_layers))
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + h + (emb if embeddings else 0)
+        return layers + h + (emb if embeddings else 0)
 
     @classmethod
     def from_hf(cls, hf: Any, **overrides) -> "ModelConfig":

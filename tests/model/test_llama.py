@@ -162,3 +162,13 @@ def test_mixer_gets_one_dtype_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 50, (1, 8)), labels=torch.randint(0, 50, (1, 8))).loss.backward()
     assert seen == [(torch.bfloat16,) * 3]
+
+
+@pytest.mark.parametrize("layer_types", [None, ["linear", "softmax"]], ids=["softmax", "hybrid"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_parameter_count_matches_the_model(layer_types, tied):
+    """num_parameters feeds MFU and the memory planner: it must count what the model holds."""
+    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, layer_types=layer_types,
+                         tie_word_embeddings=tied)
+    assert config.num_parameters() == sum(p.numel() for p in Llama(config).parameters())
