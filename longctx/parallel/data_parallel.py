@@ -77,12 +77,17 @@ def materialize(model: nn.Module, device: torch.device, full_state: Optional[dic
     """Give a model built on the meta device (and sharded) real storage: random initialisation,
     then, if given, the weights of a full state dict that only rank 0 holds (the others pass None);
     each rank receives its shards from rank 0, tensor by tensor."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     model.to_empty(device="cpu" if cpu_offload else device)
     with torch.no_grad():
         model.init_weights()
-    if full_state is None and not _any_rank(full_state is not None):
-        return
+    if _any_rank(full_state is not None):
+        load_full_state(model, full_state)
+
+
+def load_full_state(model: nn.Module, full_state: Optional[dict]) -> None:
+    """Load a full state dict that rank 0 holds (the others pass None) into a sharded or
+    replicated model; every rank receives its part from rank 0, tensor by tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     tied = getattr(model.config, "tie_word_embeddings", False)
     state = dict(full_state or {})
     if tied:
