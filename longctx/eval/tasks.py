@@ -1,7 +1,7 @@
 """The retrieval tasks of the long-context literature, generated from a seed.
 
 Line retrieval (LongChat, Ring Attention): many numbered lines
-    line swift-harbor: REGISTER_CONTENT is <48213>
+    line swift-harbor-reef: REGISTER_CONTENT is <48213>
 and a question for one of them. Needle in a haystack: one sentence ("the special magic number for
 Lisbon is 4821307.") hidden at a given depth of real text, and a question about it.
 
@@ -30,7 +30,6 @@ NEEDLE_TEMPLATE = " The special magic number for {key} is {value}. "
 NEEDLE_QUESTION = ("\n\nWhat is the special magic number for {key} mentioned in the text above? "
                    "Answer with the number only.\nAnswer:")
 
-# Line names are adjective-noun pairs: 48 x 48 = 2304 distinct names.
 ADJECTIVES = ("amber", "bold", "brisk", "calm", "clever", "cosy", "crisp", "dark", "eager", "early",
               "faint", "fierce", "gentle", "glad", "grand", "green", "hollow", "humble", "icy", "jolly",
               "keen", "late", "lively", "lone", "loud", "lucky", "mellow", "merry", "misty", "noble",
@@ -57,6 +56,12 @@ class Sample:
 def _distinct_numbers(rng: random.Random, count: int, digits: int, forbidden: str = "") -> list[str]:
     """`count` distinct numbers of exactly `digits` digits, none occurring in `forbidden`."""
     low, high = 10 ** (digits - 1), 10 ** digits - 1
+    if high - low + 1 <= 1000:   # few candidates: draw from those that are allowed
+        allowed = [str(n) for n in range(low, high + 1) if str(n) not in forbidden]
+        if count > len(allowed):
+            raise ValueError(f"cannot draw {count} distinct {digits}-digit values absent from the text "
+                             f"({len(allowed)} are); use more digits")
+        return rng.sample(allowed, count)
     if count > (high - low + 1) // 2:
         raise ValueError(f"cannot draw {count} distinct {digits}-digit values; use more digits")
     values: list[str] = []
@@ -70,11 +75,13 @@ def _distinct_numbers(rng: random.Random, count: int, digits: int, forbidden: st
 
 
 def line_names(count: int, rng: random.Random) -> list[str]:
-    """`count` distinct adjective-noun names in a seeded order."""
-    if count > len(ADJECTIVES) * len(NOUNS):
-        raise ValueError(f"at most {len(ADJECTIVES) * len(NOUNS)} lines have distinct names; asked for {count}")
-    pairs = rng.sample(range(len(ADJECTIVES) * len(NOUNS)), count)
-    return [f"{ADJECTIVES[p // len(NOUNS)]}-{NOUNS[p % len(NOUNS)]}" for p in pairs]
+    """`count` distinct adjective-noun-noun names (110592 of them: some 1.7M tokens of lines) in a
+    seeded order."""
+    a, n = len(ADJECTIVES), len(NOUNS)
+    if count > a * n * n:
+        raise ValueError(f"at most {a * n * n} lines have distinct names; asked for {count}")
+    return [f"{ADJECTIVES[p // (n * n)]}-{NOUNS[p // n % n]}-{NOUNS[p % n]}"
+            for p in rng.sample(range(a * n * n), count)]
 
 
 def depth_index(depth: float, count: int) -> int:
@@ -117,18 +124,27 @@ def count_tokens(tokenizer, text: str) -> int:
 
 def fit_line_retrieval(tokenizer, length: int, depth: float, seed: int, **kwargs) -> Sample:
     """The line-retrieval sample with the most lines whose prompt has at most `length` tokens."""
-    one = count_tokens(tokenizer, make_line_retrieval(1, depth, seed, **kwargs).prompt)
-    two = count_tokens(tokenizer, make_line_retrieval(2, depth, seed, **kwargs).prompt)
-    per_line = max(two - one, 1)
+    def tokens_of(lines):
+        sample = make_line_retrieval(lines, depth, seed, **kwargs)
+        return sample, count_tokens(tokenizer, sample.prompt)
+
+    _, one = tokens_of(1)
     if one > length:
         raise ValueError(f"a prompt with a single line already has {one} tokens > length {length}")
-    lines = max(1, 1 + (length - one) // per_line)
-    sample = make_line_retrieval(lines, depth, seed, **kwargs)
-    tokens = count_tokens(tokenizer, sample.prompt)
-    while tokens > length and lines > 1:   # line lengths vary a little: step back until it fits
-        lines = max(1, lines - max(1, (tokens - length) // per_line))
-        sample = make_line_retrieval(lines, depth, seed, **kwargs)
-        tokens = count_tokens(tokenizer, sample.prompt)
+    per_line = max((tokens_of(17)[1] - one) / 16, 1.0)      # names vary in length: average some
+    lines = max(1, 1 + int((length - one) / per_line))
+    sample, tokens = tokens_of(lines)
+    while tokens > length and lines > 1:                    # too long: step back
+        lines = max(1, lines - max(1, int((tokens - length) / per_line)))
+        sample, tokens = tokens_of(lines)
+    while True:                                             # room left: step forward
+        bigger, more = tokens_of(lines + max(1, int((length - tokens) / per_line)))
+        if more > length:
+            break
+        lines, sample, tokens = bigger.meta["num_lines"], bigger, more
+    if (length - tokens) > 2 * per_line:                    # the last big step overshot: one line at a time
+        while (bigger := tokens_of(lines + 1))[1] <= length:
+            lines, (sample, tokens) = lines + 1, bigger
     sample.meta.update(length=length, tokens=tokens)
     return sample
 
@@ -144,7 +160,7 @@ def haystack_text(conversations: list[list[dict]]) -> str:
     return text
 
 
-_SENTENCE_END = re.compile(r"[.!?\n]\s")
+_SENTENCE_END = re.compile(r"[.!?]\s+|\n+")
 
 
 def sentence_boundary(text: str, position: int) -> int:
