@@ -182,14 +182,15 @@ def attend_cached(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sca
     batch, _, heads, dim = q.shape
     kv_heads = keys.shape[2]
     queries = q.reshape(batch, kv_heads, heads // kv_heads, dim)          # head h reads kv head h // G
+    accum = torch.float64 if q.dtype == torch.float64 else torch.float32  # merged in fp32 at least
     if keys.shape[1]:
-        scores = torch.einsum("bkgd,bskd->bkgs", queries.to(keys.dtype), keys).float() * scale
+        scores = torch.einsum("bkgd,bskd->bkgs", queries.to(keys.dtype), keys).to(accum) * scale
         lse = torch.logsumexp(scores, dim=-1)                              # [B, Hkv, G]
         probs = torch.exp(scores - lse[..., None])
-        out = torch.einsum("bkgs,bskd->bkgd", probs.to(values.dtype), values).float()
+        out = torch.einsum("bkgs,bskd->bkgd", probs.to(values.dtype), values).to(accum)
     else:
-        lse = torch.full(queries.shape[:3], -math.inf, device=q.device)
-        out = torch.zeros(queries.shape, device=q.device)
+        lse = torch.full(queries.shape[:3], -math.inf, device=q.device, dtype=accum)
+        out = torch.zeros(queries.shape, device=q.device, dtype=accum)
     if world > 1:
         top = lse.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
