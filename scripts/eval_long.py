@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from longctx.eval import plots  # noqa: E402
-from longctx.eval.perplexity import bucket_edges, loss_by_position, packed_sequences  # noqa: E402
+from longctx.eval.perplexity import bucket_edges, conversation_sequences, loss_by_position  # noqa: E402
 from longctx.eval.runner import (PROMPT_FORMATS, answer_samples, line_retrieval_samples,  # noqa: E402
                                  needle_samples)
 from longctx.eval.scoring import accuracy_by  # noqa: E402
@@ -128,7 +128,9 @@ def evaluate(cfg: DictConfig) -> Path | None:
     if "needle" in cfg.tasks:
         from longctx.data import read_sharegpt
         conversations, _ = read_sharegpt(data_path(cfg.needle.haystack))
-        haystack = Haystack(tokenizer, haystack_text(conversations))
+        # about 4 characters a token in English text; 12 per token leaves room for code and Chinese
+        need = None if cfg.needle.random_start else 12 * max(lengths) + 10_000
+        haystack = Haystack(tokenizer, haystack_text(conversations, need))
         samples = needle_samples(haystack, lengths, depths, cfg.samples_per_cell, cfg.seed,
                                  random_start=cfg.needle.random_start)
         results = answer_samples(model, tokenizer, samples, cfg.max_new_tokens, cfg.prompt_format, eos, log)
@@ -137,11 +139,10 @@ def evaluate(cfg: DictConfig) -> Path | None:
                             "haystack_tokens": len(haystack.ids), "results": results}
         figures.append(("needle_heatmap.png", plots.needle_heatmap, results))
     if "perplexity" in cfg.tasks:
-        from longctx.data import read_sharegpt, tokenize_conversations
+        from longctx.data import read_sharegpt
         conversations, _ = read_sharegpt(data_path(cfg.perplexity.data))
         length = int(cfg.perplexity.length or max(lengths))
-        tokens = tokenize_conversations(conversations, tokenizer, chat_template="llama3", loss_mask="all")
-        sequences = packed_sequences(tokens["input_ids"], length, cfg.perplexity.sequences, cfg.seed)
+        sequences = conversation_sequences(conversations, tokenizer, length, cfg.perplexity.sequences, cfg.seed)
         rows = loss_by_position(model, sequences, bucket_edges(length))
         report["perplexity"] = {"length": length, "sequences": len(sequences), "by_position": rows}
         for r in rows:

@@ -92,11 +92,31 @@ def loss_by_position(model: Llama, sequences: list[torch.Tensor], edges: list[in
     return rows
 
 
-def packed_sequences(token_lists: list, length: int, count: int, seed: int = 0) -> list[torch.Tensor]:
-    """Up to `count` sequences of exactly `length` tokens: documents in a seeded order, joined end
-    to end (a document may continue into the next sequence). Fewer when the tokens run out."""
-    order = list(range(len(token_lists)))
+def conversation_sequences(conversations: list, tokenizer, length: int, count: int, seed: int = 0,
+                           chat_template: str = "llama3") -> list[torch.Tensor]:
+    """`packed_sequences` of ShareGPT conversations rendered with the chat template; only as many
+    conversations (in a seeded order) are tokenized as the sequences need."""
+    from longctx.data import tokenize_conversations
+    order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
+    tokens, total, batch = [], 0, 64
+    for first in range(0, len(order), batch):
+        chosen = [conversations[i] for i in order[first:first + batch]]
+        ids = tokenize_conversations(chosen, tokenizer, chat_template=chat_template, loss_mask="all")["input_ids"]
+        tokens += ids
+        total += sum(len(x) for x in ids)
+        if total >= length * count:
+            break
+    return packed_sequences(tokens, length, count, seed=None)
+
+
+def packed_sequences(token_lists: list, length: int, count: int, seed: int | None = 0) -> list[torch.Tensor]:
+    """Up to `count` sequences of exactly `length` tokens: documents in a seeded order (seed None:
+    as given), joined end to end (a document may continue into the next sequence). Fewer when the
+    tokens run out."""
+    order = list(range(len(token_lists)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
     stream, need = [], length * count
     total = 0
     for i in order:

@@ -22,7 +22,7 @@ def needle_heatmap(results: list[dict], path: str | Path, title: str = "Needle i
     plt = _pyplot()
     depths, lengths, grid = accuracy_grid(results, rows="asked_depth", columns="length")
     values = [[float("nan") if v is None else v for v in row] for row in grid]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(lengths), 1.0 + 0.45 * len(depths)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.8 * len(lengths)), max(3.0, 1.0 + 0.45 * len(depths))))
     image = ax.imshow(values, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(lengths)), [_tokens(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])

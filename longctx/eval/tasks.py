@@ -152,9 +152,17 @@ def fit_line_retrieval(tokenizer, length: int, depth: float, seed: int, **kwargs
 # ------------------------------------------------------------------------------------------------
 # needle in a haystack
 # ------------------------------------------------------------------------------------------------
-def haystack_text(conversations: list[list[dict]]) -> str:
-    """Real text to hide a needle in: the turns of ShareGPT conversations, one after the other."""
-    text = "\n\n".join(m["content"].strip() for c in conversations for m in c if m["content"].strip())
+def haystack_text(conversations: list[list[dict]], max_chars: int | None = None) -> str:
+    """Real text to hide a needle in: the turns of ShareGPT conversations, one after the other
+    (the first `max_chars` characters, when given: tokenizing all of a large file takes minutes)."""
+    parts, size = [], 0
+    for message in (m for c in conversations for m in c):
+        if max_chars is not None and size >= max_chars:
+            break
+        if message["content"].strip():
+            parts.append(message["content"].strip())
+            size += len(parts[-1]) + 2
+    text = "\n\n".join(parts)
     if not text:
         raise ValueError("the haystack is empty: the conversations hold no text")
     return text

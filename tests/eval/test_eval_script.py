@@ -1,0 +1,84 @@
+"""scripts/eval_long.py end to end on a tiny exported model: one process and two (torchrun, gloo,
+ring prefill) write the same results; bad model paths give one clear error line; figures."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from longctx.model import Llama, ModelConfig, save_hf
+
+REPO = Path(__file__).resolve().parents[2]
+ARGS = ["lengths=[96]", "depths=[0.0,1.0]", "samples_per_cell=1", "max_new_tokens=3", "perplexity.sequences=1"]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A run folder as the trainer leaves it (hf/ export) of a tiny model on the Llama-3 vocabulary."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("run")
+    config = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.5)
+    save_hf(Llama(config), folder / "hf")
+    return folder
+
+
+def run_script(args, launcher=(sys.executable,)):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, str(REPO / "scripts" / "eval_long.py"), *args], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)
+
+
+def test_one_and_two_processes_write_the_same_results(run_folder, tmp_path):
+    one = run_script([f"model.path={run_folder}", *ARGS])
+    assert one.returncode == 0, one.stderr[-3000:]
+    (out,) = (run_folder / "eval").iterdir()                 # results go to the run folder
+    report = json.loads((out / "results.json").read_text())
+    assert report["processes"] == 1 and report["model"] == str(run_folder / "hf")
+    for task in ("line_retrieval", "needle"):
+        results = report[task]["results"]
+        assert len(results) == 2 and all(isinstance(r["correct"], bool) for r in results)
+        assert all(80 <= r["tokens"] <= 96 + 8 for r in results)
+        assert [r["asked_depth"] for r in results] == [0.0, 1.0]
+    rows = report["perplexity"]["by_position"]
+    assert rows[0]["start"] == 1 and rows[-1]["end"] == 96 and sum(r["tokens"] for r in rows) == 95
+
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")
+    two = run_script([f"model.path={run_folder}", f"output_dir={tmp_path / 'two'}", *ARGS], torchrun)
+    assert two.returncode == 0, two.stderr[-3000:]
+    parallel = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert parallel["processes"] == 2
+    for task in ("line_retrieval", "needle"):
+        assert ([r["generated"] for r in parallel[task]["results"]]
+                == [r["generated"] for r in report[task]["results"]])
+    for a, b in zip(parallel["perplexity"]["by_position"], rows):
+        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_bad_model_path_is_one_clear_line(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    result = run_script([f"model.path={tmp_path}", "tasks=[needle]"])
+    assert result.returncode != 0
+    assert "no hf/ export" in result.stderr and "Traceback" not in result.stderr
+    result = run_script([f"model.path={tmp_path}", "tasks=[recall]"])
+    assert "tasks ['recall'] unknown" in result.stderr
+
+
+def test_figures(tmp_path):
+    from longctx.eval import plots
+    results = [{"length": n, "asked_depth": d, "depth": d, "correct": (n + int(10 * d)) % 3 == 0}
+               for n in (1024, 2048, 4096) for d in (0.0, 0.5, 1.0)]
+    rows = [{"start": 1 << i, "end": 2 << i, "tokens": 10, "loss": 3.0 - 0.1 * i, "ppl": 1.0} for i in range(8)]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:   # then drawing says how to get it
+        with pytest.raises(ImportError, match="pip install matplotlib"):
+            plots.needle_heatmap(results, tmp_path / "heat.png")
+        return
+    for path in (plots.needle_heatmap(results, tmp_path / "heat.png"),
+                 plots.accuracy_by_depth(results, tmp_path / "depth.png"),
+                 plots.loss_by_position_plot(rows, tmp_path / "loss.png", trained_length=16)):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
