@@ -78,59 +78,43 @@ class DataConfig:
                               os.path.join(os.path.expanduser("~"), ".cache", "longctx", "data"))
 
 
-def data_group_values(name: str) -> dict:
-    """The values of the Hydra `data` group option `name` (configs/data/<name>.yaml, or a .yaml
-    path), following its defaults list as Hydra does."""
+def config_from_args(args: list[str], extras: dict) -> tuple[DataConfig, dict]:
+    """A DataConfig from Hydra-style `key=value` overrides, composed by Hydra from the `data`
+    config group: `data=<name>` starts from configs/data/<name>.yaml (default: sharegpt_sample),
+    `key=value` or `data.key=value` sets a field (typed and checked against DataConfig); keys in
+    `extras` (name -> default) are returned apart."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from .sharegpt import sharegpt_v3_path
 
-    if not OmegaConf.has_resolver("sharegpt_v3_path"):
-        OmegaConf.register_new_resolver("sharegpt_v3_path", sharegpt_v3_path)
-    file = Path(name) if name.endswith(".yaml") else REPO_ROOT / "configs" / "data" / f"{name}.yaml"
-    if not file.exists():
-        options = sorted(p.stem for p in (REPO_ROOT / "configs" / "data").glob("*.yaml"))
-        raise SystemExit(f"data={name}: no such data config {file}; choose one of {options}")
-    node = OmegaConf.load(file)
-    defaults = list(node.pop("defaults", []))
-    if "_self_" not in defaults:
-        defaults.append("_self_")
-    merged = OmegaConf.create()
-    for entry in defaults:
-        part = node if entry == "_self_" else OmegaConf.create(data_group_values(str(entry)))
-        merged = OmegaConf.merge(merged, part)
-    return OmegaConf.to_container(merged, resolve=True)
-
-
-def config_from_args(args: list[str], extras: dict) -> tuple[DataConfig, dict]:
-    """A DataConfig from `key=value` arguments (an optional `data.` prefix is accepted, as in the
-    Hydra overrides of the trainer); `data=<name>` starts from configs/data/<name>.yaml; keys in
-    `extras` (name -> default) are returned apart."""
-    fields = {f.name: f for f in dataclasses.fields(DataConfig)}
-    values, others = {}, dict(extras)
-    for arg in args:
-        if arg.startswith("data="):
-            values.update(data_group_values(arg.partition("=")[2]))
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
+    name, overrides, others = "sharegpt_sample", [], dict(extras)
     for arg in args:
         key, sep, value = arg.partition("=")
-        if key == "data":
-            continue
         key = key.removeprefix("data.")
-        if not sep or (key not in fields and key not in extras):
+        if key == "data":
+            name = value
+        elif sep and key in extras:
+            others[key] = type(extras[key])(value) if extras[key] is not None else value
+        elif sep and key in fields:
+            overrides.append(f"{key}={value}")
+        else:
             raise SystemExit(f"unknown argument {arg!r}: expected key=value with key one of "
                              f"{sorted(fields) + sorted(extras)}")
-        if key in extras:
-            others[key] = type(extras[key])(value) if extras[key] is not None else value
-            continue
-        kind = fields[key].type
-        if value.lower() in ("none", "null") and "Optional" in str(kind):
-            values[key] = None
-        elif kind in ("bool", bool):
-            values[key] = value.lower() in ("1", "true", "yes")
-        elif kind in ("int", int):
-            values[key] = int(value)
-        elif kind in ("float", float):
-            values[key] = float(value)
-        else:
-            values[key] = value
-    return DataConfig(**values), others
+    group = REPO_ROOT / "configs" / "data"
+    if not (group / f"{name}.yaml").is_file():
+        raise SystemExit(f"data={name}: no such data config in {group}; choose one of "
+                         f"{sorted(p.stem for p in group.glob('*.yaml'))}")
+    if not OmegaConf.has_resolver("sharegpt_v3_path"):
+        OmegaConf.register_new_resolver("sharegpt_v3_path", sharegpt_v3_path)
+    try:
+        with initialize_config_dir(config_dir=str(group), version_base="1.3"):
+            node = compose(config_name=name)
+        # the schema first, so that the overrides are typed and may set fields the file leaves out
+        merged = OmegaConf.merge(OmegaConf.structured(DataConfig), node, OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(merged), others
+    except (HydraException, OmegaConfBaseException) as error:
+        raise SystemExit(f"data config: {error}") from None

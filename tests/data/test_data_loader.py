@@ -174,7 +174,7 @@ def test_distributed_ranks_prepare_once_and_read_their_own_shares(cfg, tmp_path)
 def test_command_line_arguments_and_data_groups():
     from longctx.data.config import config_from_args
 
-    cfg, extra = config_from_args(["data=sharegpt_sample", "data.num_proc=3", "cache_dir=none",
+    cfg, extra = config_from_args(["data=sharegpt_sample", "data.num_proc=3", "cache_dir=null",
                                    "verbose=false", "seq_len=4096"], {"seq_len": 2048, "sample": 0})
     assert cfg.path == "data/sharegpt_sample.json" and cfg.num_proc == 3 and cfg.cache_dir is None
     assert cfg.verbose is False and extra == {"seq_len": 4096, "sample": 0}
