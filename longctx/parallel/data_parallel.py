@@ -207,22 +207,25 @@ def unwrap(model) -> nn.Module:
 
 
 def full_state_dict(model) -> Optional[dict]:
-    """The whole model's parameters on rank 0's CPU (None elsewhere). A collective: call it on
-    every rank. ZeRO-3 gathers one parameter at a time, so no rank holds more than the result."""
+    """The whole model's parameters on rank 0's CPU (None elsewhere): copies, never views of the
+    live parameters. A collective: call it on every rank. ZeRO-3 gathers one parameter at a time,
+    so no rank holds more than the result."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if is_deepspeed(model):
-        module = model.module
-        if model.zero_optimization_stage() != 3:
-            state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if rank == 0 else None
-            return state
+    if is_deepspeed(model) and model.zero_optimization_stage() == 3:
         import deepspeed
         state = {}
-        params = dict(module.named_parameters(remove_duplicate=False))
-        for name, param in params.items():
+        for name, param in model.module.named_parameters(remove_duplicate=False):
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if rank == 0:
-                    state[name] = param.detach().cpu().clone()
+                    state[name] = param.detach().to("cpu", copy=True)
         return state if rank == 0 else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if rank == 0 else None
+    if is_deepspeed(model):   # ZeRO-1/2: the module holds whole parameters
+        state = model.module.state_dict() if rank == 0 else None
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    # on a CPU device (or with offloaded parameters) the tensors above may be the parameters themselves
+    on_cpu = any(p.device.type == "cpu" for p in unwrap(model).parameters())
+    return {k: v.detach().clone() if on_cpu else v.detach().cpu() for k, v in state.items()}
