@@ -14,6 +14,7 @@ The three differ in who owns the backward and the optimizer step; `gradient_sync
 """
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import contextmanager, nullcontext
 from typing import Optional
@@ -140,6 +141,8 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, precisi
 def build_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
     """The DeepSpeed engine over the default (dp x sp) group; it wraps `optimizer` in place."""
     import deepspeed
+    from deepspeed.utils import logger
+    logger.setLevel(logging.WARNING)   # its per-stage memory reports drown the training log
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
