@@ -1,5 +1,6 @@
 """scripts/eval_long.py end to end on a tiny exported model: one process and two (torchrun, gloo,
 ring prefill) write the same results; bad model paths give one clear error line; figures."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,6 +27,22 @@ def run_folder(tmp_path_factory):
     return folder
 
 
+def load_script():
+    spec = importlib.util.spec_from_file_location("eval_long", REPO / "scripts" / "eval_long.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compose(overrides):
+    """The script's config with command-line style overrides (what Hydra composes)."""
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(REPO / "configs" / "eval" / "default.yaml")
+    for key in ("defaults", "hydra"):
+        cfg.pop(key)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+
+
 def run_script(args, launcher=(sys.executable,)):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([*launcher, str(REPO / "scripts" / "eval_long.py"), *args], capture_output=True,
@@ -33,9 +50,8 @@ def run_script(args, launcher=(sys.executable,)):
 
 
 def test_one_and_two_processes_write_the_same_results(run_folder, tmp_path):
-    one = run_script([f"model.path={run_folder}", *ARGS])
-    assert one.returncode == 0, one.stderr[-3000:]
-    (out,) = (run_folder / "eval").iterdir()                 # results go to the run folder
+    out = load_script().evaluate(compose([f"model.path={run_folder}", *ARGS]))
+    assert out.parent == run_folder / "eval"                 # results go to the run folder
     report = json.loads((out / "results.json").read_text())
     assert report["processes"] == 1 and report["model"] == str(run_folder / "hf")
     for task in ("line_retrieval", "needle"):
@@ -58,13 +74,17 @@ def test_one_and_two_processes_write_the_same_results(run_folder, tmp_path):
         assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
-def test_bad_model_path_is_one_clear_line(tmp_path):
+def test_bad_config_is_one_clear_line(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     result = run_script([f"model.path={tmp_path}", "tasks=[needle]"])
     assert result.returncode != 0
     assert "no hf/ export" in result.stderr and "Traceback" not in result.stderr
-    result = run_script([f"model.path={tmp_path}", "tasks=[recall]"])
-    assert "tasks ['recall'] unknown" in result.stderr
+    script = load_script()
+    for override, message in [("tasks=[recall]", r"tasks \['recall'\] unknown"), ("depths=[1.5]", "depths must"),
+                              ("lengths=[8]", "at least 16"), ("prompt_format=chatml", "prompt_format"),
+                              ("model.path=/nonexistent", "neither a Hugging Face folder")]:
+        with pytest.raises(script.EvalConfigError, match=message):
+            script.evaluate(compose([f"model.path={tmp_path}", override]))
 
 
 def test_figures(tmp_path):
