@@ -59,8 +59,15 @@ def answer_samples(model: Llama, tokenizer, samples: list[Sample], max_new_token
 def line_retrieval_samples(tokenizer, lengths: list[int], depths: list[float], samples_per_cell: int,
                            seed: int = 0, **kwargs) -> list[Sample]:
     """A line-retrieval sample for every (length, depth, repeat), lengths in prompt tokens."""
-    return [fit_line_retrieval(tokenizer, length, depth, seed * 100003 + repeat, **kwargs)
-            for length in lengths for depth in depths for repeat in range(samples_per_cell)]
+    samples = []
+    for length in lengths:
+        hint = None
+        for depth in depths:
+            for repeat in range(samples_per_cell):
+                samples.append(fit_line_retrieval(tokenizer, length, depth, seed * 100003 + repeat,
+                                                  lines_hint=hint, **kwargs))
+                hint = samples[-1].meta["num_lines"]
+    return samples
 
 
 def needle_samples(haystack: Haystack, lengths: list[int], depths: list[float], samples_per_cell: int,

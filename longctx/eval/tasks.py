@@ -122,8 +122,12 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False))
 
 
-def fit_line_retrieval(tokenizer, length: int, depth: float, seed: int, **kwargs) -> Sample:
-    """The line-retrieval sample with the most lines whose prompt has at most `length` tokens."""
+def fit_line_retrieval(tokenizer, length: int, depth: float, seed: int, lines_hint: int | None = None,
+                       **kwargs) -> Sample:
+    """The line-retrieval sample with the most lines whose prompt has at most `length` tokens.
+
+    Each try tokenizes a whole prompt (seconds at 512K tokens): `lines_hint`, the line count found
+    for the same length before, starts the search next to the answer."""
     def tokens_of(lines):
         sample = make_line_retrieval(lines, depth, seed, **kwargs)
         return sample, count_tokens(tokenizer, sample.prompt)
@@ -132,7 +136,7 @@ def fit_line_retrieval(tokenizer, length: int, depth: float, seed: int, **kwargs
     if one > length:
         raise ValueError(f"a prompt with a single line already has {one} tokens > length {length}")
     per_line = max((tokens_of(17)[1] - one) / 16, 1.0)      # names vary in length: average some
-    lines = max(1, 1 + int((length - one) / per_line))
+    lines = lines_hint or max(1, 1 + int((length - one) / per_line))
     sample, tokens = tokens_of(lines)
     while tokens > length and lines > 1:                    # too long: step back
         lines = max(1, lines - max(1, int((tokens - length) / per_line)))
