@@ -100,15 +100,21 @@ def shard_prompt(model: Llama, input_ids: torch.Tensor, extra: dict | None = Non
 
 
 class KVCache:
-    """Per layer: keys (rotated) and values [B, S, Hkv, D] of the tokens this rank holds."""
+    """Per layer: keys (rotated) and values [B, S, Hkv, D] of the prompt tokens this rank holds,
+    and apart from them those of the decoded tokens (so a step never copies the long part)."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int):
         self.keys, self.values = keys, values
+        self.new_keys = [k[:, :0] for k in keys]
+        self.new_values = [v[:, :0] for v in values]
         self.length = length     # tokens in the whole sequence so far: the next token's position
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.keys[layer] = torch.cat([self.keys[layer], k], dim=1)
-        self.values[layer] = torch.cat([self.values[layer], v], dim=1)
+        self.new_keys[layer] = torch.cat([self.new_keys[layer], k], dim=1)
+        self.new_values[layer] = torch.cat([self.new_values[layer], v], dim=1)
+
+    def blocks(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.keys[layer], self.values[layer]), (self.new_keys[layer], self.new_values[layer])]
 
 
 def attention_layers(model: Llama) -> list[Attention]:
@@ -175,22 +181,27 @@ def _rank_holding(index: int, shard: Shard) -> int:
     return piece if piece < world else 2 * world - 1 - piece
 
 
-def attend_cached(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, group=None,
+def attend_cached(q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]], scale: float, group=None,
                   world: int = 1) -> torch.Tensor:
-    """Attention of new queries q [B, 1, H, D] to all cached keys/values [B, S, Hkv, D] of the
-    group (each rank holds some), merged across ranks by log-sum-exp. Returns [B, 1, H, D]."""
+    """Attention of new queries q [B, 1, H, D] to all cached keys/values of the group: this rank's
+    `blocks` of (keys, values) [B, S_i, Hkv, D] (S_i may be 0) merged by log-sum-exp, then the
+    ranks' results merged the same way. Returns [B, 1, H, D]."""
     batch, _, heads, dim = q.shape
-    kv_heads = keys.shape[2]
+    kv_heads = blocks[0][0].shape[2]
     queries = q.reshape(batch, kv_heads, heads // kv_heads, dim)          # head h reads kv head h // G
     accum = torch.float64 if q.dtype == torch.float64 else torch.float32  # merged in fp32 at least
-    if keys.shape[1]:
+    lse = torch.full(queries.shape[:3], -math.inf, device=q.device, dtype=accum)   # [B, Hkv, G]
+    out = torch.zeros(queries.shape, device=q.device, dtype=accum)                 # [B, Hkv, G, D]
+    for keys, values in blocks:
+        if not keys.shape[1]:
+            continue
         scores = torch.einsum("bkgd,bskd->bkgs", queries.to(keys.dtype), keys).to(accum) * scale
-        lse = torch.logsumexp(scores, dim=-1)                              # [B, Hkv, G]
-        probs = torch.exp(scores - lse[..., None])
-        out = torch.einsum("bkgs,bskd->bkgd", probs.to(values.dtype), values).to(accum)
-    else:
-        lse = torch.full(queries.shape[:3], -math.inf, device=q.device, dtype=accum)
-        out = torch.zeros(queries.shape, device=q.device, dtype=accum)
+        block_lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - block_lse[..., None])
+        block_out = torch.einsum("bkgs,bskd->bkgd", probs.to(values.dtype), values).to(accum)
+        merged = torch.logaddexp(lse, block_lse)
+        out = out * torch.exp(lse - merged)[..., None] + block_out * torch.exp(block_lse - merged)[..., None]
+        lse = merged
     if world > 1:
         top = lse.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
@@ -219,7 +230,7 @@ def decode_step(model: Llama, tokens: torch.Tensor, cache: KVCache) -> torch.Ten
         v = attn.v_proj(h).view(batch, 1, attn.num_kv_heads, -1)
         if keeper:
             cache.append(i, k, v)
-        out = attend_cached(q, cache.keys[i], cache.values[i], q.shape[-1] ** -0.5, group, world)
+        out = attend_cached(q, cache.blocks(i), q.shape[-1] ** -0.5, group, world)
         x = x + attn.o_proj(out.reshape(batch, 1, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     cache.length += 1

@@ -68,10 +68,12 @@ def test_greedy_stops_at_end_token_and_checks_arguments():
 def test_attend_cached_matches_softmax_attention():
     q = torch.randn(2, 1, 6, 8, dtype=torch.float64)
     k, v = torch.randn(2, 13, 2, 8, dtype=torch.float64), torch.randn(2, 13, 2, 8, dtype=torch.float64)
-    out = attend_cached(q, k, v, 8 ** -0.5)
     expected = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True).transpose(1, 2)
-    assert torch.allclose(out, expected, rtol=1e-10, atol=1e-12)
+    for cuts in ([], [5], [0, 13], [3, 4, 9]):           # the cache in blocks, some empty
+        bounds = [0, *cuts, 13]
+        blocks = [(k[:, a:b], v[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        assert torch.allclose(attend_cached(q, blocks, 8 ** -0.5), expected, rtol=1e-10, atol=1e-12), cuts
 
 
 def test_linear_attention_models_decode_without_cache():
