@@ -11,6 +11,24 @@ gradient of the mean over the global batch.
 
 The three differ in who owns the backward and the optimizer step; `gradient_sync`, `backward`,
 `optimizer_step` and `full_state_dict` hide that from the train loop.
+
+Choosing one (configs/parallel/*.yaml, any of them combines with parallel.sp and sp_method):
+    parallel=default                          DDP: replicated weights, one all-reduce per step
+    parallel=fsdp                             FSDP2: everything sharded per decoder layer; the model
+                                              is built on the meta device and each rank allocates
+                                              only its shards (pretrained weights: rank 0 reads, sends)
+    parallel=deepspeed parallel.zero_stage=N  DeepSpeed ZeRO-1/2/3 with a config generated from ours
+    parallel.cpu_offload=true                 FSDP2: parameters, gradients, optimizer on the CPU;
+                                              DeepSpeed: the optimizer (ZeRO-3: parameters too)
+Checkpoints: DCP (reshardable) for DDP and FSDP2, DeepSpeed's own format for ZeRO; resume with
+the backend that saved. Every backend exports a Hugging Face folder at the end.
+
+Launchers: `torchrun --nproc_per_node N -m longctx.train ...` is the reference.
+`accelerate launch --multi_gpu --num_processes N -m longctx.train ...` works as a drop-in for
+users who launch everything with accelerate (it sets the same environment as torchrun); leave
+accelerate's own --use_fsdp / --use_deepspeed / --mixed_precision unset: longctx does not use
+accelerate's Accelerator, the backend and precision come from parallel.* and train.precision.
+The `deepspeed` launcher is not supported (use torchrun: the engine is built inside longctx).
 """
 from __future__ import annotations
 
