@@ -32,6 +32,8 @@ from longctx.train.config import REPO_ROOT, Config, register_configs
 SEQ_LEN, GRAD_ACCUM, STEPS, VOCAB = 64, 2, 2, 128
 BACKENDS = [("ddp", 0), ("fsdp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
 LAYOUTS = {"dp2-sp2-ring": (2, 2, "ring"), "dp2-sp2-lasp": (2, 2, "lasp"), "dp4-sp1": (4, 1, "none")}
+# bf16 compute over fp32 master weights: FSDP2's mixed-precision policy, DeepSpeed's bf16 mode
+BF16_BACKENDS = [("fsdp", 0), ("deepspeed", 2)]
 
 
 def model_section(cfg: Config, sp_method: str) -> None:
@@ -115,7 +117,9 @@ def _train_case(rank, world, cfg, seed, reference_state):
         scheduler.step()
         losses.append(loss.item())
         norms.append(float(norm))
-    return {"losses": losses, "norms": norms, "state": data_parallel.full_state_dict(train_model)}
+    master_dtypes = {str(p.dtype) for group in optimizer.param_groups for p in group["params"]}
+    return {"losses": losses, "norms": norms, "state": data_parallel.full_state_dict(train_model),
+            "master_dtypes": master_dtypes}
 
 
 def _worker(rank, world, seed, cases, trainer_configs, check_config):
@@ -252,6 +256,11 @@ def runs(tmp_path_factory):
         references[layout] = {dtype: single_process(base, seed, dp, dtype) for dtype in (torch.float32, torch.float64)}
         for backend, stage in BACKENDS:
             cases.append((f"{layout}/{backend}{stage or ''}", make_config(dp, sp, method, backend, stage), state))
+        if layout == "dp2-sp2-ring":
+            for backend, stage in BF16_BACKENDS:
+                cfg = make_config(dp, sp, method, backend, stage)
+                cfg.train.precision = "bf16_pure"
+                cases.append((f"{layout}/{backend}{stage or ''}/bf16", cfg, state))
     # the PyTorch paths of ring attention and LASP (the Triton interpreter is slow and tested elsewhere)
     mp = pytest.MonkeyPatch()
     mp.delenv("TRITON_INTERPRET", raising=False)
@@ -331,3 +340,14 @@ def test_check_passes_a_right_layout_and_fails_a_broken_one(runs):
     # gradients do
     assert not broken["ok"] and broken["update_rel_diff"] > broken["update_tolerance"], format_report(broken)
     assert "FAIL" in format_report(broken)
+
+
+@pytest.mark.parametrize("backend", [f"{b}{s or ''}" for b, s in BF16_BACKENDS])
+def test_bf16_pure_trains_fp32_masters_close_to_one_process(runs, backend):
+    seed, results, references, _ = runs
+    got, fp32 = results[0][f"dp2-sp2-ring/{backend}/bf16"], results[0][f"dp2-sp2-ring/{backend}"]
+    assert got["master_dtypes"] == {"torch.float32"}, got["master_dtypes"]   # the optimizer steps fp32 weights
+    ref64 = references["dp2-sp2-ring"][torch.float64]
+    error = rel_err(got["losses"], ref64["losses"])
+    assert error < 2e-2, f"{backend} bf16 losses {got['losses']} vs {ref64['losses']} (seed {seed})"
+    assert got["losses"] != fp32["losses"]   # the forward did run in bf16
