@@ -5,18 +5,20 @@ names: `sdpa`, `flash`, or `ring` across a sequence-parallel group) while forwar
 layer's `k_proj` / `v_proj` keep the keys and values: the KV cache. Each decoded token then costs
 one small step against the cache instead of a forward over the whole context.
 
-Sequence parallel (`model.config.attention == "ring"`, group from `set_sequence_group`): the prompt
-is split zigzag over the group, so each rank caches the keys/values of its own share and nobody
-holds the whole cache. A decode step computes the new token's query on every rank (the layers
+Linear-attention layers keep their recurrent state instead (S = sum_t exp(-decay (T-1-t)) k_t^T v_t,
+fp32), worked out from the same hooked keys and values; a decode step updates it in place.
+
+Sequence parallel (group from `set_sequence_group`): with the `ring` mixer the prompt is split
+zigzag over the group; with LASP (`linear_attention` `lasp` / `lasp_allgather`, softmax layers of a
+hybrid on `allgather_kv`) it is split in contiguous shares. Each rank caches the keys/values of its
+own share and nobody holds the whole cache (a linear layer's state is summed over the ranks once,
+then kept by all). A decode step computes the new token's query on every rank (the layers
 are replicated), attends it to the local cache, and merges the ranks' partial outputs by their
 log-sum-exp with three all-reduces per layer (the same merge ring attention uses). The keys and
 values of decoded tokens are kept by group rank 0 only, so they count once.
 
-A prompt whose length does not divide by 2 x ranks is padded with a separate document (its own
-`cu_seqlens` entry) that the prompt never attends to, and its keys are dropped from the cache.
-
-Only softmax layers have a cache: a model with linear-attention layers decodes with
-`use_cache=False` (a whole forward per token, one process).
+A prompt whose length does not divide by the layout's divisor is padded at the end with a
+separate document (its own `cu_seqlens` entry) that the prompt never sees, and dropped from the cache.
 """
 from __future__ import annotations
 
@@ -25,13 +27,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from longctx.model.llama import Attention, Llama
 from longctx.model.rotary import apply_rotary, rotary_cos_sin
+from longctx.parallel import lasp as _lasp  # noqa: F401  registers `lasp`, `lasp_allgather`, `allgather_kv`
 from longctx.parallel import ring as _ring  # noqa: F401  registers the `ring` mixer
 from longctx.parallel.sequence import get_sequence_group, sequence_divisor, split_sequence
 
-SEQUENCE_PARALLEL_MIXERS = {"ring": "zigzag"}
+# the sequence layout each sequence-parallel mixer reads; any other mixer runs on one process
+SOFTMAX_LAYOUTS = {"ring": "zigzag", "allgather_kv": "contiguous"}
+LINEAR_LAYOUTS = {"lasp": "contiguous", "lasp_allgather": "contiguous"}
 
 
 def group_info(group) -> tuple[int, int]:
@@ -40,10 +46,26 @@ def group_info(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def sequence_layout(model: Llama) -> str | None:
+    """How the model's mixers want a sequence split ("zigzag", "contiguous"), or None: one process."""
+    config = model.config
+    kinds = {config.layer_type(i) for i in range(config.num_hidden_layers)}
+    layouts = set()
+    if "softmax" in kinds:
+        layouts.add(SOFTMAX_LAYOUTS.get(config.attention))
+    if "linear" in kinds:
+        layouts.add(LINEAR_LAYOUTS.get(config.linear_attention))
+    if len(layouts) > 1:
+        raise ValueError(f"attention {config.attention!r} and linear_attention {config.linear_attention!r} "
+                         "do not split a sequence the same way: a LASP hybrid runs its softmax layers on "
+                         "'allgather_kv'; one process runs 'sdpa'/'flash' with 'lightning'")
+    return layouts.pop()
+
+
 def sequence_group(model: Llama) -> tuple[object, int, int]:
-    """(group, rank, ranks) that share one sequence: the sequence group for a sequence-parallel
-    mixer; otherwise each process works alone (rank 0 of 1), whatever else runs beside it."""
-    if model.config.attention not in SEQUENCE_PARALLEL_MIXERS:
+    """(group, rank, ranks) that share one sequence: the sequence group for sequence-parallel
+    mixers; otherwise each process works alone (rank 0 of 1), whatever else runs beside it."""
+    if sequence_layout(model) is None:
         return None, 0, 1
     group = get_sequence_group()
     return (group, *group_info(group))
@@ -78,7 +100,7 @@ def shard_prompt(model: Llama, input_ids: torch.Tensor, extra: dict | None = Non
     if world == 1:
         shard = Shard(input_ids, positions.expand_as(input_ids), positions, None, length, None, None)
         return shard, extra
-    layout = SEQUENCE_PARALLEL_MIXERS[model.config.attention]
+    layout = sequence_layout(model)
     divisor = sequence_divisor(world, layout)
     padded = -(-length // divisor) * divisor
     pad = padded - length
@@ -103,10 +125,11 @@ class KVCache:
     """Per layer: keys (rotated) and values [B, S, Hkv, D] of the prompt tokens this rank holds,
     and apart from them those of the decoded tokens (so a step never copies the long part)."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int):
-        self.keys, self.values = keys, values
-        self.new_keys = [k[:, :0] for k in keys]
-        self.new_values = [v[:, :0] for v in values]
+    def __init__(self, keys: list, values: list, length: int, states: list | None = None):
+        self.keys, self.values = keys, values             # None for a linear layer
+        self.new_keys = [None if k is None else k[:, :0] for k in keys]
+        self.new_values = [None if v is None else v[:, :0] for v in values]
+        self.states = states or [None] * len(keys)        # linear layers: [B, H, Dk, Dv], fp32
         self.length = length     # tokens in the whole sequence so far: the next token's position
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -117,12 +140,27 @@ class KVCache:
         return [(self.keys[layer], self.values[layer]), (self.new_keys[layer], self.new_values[layer])]
 
 
-def attention_layers(model: Llama) -> list[Attention]:
-    layers = [layer.self_attn for layer in model.layers]
-    if not all(isinstance(a, Attention) for a in layers):
-        raise NotImplementedError("the KV cache covers softmax attention layers only; this model has "
-                                  "linear-attention layers: decode with use_cache=False")
-    return layers
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, S, Hkv, D] -> [B, S, H, D]: query head h reads kv head h // (H // Hkv)."""
+    return x.repeat_interleave(heads // x.shape[2], dim=2)
+
+
+def linear_state(attn, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, length: int,
+                 group, world: int) -> torch.Tensor:
+    """The recurrent state [B, H, Dk, Dv] after `length` tokens, from the (silu'd) keys and values
+    [B, S, Hkv, D] at global `positions` [S] that this rank holds, summed over the group."""
+    accum = _accum_dtype(k.dtype)
+    k, v = _expand_heads(k, attn.num_heads).to(accum), _expand_heads(v, attn.num_heads).to(accum)
+    age = (length - 1 - positions).to(accum)                             # tokens after each one
+    weight = torch.exp(-attn.decay.to(accum)[None, :] * age[:, None])    # [S, H]
+    state = torch.einsum("bshd,sh,bshe->bhde", k, weight, v)
+    if world > 1:
+        dist.all_reduce(state, group=group)
+    return state
 
 
 def _owner_broadcast(x: torch.Tensor, owner: int, group, world: int) -> torch.Tensor:
@@ -136,9 +174,10 @@ def _owner_broadcast(x: torch.Tensor, owner: int, group, world: int) -> torch.Te
 
 @torch.no_grad()
 def prefill(model: Llama, input_ids: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
-    """The logits [B, V] after the last prompt token, and the KV cache of this rank's share."""
-    layers = attention_layers(model)
+    """The logits [B, V] after the last prompt token, and the cache of this rank's share."""
     shard, _ = shard_prompt(model, input_ids)
+    group, _, world = sequence_group(model)
+    layers = [layer.self_attn for layer in model.layers]
     captured: dict[tuple[str, int], torch.Tensor] = {}
     hooks = []
     for i, attn in enumerate(layers):
@@ -153,21 +192,27 @@ def prefill(model: Llama, input_ids: torch.Tensor) -> tuple[torch.Tensor, KVCach
             hook.remove()
     batch, local = shard.input_ids.shape
     real = shard.real
-    keys, values = [], []
+    keys, values, states = [], [], []
     cos, sin = None, None
     for i, attn in enumerate(layers):
-        k = captured[("k", i)].view(batch, local, attn.num_kv_heads, -1)
-        v = captured[("v", i)].view(batch, local, attn.num_kv_heads, -1)
-        if cos is None:
-            cos, sin = rotary_cos_sin(model.inv_freq, shard.position_ids, k.dtype)
-        keys.append(apply_rotary(k, cos, sin)[:, real].contiguous())
-        values.append(v[:, real].contiguous())
+        k = captured.pop(("k", i)).view(batch, local, attn.num_kv_heads, -1)
+        v = captured.pop(("v", i)).view(batch, local, attn.num_kv_heads, -1)
+        if isinstance(attn, Attention):
+            if cos is None:
+                cos, sin = rotary_cos_sin(model.inv_freq, shard.position_ids, k.dtype)
+            keys.append(apply_rotary(k, cos, sin)[:, real].contiguous())
+            values.append(v[:, real].contiguous())
+            states.append(None)
+        else:
+            keys.append(None)
+            values.append(None)
+            states.append(linear_state(attn, F.silu(k)[:, real], v[:, real], shard.index[real], shard.length,
+                                       group, world))
     last = shard.length - 1
     holder = (shard.index == last).nonzero()
-    owner = _rank_holding(last, shard)
     final = hidden[:, holder[0, 0]] if holder.numel() else torch.zeros_like(hidden[:, 0])
-    final = _owner_broadcast(final.contiguous(), owner, shard.group, sequence_group(model)[2])
-    return model.lm_head(final).float(), KVCache(keys, values, shard.length)
+    final = _owner_broadcast(final.contiguous(), _rank_holding(last, shard), group, world)
+    return model.lm_head(final).float(), KVCache(keys, values, shard.length, states)
 
 
 def _rank_holding(index: int, shard: Shard) -> int:
@@ -176,6 +221,8 @@ def _rank_holding(index: int, shard: Shard) -> int:
         return 0
     world = group_info(shard.group)[1]
     padded = shard.index.numel() * world
+    if shard.layout == "contiguous":
+        return index // (padded // world)
     chunk = padded // (2 * world)
     piece = index // chunk
     return piece if piece < world else 2 * world - 1 - piece
@@ -189,7 +236,7 @@ def attend_cached(q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor
     batch, _, heads, dim = q.shape
     kv_heads = blocks[0][0].shape[2]
     queries = q.reshape(batch, kv_heads, heads // kv_heads, dim)          # head h reads kv head h // G
-    accum = torch.float64 if q.dtype == torch.float64 else torch.float32  # merged in fp32 at least
+    accum = _accum_dtype(q.dtype)                                         # merged in fp32 at least
     lse = torch.full(queries.shape[:3], -math.inf, device=q.device, dtype=accum)   # [B, Hkv, G]
     out = torch.zeros(queries.shape, device=q.device, dtype=accum)                 # [B, Hkv, G, D]
     for keys, values in blocks:
@@ -213,6 +260,21 @@ def attend_cached(q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor
     return out.reshape(batch, 1, heads, dim).to(q.dtype)
 
 
+def linear_step(attn, h: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+    """One token [B, 1, hidden] through a linear-attention layer: S = exp(-decay) S + k^T v, o = q S
+    (the state is the same on every rank: no communication)."""
+    batch = h.shape[0]
+    q = F.silu(attn.q_proj(h)).view(batch, attn.num_heads, -1)
+    k = _expand_heads(F.silu(attn.k_proj(h)).view(batch, 1, attn.num_kv_heads, -1), attn.num_heads)[:, 0]
+    v = _expand_heads(attn.v_proj(h).view(batch, 1, attn.num_kv_heads, -1), attn.num_heads)[:, 0]
+    state = cache.states[layer]
+    state = torch.exp(-attn.decay.to(state.dtype))[None, :, None, None] * state
+    state = state + torch.einsum("bhd,bhe->bhde", k.to(state.dtype), v.to(state.dtype))
+    cache.states[layer] = state
+    out = torch.einsum("bhd,bhde->bhe", q.to(state.dtype), state).to(h.dtype).reshape(batch, 1, -1)
+    return attn.o_proj(attn.norm(out) * torch.sigmoid(attn.g_proj(h)))
+
+
 @torch.no_grad()
 def decode_step(model: Llama, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Feed one token per row [B, 1] at position `cache.length`; returns the next logits [B, V]."""
@@ -225,13 +287,16 @@ def decode_step(model: Llama, tokens: torch.Tensor, cache: KVCache) -> torch.Ten
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = apply_rotary(attn.q_proj(h).view(batch, 1, attn.num_heads, -1), cos, sin)
-        k = apply_rotary(attn.k_proj(h).view(batch, 1, attn.num_kv_heads, -1), cos, sin)
-        v = attn.v_proj(h).view(batch, 1, attn.num_kv_heads, -1)
-        if keeper:
-            cache.append(i, k, v)
-        out = attend_cached(q, cache.blocks(i), q.shape[-1] ** -0.5, group, world)
-        x = x + attn.o_proj(out.reshape(batch, 1, -1))
+        if isinstance(attn, Attention):
+            q = apply_rotary(attn.q_proj(h).view(batch, 1, attn.num_heads, -1), cos, sin)
+            k = apply_rotary(attn.k_proj(h).view(batch, 1, attn.num_kv_heads, -1), cos, sin)
+            v = attn.v_proj(h).view(batch, 1, attn.num_kv_heads, -1)
+            if keeper:
+                cache.append(i, k, v)
+            out = attend_cached(q, cache.blocks(i), q.shape[-1] ** -0.5, group, world)
+            x = x + attn.o_proj(out.reshape(batch, 1, -1))
+        else:
+            x = x + linear_step(attn, h, cache, i)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     cache.length += 1
     return model.lm_head(model.norm(x))[:, -1].float()

@@ -76,12 +76,21 @@ def test_attend_cached_matches_softmax_attention():
         assert torch.allclose(attend_cached(q, blocks, 8 ** -0.5), expected, rtol=1e-10, atol=1e-12), cuts
 
 
-def test_linear_attention_models_decode_without_cache():
-    model = random_model(0, layer_types=["linear", "softmax"])
-    ids = torch.randint(2, TINY["vocab_size"], (1, 12))
-    with pytest.raises(NotImplementedError, match="use_cache=False"):
-        greedy_generate(model, ids, 3)
-    assert greedy_generate(model, ids, 3, use_cache=False).shape == (1, 3)
+@torch.no_grad()
+def test_linear_attention_layers_decode_from_their_state():
+    """A hybrid (linear + softmax layers): the state-carrying decode steps equal full forwards."""
+    model = random_model(0, layer_types=["linear", "softmax", "linear"], num_hidden_layers=3).double()
+    ids = torch.randint(2, TINY["vocab_size"], (2, 23))
+    logits, cache = prefill(model, ids)
+    assert cache.keys[0] is None and cache.states[0].shape == (2, 6, 8, 8) and cache.states[1] is None
+    assert torch.allclose(logits, model(ids).logits[:, -1].float(), rtol=1e-5, atol=1e-5)
+    for _ in range(4):
+        token = torch.randint(0, TINY["vocab_size"], (2, 1))
+        logits = decode_step(model, token, cache)
+        ids = torch.cat([ids, token], dim=1)
+        assert torch.allclose(logits, model(ids).logits[:, -1].float(), rtol=1e-5, atol=1e-5)
+    model.float()
+    assert torch.equal(greedy_generate(model, ids[:1], 6), greedy_generate(model, ids[:1], 6, use_cache=False))
 
 
 @torch.no_grad()
