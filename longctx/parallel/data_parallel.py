@@ -81,7 +81,9 @@ def apply_fsdp(model: nn.Module, mesh, precision: str = "fp32", reshard_after_fo
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
     settings = dict(mesh=mesh, mp_policy=fsdp_mixed_precision(precision),
-                    offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+                    # pinned host memory needs a GPU (without one, offloading is only a CPU run)
+                    offload_policy=(CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
+                                    else OffloadPolicy()))
     layers = model.layers
     for i, layer in enumerate(layers):
         # the last layer's parameters are needed again at once by the backward: keep them gathered

@@ -34,6 +34,8 @@ BACKENDS = [("ddp", 0), ("fsdp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deeps
 LAYOUTS = {"dp2-sp2-ring": (2, 2, "ring"), "dp2-sp2-lasp": (2, 2, "lasp"), "dp4-sp1": (4, 1, "none")}
 # bf16 compute over fp32 master weights: FSDP2's mixed-precision policy, DeepSpeed's bf16 mode
 BF16_BACKENDS = [("fsdp", 0), ("deepspeed", 2)]
+# parallel.cpu_offload: FSDP2 parameters, gradients and optimizer; ZeRO's optimizer (ZeRO-3: parameters too)
+OFFLOAD_BACKENDS = [("fsdp", 0), ("deepspeed", 2), ("deepspeed", 3)]
 
 
 def model_section(cfg: Config, sp_method: str) -> None:
@@ -261,6 +263,10 @@ def runs(tmp_path_factory):
                 cfg = make_config(dp, sp, method, backend, stage)
                 cfg.train.precision = "bf16_pure"
                 cases.append((f"{layout}/{backend}{stage or ''}/bf16", cfg, state))
+            for backend, stage in OFFLOAD_BACKENDS:
+                cfg = make_config(dp, sp, method, backend, stage)
+                cfg.parallel.cpu_offload = True
+                cases.append((f"{layout}/{backend}{stage or ''}/offload", cfg, state))
     # the PyTorch paths of ring attention and LASP (the Triton interpreter is slow and tested elsewhere)
     mp = pytest.MonkeyPatch()
     mp.delenv("TRITON_INTERPRET", raising=False)
@@ -275,9 +281,17 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("backend", [f"{b}{s or ''}" for b, s in BACKENDS])
 def test_steps_match_one_process(runs, layout, backend):
+    assert_matches_one_process(runs, layout, f"{layout}/{backend}")
+
+
+@pytest.mark.parametrize("backend", [f"{b}{s or ''}" for b, s in OFFLOAD_BACKENDS])
+def test_cpu_offload_steps_match_one_process(runs, backend):
+    assert_matches_one_process(runs, "dp2-sp2-ring", f"dp2-sp2-ring/{backend}/offload")
+
+
+def assert_matches_one_process(runs, layout, name):
     seed, results, references, _ = runs
     ref32, ref64 = references[layout][torch.float32], references[layout][torch.float64]
-    name = f"{layout}/{backend}"
     for rank, result in enumerate(results):
         got = result[name]
         # every rank reports the global loss and gradient norm
