@@ -100,7 +100,16 @@ def materialize(model: nn.Module, device: torch.device, full_state: Optional[dic
     each rank receives its shards from rank 0, tensor by tensor."""
     model.to_empty(device="cpu" if cpu_offload else device)
     with torch.no_grad():
-        model.init_weights()
+        if device.type == "cuda":
+            # DTensor's RNG tracker draws each shard's part of one full-tensor random stream
+            model.init_weights()
+        else:
+            # on the CPU it has none: every rank would draw the same numbers into its shard (rows
+            # repeated across ranks), so each rank draws its own
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(torch.initial_seed() + rank)
+                model.init_weights()
     if _any_rank(full_state is not None):
         load_full_state(model, full_state)
 

@@ -124,6 +124,18 @@ def _train_case(rank, world, cfg, seed, reference_state):
             "master_dtypes": master_dtypes}
 
 
+def _meta_init_case(world):
+    """FSDP2 from scratch: the model is built on the meta device and each rank initialises only
+    its shards; return the gathered weights (rank 0)."""
+    import longctx.train.train as T
+    from longctx.parallel import data_parallel
+    from longctx.parallel.mesh import ParallelDims
+    cfg = make_config(world, 1, "none", "fsdp", 0)
+    dims = ParallelDims(world, world, 1, "none", "fsdp")
+    _, train_model, _, _ = T.build_train_model(cfg, dims, dims.build_mesh("cpu"), torch.device("cpu"))
+    return data_parallel.full_state_dict(train_model)
+
+
 def _worker(rank, world, seed, cases, trainer_configs, check_config):
     from longctx.check import check
     from longctx.train.train import train
@@ -134,6 +146,7 @@ def _worker(rank, world, seed, cases, trainer_configs, check_config):
     results = {}
     for name, cfg, reference_state in cases:
         results[name] = _train_case(rank, world, cfg, seed, reference_state)
+    results["meta_init"] = _meta_init_case(world)
     for cfg in trainer_configs:
         train(cfg)
     results["check"] = check(check_config)
@@ -365,3 +378,15 @@ def test_bf16_pure_trains_fp32_masters_close_to_one_process(runs, backend):
     error = rel_err(got["losses"], ref64["losses"])
     assert error < 2e-2, f"{backend} bf16 losses {got['losses']} vs {ref64['losses']} (seed {seed})"
     assert got["losses"] != fp32["losses"]   # the forward did run in bf16
+
+
+def test_fsdp_meta_init_draws_every_shard_apart(runs):
+    state = runs[1][0]["meta_init"]
+    std = Config().model.initializer_range
+    for name in ("layers.0.mlp.up_proj.weight", "embed_tokens.weight"):
+        shards = state[name].chunk(4)   # FSDP2 shards dim 0 over the 4 ranks
+        for i in range(4):
+            assert abs(shards[i].std().item() - std) < 0.2 * std, (name, i)
+            for j in range(i):
+                assert not torch.equal(shards[i], shards[j]), f"{name}: shards {j} and {i} hold the same numbers"
+    assert torch.equal(state["layers.0.input_layernorm.weight"], torch.ones(32))
