@@ -212,6 +212,7 @@ def flat(state: dict) -> torch.Tensor:
 # the trainer: resume and cross-backend runs
 # ------------------------------------------------------------------------------------------------
 TRAINER_BACKENDS = {"ddp": ["parallel.dp_backend=ddp"], "fsdp": ["parallel.dp_backend=fsdp"],
+                    "zero2": ["parallel.dp_backend=deepspeed", "parallel.zero_stage=2"],
                     "zero3": ["parallel.dp_backend=deepspeed", "parallel.zero_stage=3"]}
 TRAINER_STEPS, LR = 4, 1e-3
 
@@ -280,6 +281,9 @@ def runs(tmp_path_factory):
                 cfg = make_config(dp, sp, method, backend, stage)
                 cfg.parallel.cpu_offload = True
                 cases.append((f"{layout}/{backend}{stage or ''}/offload", cfg, state))
+            cfg = make_config(dp, sp, method, "fsdp", 0)
+            cfg.parallel.reshard_after_forward = False
+            cases.append((f"{layout}/fsdp/no_reshard", cfg, state))
     # the PyTorch paths of ring attention and LASP (the Triton interpreter is slow and tested elsewhere)
     mp = pytest.MonkeyPatch()
     mp.delenv("TRITON_INTERPRET", raising=False)
@@ -300,6 +304,10 @@ def test_steps_match_one_process(runs, layout, backend):
 @pytest.mark.parametrize("backend", [f"{b}{s or ''}" for b, s in OFFLOAD_BACKENDS])
 def test_cpu_offload_steps_match_one_process(runs, backend):
     assert_matches_one_process(runs, "dp2-sp2-ring", f"dp2-sp2-ring/{backend}/offload")
+
+
+def test_fsdp_without_reshard_after_forward_matches_one_process(runs):
+    assert_matches_one_process(runs, "dp2-sp2-ring", "dp2-sp2-ring/fsdp/no_reshard")
 
 
 def assert_matches_one_process(runs, layout, name):
@@ -338,7 +346,7 @@ def test_trainer_resume_continues_exactly(runs, backend):
             assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+@pytest.mark.parametrize("backend", ["fsdp", "zero2", "zero3"])
 def test_trainer_backends_agree_with_ddp(runs, backend):
     """Same pretrained weights (FSDP2: read by rank 0 and scattered), same data: same training,
     and the Hugging Face export of every backend holds the same weights."""
