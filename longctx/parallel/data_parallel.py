@@ -98,18 +98,25 @@ def materialize(model: nn.Module, device: torch.device, full_state: Optional[dic
     """Give a model built on the meta device (and sharded) real storage: random initialisation,
     then, if given, the weights of a full state dict that only rank 0 holds (the others pass None);
     each rank receives its shards from rank 0, tensor by tensor."""
-    model.to_empty(device="cpu" if cpu_offload else device)
+    param_device = torch.device("cpu") if cpu_offload else device
+    model.to_empty(device=param_device)
     with torch.no_grad():
-        if device.type == "cuda":
+        if param_device.type == "cuda":
             # DTensor's RNG tracker draws each shard's part of one full-tensor random stream
             model.init_weights()
         else:
-            # on the CPU it has none: every rank would draw the same numbers into its shard (rows
-            # repeated across ranks), so each rank draws its own
+            # for CPU shards it has none: every rank would draw the same numbers into its shard
+            # (rows repeated across ranks), so each rank draws its own
             rank = dist.get_rank() if dist.is_initialized() else 0
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(torch.initial_seed() + rank)
                 model.init_weights()
+    if cpu_offload and device.type != "cpu":
+        # FSDP2 offloads parameters only: buffers (rotary frequencies) live where the compute is
+        for module in model.modules():
+            for key, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[key] = buffer.to(device)
     if _any_rank(full_state is not None):
         load_full_state(model, full_state)
 
