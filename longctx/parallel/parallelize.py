@@ -9,17 +9,19 @@ from .mesh import ParallelDims
 from .sequence import set_sequence_group
 
 
-def apply_sequence_parallel(model, dims: ParallelDims, mesh) -> None:
+def apply_sequence_parallel(model, dims: ParallelDims, mesh, device, lasp_variant: str = "ring") -> None:
     """Point the model's token mixers at the sequence-parallel methods over the mesh's sp group."""
     if dims.sp_method == "none":
         return
-    set_sequence_group(mesh["sp"].get_group())
+    group = mesh["sp"].get_group()
+    set_sequence_group(group)
     if dims.sp_method == "ring":
-        from . import ring  # noqa: F401  (registers the "ring" mixer)
+        from . import ring
+        ring.init_ring(group, device)  # communicators made and warmed up now, not in the first layer
         model.config.attention = "ring"
     elif dims.sp_method == "lasp":
         from . import lasp
-        model.config.linear_attention = "lasp"
+        model.config.linear_attention = "lasp" if lasp_variant == "ring" else "lasp_allgather"
         model.config.attention = lasp.CONTIGUOUS_SOFTMAX_ATTENTION
 
 
@@ -39,7 +41,7 @@ def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
     `data_parallel.materialize` it afterwards); DeepSpeed needs the optimizer, so the caller builds
     its engine afterwards with `data_parallel.build_deepspeed`.
     """
-    apply_sequence_parallel(model, dims, mesh)
+    apply_sequence_parallel(model, dims, mesh, device, cfg.parallel.lasp_variant)
     apply_activation_checkpointing(model, cfg.train.activation_checkpoint)
     if not dist.is_initialized() or dims.dp_backend in ("none", "deepspeed"):
         return model

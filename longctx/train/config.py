@@ -33,6 +33,7 @@ class ParallelSection:
     dp: int = -1                           # -1: world size / sp
     sp: int = 1
     sp_method: str = "none"                # none | ring | lasp
+    lasp_variant: str = "ring"             # lasp only: ring (the state passed rank to rank) | allgather (LASP-2)
     zero_stage: int = 0                    # deepspeed only, and required there: 1 | 2 | 3
     reshard_after_forward: bool = True     # fsdp only (false: parameters stay gathered after the forward, as ZeRO-2)
     cpu_offload: bool = False              # fsdp: params+grads+optimizer; deepspeed: optimizer (stage 3: params too)
@@ -132,6 +133,7 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     _choice(t.on_nonfinite, ("stop", "skip"), "train.on_nonfinite")
     _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
+    _choice(cfg.parallel.lasp_variant, ("ring", "allgather"), "parallel.lasp_variant")
     _choice(cfg.logging.wandb, ("disabled", "offline", "online"), "logging.wandb")
     for key in ("seq_len", "micro_batch", "grad_accum", "steps"):
         if getattr(t, key) < 1:

@@ -284,6 +284,10 @@ def runs(tmp_path_factory):
             cfg = make_config(dp, sp, method, "fsdp", 0)
             cfg.parallel.reshard_after_forward = False
             cases.append((f"{layout}/fsdp/no_reshard", cfg, state))
+        if layout == "dp2-sp2-lasp":
+            cfg = make_config(dp, sp, method, "ddp", 0)
+            cfg.parallel.lasp_variant = "allgather"
+            cases.append((f"{layout}/ddp/allgather", cfg, state))
     # the PyTorch paths of ring attention and LASP (the Triton interpreter is slow and tested elsewhere)
     mp = pytest.MonkeyPatch()
     mp.delenv("TRITON_INTERPRET", raising=False)
@@ -308,6 +312,10 @@ def test_cpu_offload_steps_match_one_process(runs, backend):
 
 def test_fsdp_without_reshard_after_forward_matches_one_process(runs):
     assert_matches_one_process(runs, "dp2-sp2-ring", "dp2-sp2-ring/fsdp/no_reshard")
+
+
+def test_lasp_allgather_variant_matches_one_process(runs):
+    assert_matches_one_process(runs, "dp2-sp2-lasp", "dp2-sp2-lasp/ddp/allgather")
 
 
 def assert_matches_one_process(runs, layout, name):

@@ -114,6 +114,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (["parallel.dp=3"], 2, r"parallel.dp \(3\) x parallel.sp \(1\) = 3 must equal the number of processes \(2\)"),
     (["data.path=/no/such/file.json"], 1, "/no/such/file.json"),
     (["train.precision=fp8"], 1, "train.precision='fp8': choose one of"),
+    (["parallel.lasp_variant=tree"], 1, "parallel.lasp_variant='tree': choose one of ring, allgather"),
 ])
 def test_config_errors_name_the_problem(overrides, world, message):
     cfg = compose_config(overrides)
