@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -31,6 +30,7 @@ from longctx.ops.attention import attention_backward, attention_forward, flash_a
 from longctx.ops.attention.backward import DKDV_CONFIGS, DKDV_GQA_CONFIGS, DQ_CONFIGS, _bwd  # noqa: E402
 from longctx.ops.attention.forward import FWD_CONFIGS, _fwd, padded_head_dim  # noqa: E402
 from longctx.ops.attention.naive import attention_reference  # noqa: E402
+from benchlib import ROOT, device_slug, peak_gib, rel_err, result_head  # noqa: E402
 
 # (seqlen, heads, kv_heads, head_dim, causal)
 SHAPES = [
@@ -48,24 +48,10 @@ def attention_flops(seqlen, heads, head_dim, causal, mode):
     return forward * (3.5 if mode == "fwd_bwd" else 1.0)
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def bench_ms(fn, seqlen):
     # long runs need fewer repeats; do_bench's warmup/rep are in milliseconds; the median is reported
     rep = 200 if seqlen <= 16384 else 600
     return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")
-
-
-def peak_gib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,16 +358,8 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU")
     device = torch.cuda.get_device_name()
-    slug = next((s for s in ("h100", "h200", "a100", "b200") if s in device.lower()), "gpu")
-    out_path = args.out or os.path.join(os.path.dirname(__file__), "..", "bench", "results", f"attention_{slug}.json")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = ""
-    commit = commit or os.environ.get("LONGCTX_COMMIT", "unknown")
-    result = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
-              "command": " ".join(["python"] + sys.argv), "rows": []}
+    out_path = args.out or os.path.join(ROOT, "bench", "results", f"attention_{device_slug(device)}.json")
+    result = {**result_head(device), "rows": []}
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

@@ -12,7 +12,6 @@ bench/results/data_<host>.json.
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from longctx.data import DataConfig, PackedLoader, prepare  # noqa: E402
+from benchlib import result_head  # noqa: E402
 from longctx.data.sharegpt import sharegpt_v3_path  # noqa: E402
 
 
@@ -96,11 +96,7 @@ def main():
     for row in rows:
         print(f"{row['seq_len']:>8} {row['impl']:>11} {row['docs_per_sequence']:>6} {row['ms']:>9.3f} "
               f"{row['tok_s'] / 1e6:>8.2f}")
-    import triton
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    result = {"device": f"CPU: {cpu_name()} ({torch.get_num_threads()} threads, shared)",
-              "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
-              "command": "python " + " ".join(sys.argv), "rows": rows}
+    result = {**result_head(f"CPU: {cpu_name()} ({torch.get_num_threads()} threads, shared)"), "rows": rows}
     out = ROOT / "bench" / "results" / f"data_{'full' if args.full else 'sample'}_cpu.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import traceback
 
@@ -30,28 +29,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from longctx.ops.linear import lightning_attn_func  # noqa: E402
 from longctx.ops.linear import forward as linear_forward  # noqa: E402
 from longctx.ops.linear.naive import lightning_attn_chunked  # noqa: E402
+from benchlib import peak_gib, rel_err, result_head  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 128
 KERNEL_SEQLENS = [16384, 65536, 262144]
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def bench_ms(fn, seqlen):
     rep = 200 if seqlen <= 65536 else 500
     return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")
-
-
-def peak_gib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def lightning_flops(seqlen, heads, dk, dv, mode, chunk=64):
@@ -212,13 +198,6 @@ def main():
     slug = device.lower().replace("nvidia", "").strip().split()[0].replace(" ", "_")
     out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "results",
                                         f"lasp_{slug}.json")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    if commit == "unknown":  # a copy of the tree without .git (the device machine): say it from outside
-        commit = os.environ.get("LONGCTX_COMMIT", "unknown")
     sections = args.section or sorted(SECTIONS)
     rows, failures = [], []
     for name in sections:
@@ -231,8 +210,7 @@ def main():
     if os.path.exists(out_path):  # rows of sections that did not run this time stay
         with open(out_path) as f:
             kept = [r for r in json.load(f).get("rows", []) if r.get("section") not in sections]
-    result = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
-              "command": " ".join(["python"] + sys.argv), "rows": kept + rows}
+    result = {**result_head(device), "rows": kept + rows}
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)

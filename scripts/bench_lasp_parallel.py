@@ -27,19 +27,18 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
 
 import torch
 import torch.distributed as dist
-import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from longctx.ops.linear import lightning_attn_func  # noqa: E402
 from longctx.parallel import lasp  # noqa: E402
 from longctx.parallel.sequence import split_sequence  # noqa: E402
+from benchlib import rel_err, result_head  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 128
 LASP_SEQLENS = [1 << 20, 1 << 22]
@@ -64,14 +63,8 @@ class Recorder:
         slug = device.lower().replace("nvidia", "").strip().split()[0]
         self.path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "results",
                                              f"lasp_parallel_{slug}x{world}.json")
-        commit = os.environ.get("GIT_COMMIT")  # the device copy has no .git: pass it in
-        try:
-            commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-        except OSError:
-            commit = "unknown"
-        self.head = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
-                     "command": (f"torchrun --nproc_per_node {world} " if world > 1 else "python ") + " ".join(sys.argv)}
+        self.head = result_head(device, (f"torchrun --nproc_per_node {world} " if world > 1 else "python ")
+                                + " ".join(sys.argv))
         self.kept, self.section = [], None
         if os.path.exists(self.path):  # rows of sections that do not run this time stay
             with open(self.path) as f:
@@ -121,11 +114,6 @@ def inputs(seqlen, seed=0):
                for _ in range(3))
     do = torch.randn(1, seqlen, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
     return q, k, v, do
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def check_lasp(world, rank):

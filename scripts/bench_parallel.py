@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -35,6 +34,7 @@ from longctx.parallel.mesh import ParallelDims  # noqa: E402
 from longctx.train import train as T  # noqa: E402
 from longctx.train.config import Config  # noqa: E402
 from longctx.train.metrics import peak_tflops, training_flops_per_token  # noqa: E402
+from benchlib import result_head  # noqa: E402
 
 BACKENDS = [("ddp", 0), ("fsdp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
 
@@ -170,7 +170,6 @@ def print_table(rows):
 
 
 def write(args, rows, device):
-    import triton
     try:
         import wandb
         wandb_version = wandb.__version__
@@ -183,10 +182,8 @@ def write(args, rows, device):
         deepspeed_version = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     tag = "smoke_cpu" if args.smoke else f"{name.split()[-1].lower()}x{dist.get_world_size()}"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    result = {"device": f"{dist.get_world_size()} x {name}", "torch": torch.__version__, "triton": triton.__version__,
-              "wandb": wandb_version, "deepspeed": deepspeed_version, "commit": commit or None,
-              "command": "torchrun --nproc_per_node 2 " + " ".join(sys.argv), "rows": rows}
+    result = {**result_head(f"{dist.get_world_size()} x {name}", "torchrun --nproc_per_node 2 " + " ".join(sys.argv),
+                            wandb=wandb_version, deepspeed=deepspeed_version), "rows": rows}
     path = args.out or os.path.join(ROOT, "bench", "results", f"parallel_{tag}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -37,6 +37,7 @@ from longctx.ops.attention import flash_attn_func  # noqa: E402
 from longctx.parallel import ring as ring_module  # noqa: E402
 from longctx.parallel.ring import LoopbackComm, init_ring, ring_attn_func, ring_backward, ring_forward, ring_plan  # noqa: E402
 from longctx.parallel.sequence import split_sequence  # noqa: E402
+from benchlib import result_head  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 8, 128
 K = 1024
@@ -359,10 +360,8 @@ def part_report(args):
         print(f"{r['impl']:10s} {r.get('rotate_method', ''):9s} {r['seqlen'] // K:6d}K {r['gpus']:4d} {r['ms']:10.1f} "
               f"{r['tflops']:8.1f} {r['peak_gib']:8.1f} {r.get('scaling_eff', ''):>6} "
               f"{r.get('speedup_vs_torch_cp', ''):>6} {r.get('hidden_frac', '') if r.get('hidden_frac') is not None else '':>6}")
-    import triton
-    result = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "unknown",
-                  torch=torch.__version__, triton=triton.__version__, commit=args.commit,
-                  command=args.command, rows=rows)
+    result = {**result_head(torch.cuda.get_device_name() if torch.cuda.is_available() else "unknown", args.command),
+              "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
@@ -380,7 +379,6 @@ def main():
                         help="longest sequence (K tokens) for one-GPU SDPA flash (default 512)")
     parser.add_argument("--cp-methods", default="allgather,alltoall", type=lambda s: [m for m in s.split(",") if m])
     parser.add_argument("--json", default="bench/results/ring_h200.json")
-    parser.add_argument("--commit", default="unknown")
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--command", default=" ".join(sys.argv))
     args = parser.parse_args()

@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -32,6 +31,7 @@ from longctx.model import Llama, ModelConfig  # noqa: E402
 from longctx.parallel.parallelize import apply_activation_checkpointing  # noqa: E402
 from longctx.plan import estimate  # noqa: E402
 from longctx.train.metrics import peak_tflops, training_flops_per_token  # noqa: E402
+from benchlib import device_slug, result_head  # noqa: E402
 
 
 def model_config(name: str, **overrides) -> ModelConfig:
@@ -141,13 +141,9 @@ def main():
         cut = model_config(args.model, attention="flash", mlp_chunk_size=args.mlp_chunk, loss_chunk_size=8192,
                            num_hidden_layers=layers)
         rows.append(measure("longctx", cut, args.model, seq_len, 1, 0))
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "transformers": __import__("transformers").__version__,
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=ROOT).stdout.strip() or os.environ.get("LONGCTX_COMMIT", "unknown"),
-              "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "rows": rows}
-    device = torch.cuda.get_device_name().split()[1].lower() if " " in torch.cuda.get_device_name() else "gpu"
-    out = args.out or os.path.join(ROOT, "bench", "results", f"train_{device}.json")
+    device = torch.cuda.get_device_name()
+    result = {**result_head(device, transformers=__import__("transformers").__version__), "rows": rows}
+    out = args.out or os.path.join(ROOT, "bench", "results", f"train_{device_slug(device)}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

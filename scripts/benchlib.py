@@ -1,0 +1,51 @@
+"""What the benchmark scripts share: the head of their JSON (DESIGN.md's format:
+{"device", "torch", "triton", "commit", "command", "rows"}) and two measures.
+
+Imported by the scripts beside it (their folder is on sys.path when they run).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def git_commit() -> str:
+    """The checkout's commit; a copy without .git (the GPU machine) can pass LONGCTX_COMMIT."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip()
+    except OSError:
+        commit = ""
+    return commit or os.environ.get("LONGCTX_COMMIT", "unknown")
+
+
+def result_head(device: str, command: str | None = None, **extra) -> dict:
+    """The fields every result file starts with; `rows` is added by the caller."""
+    import triton
+    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+            "commit": git_commit(), "command": command or " ".join(["python"] + sys.argv), **extra}
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100', for result file names."""
+    return next((s for s in ("h100", "h200", "a100", "b200") if s in name.lower()), "gpu")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def peak_gib(fn) -> float:
+    """GPU memory that `fn` allocates at its peak above what was allocated before, in GiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
