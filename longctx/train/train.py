@@ -55,15 +55,26 @@ def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
 
 
 def decide_run_dir(cfg: Config) -> Path:
-    """Rank 0 decides (ranks started a second apart must not make two folders); the others receive it."""
-    choice = [cfg.run_dir or os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))]
+    """Rank 0 decides (ranks started a second apart must not make two folders); the others receive it.
+
+    Without `run_dir` a new folder runs/<time> is made, never an existing one (two runs started in
+    the same second, as the jobs of a sweep can be, would otherwise resume each other)."""
+    choice = [cfg.run_dir]
+    if rank() == 0:
+        if choice[0] is None:
+            stamp, suffix = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S")), 0
+            while True:
+                choice[0] = stamp + (f"-{suffix}" if suffix else "")
+                try:
+                    os.makedirs(choice[0])
+                    break
+                except FileExistsError:
+                    suffix += 1
+        Path(choice[0]).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), Path(choice[0]) / "config.yaml")
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
-    run_dir = Path(choice[0])
-    if rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-    return run_dir
+    return Path(choice[0])
 
 
 def build_model(cfg: Config, device: torch.device, on_meta: bool = False) -> Llama:

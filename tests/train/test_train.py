@@ -135,3 +135,14 @@ def test_offline_wandb_writes_its_run_files(tmp_path):
     train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].rglob("*.wandb"))
+
+
+def test_runs_without_run_dir_get_folders_of_their_own(tmp_path, monkeypatch):
+    """Two runs started in the same second (the jobs of a sweep) must not share a folder, or the
+    second would resume the first's checkpoint."""
+    from longctx.train.train import decide_run_dir
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config([])
+    first, second = decide_run_dir(cfg), decide_run_dir(cfg)
+    assert first != second and first.parent == second.parent == Path("runs")
+    assert (first / "config.yaml").is_file() and (second / "config.yaml").is_file()
