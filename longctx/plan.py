@@ -78,9 +78,15 @@ def estimate(cfg, world_size: int) -> Estimate:
     per_layer = attention_acts + mlp_acts + tokens * h * 4  # fp32 residual and norm statistics
     layers = m.num_hidden_layers
     if t.activation_checkpoint == "full":
-        # the block inputs of every layer, plus one layer recomputed with its gradients
-        e.parts["activations (checkpointed inputs)"] = layers * tokens * h * a
+        # the block inputs of every layer (offloaded: the two in flight), plus one layer recomputed
+        # with its gradients
+        kept = 2 if getattr(t, "activation_offload", False) else layers
+        e.parts["activations (checkpointed inputs)"] = kept * tokens * h * a
         e.parts["activations (layer in backward)"] = 2 * per_layer
+    elif t.activation_checkpoint == "selective":
+        # attention's tensors and the MLP input stay; one MLP is recomputed at a time
+        e.parts["activations (attention kept)"] = layers * (attention_acts + tokens * h * (a + 4))
+        e.parts["activations (MLP in backward)"] = 2 * mlp_acts
     else:
         e.parts["activations"] = layers * per_layer + per_layer
     # the chunked loss: one chunk of fp32 logits and its gradient, the gradients it returns
@@ -94,16 +100,21 @@ def estimate(cfg, world_size: int) -> Estimate:
     return e
 
 
+# (override, applies to (config, world size), apply): tried in this order by `suggest`
 SUGGESTIONS = [
-    ("train.activation_checkpoint=full", lambda c: c.train.activation_checkpoint != "full",
+    ("train.activation_checkpoint=full", lambda c, n: c.train.activation_checkpoint != "full",
      lambda c: setattr(c.train, "activation_checkpoint", "full")),
-    ("model.mlp_chunk_size=8192", lambda c: c.model.mlp_chunk_size == 0,
+    ("train.activation_offload=true", lambda c, n: c.train.activation_checkpoint == "full" and not c.train.activation_offload,
+     lambda c: setattr(c.train, "activation_offload", True)),
+    ("model.mlp_chunk_size=8192", lambda c, n: c.model.mlp_chunk_size == 0,
      lambda c: setattr(c.model, "mlp_chunk_size", 8192)),
-    ("parallel.dp_backend=fsdp", lambda c: c.parallel.dp_backend in ("ddp", "none"),
+    # sharding needs several processes (one process runs without a data-parallel backend)
+    ("parallel.dp_backend=fsdp", lambda c, n: n > 1 and c.parallel.dp_backend in ("ddp", "none"),
      lambda c: setattr(c.parallel, "dp_backend", "fsdp")),
-    ("parallel.cpu_offload=true", lambda c: not c.parallel.cpu_offload and c.parallel.dp_backend in ("fsdp", "deepspeed"),
+    ("parallel.cpu_offload=true",
+     lambda c, n: n > 1 and not c.parallel.cpu_offload and c.parallel.dp_backend in ("fsdp", "deepspeed"),
      lambda c: setattr(c.parallel, "cpu_offload", True)),
-    ("model.loss_chunk_size=2048", lambda c: c.model.loss_chunk_size > 2048,
+    ("model.loss_chunk_size=2048", lambda c, n: c.model.loss_chunk_size > 2048,
      lambda c: setattr(c.model, "loss_chunk_size", 2048)),
 ]
 
@@ -113,7 +124,7 @@ def suggest(cfg, world_size: int, budget: float) -> list[str]:
     changed = copy.deepcopy(cfg)
     steps = []
     for name, applies, apply in SUGGESTIONS:
-        if not applies(changed):
+        if not applies(changed, world_size):
             continue
         apply(changed)
         steps.append(f"{name} -> {estimate(changed, world_size).total / GIB:.1f} GiB")
