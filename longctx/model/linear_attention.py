@@ -24,7 +24,7 @@ from longctx.ops.linear import lightning_attn_func
 
 from .attention import get_linear_attention, register_linear_attention
 from .config import ModelConfig
-from .llama import RMSNorm
+from .llama import MixerProjections, RMSNorm
 
 
 @register_linear_attention("lightning")
@@ -43,17 +43,11 @@ def head_decays(num_heads: int) -> torch.Tensor:
     return torch.exp2(-8.0 * torch.arange(1, num_heads + 1, dtype=torch.float32) / num_heads)
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(MixerProjections):
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         h, d = config.hidden_size, config.head_dim
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.g_proj = nn.Linear(h, self.num_heads * d, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         self.norm = RMSNorm(self.num_heads * d, config.rms_norm_eps)
         self.register_buffer("decay", head_decays(self.num_heads), persistent=False)
 

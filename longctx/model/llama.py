@@ -40,8 +40,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class Attention(nn.Module):
-    """Grouped-query softmax attention; K and V have num_key_value_heads heads."""
+class MixerProjections(nn.Module):
+    """The query, key, value and output projections of a token mixer, sized for grouped-query
+    attention (K and V have num_key_value_heads heads), named as in Hugging Face."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -52,6 +53,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+
+
+class Attention(MixerProjections):
+    """Grouped-query softmax attention with rotary embeddings."""
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
         batch, seqlen, _ = x.shape

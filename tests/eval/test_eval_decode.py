@@ -10,14 +10,6 @@ from longctx.eval.perplexity import bucket_edges, loss_by_position, packed_seque
 from longctx.model import Llama, ModelConfig, save_hf
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~40x faster than two on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 TINY = dict(vocab_size=61, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
             num_key_value_heads=2, initializer_range=0.3, rope_theta=10000.0, bos_token_id=0, eos_token_id=1)
 

@@ -8,7 +8,6 @@ are drawn afresh for every prompt, so only reading the context answers the quest
 """
 import random
 
-import pytest
 import torch
 
 from longctx.eval.runner import answer_samples
@@ -16,14 +15,6 @@ from longctx.eval.scoring import accuracy_by
 from longctx.eval.tasks import make_line_retrieval
 from longctx.model import Llama, ModelConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~40x faster than two on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 NAMES = [f"n{i}" for i in range(8)]
 WORDS = ["<bos>", "query"] + NAMES + [str(d) for d in range(10)] + [f"{n}={d}" for n in NAMES for d in range(10)]

@@ -1,7 +1,6 @@
 """Sequence-parallel evaluation on 2 gloo processes (ring or LASP prefill, distributed cache) against
 one process: the same logits after the prompt and at every decode step, the same greedy tokens,
 the same loss by position. Prompt lengths that divide by 2 x ranks and that need padding."""
-import pytest
 import torch
 
 from distributed import run_distributed
@@ -9,14 +8,6 @@ from longctx.eval.decode import decode_step, greedy_generate, prefill
 from longctx.eval.perplexity import token_losses
 from longctx.model import Llama, ModelConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~40x faster than two on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 CONFIG = dict(vocab_size=53, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, initializer_range=0.3, rope_theta=10000.0, bos_token_id=0, eos_token_id=1)
