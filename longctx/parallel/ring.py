@@ -317,12 +317,10 @@ def _check(q, k, v, world_size):
 # ------------------------------------------------------------------------------------------------
 # forward and backward rings
 # ------------------------------------------------------------------------------------------------
-def ring_forward(ring: RingComm, plan, q, k, v, scale):
-    """(out, lse): out like q, lse (B, H, S_local) in the accumulation dtype."""
-    forward, _ = _block_functions(q.device)
-    accum = _accum_dtype(q.dtype)
-    batch, seqlen, heads, _ = q.shape
-    out = lse = None  # the running state, fp32; the first block that covers every row starts it
+def _kv_blocks(ring: RingComm, k, v):
+    """Yield (step, K block, V block) for each ring step: this rank's own first, then each other
+    rank's. K and V share one double buffer that every layer reuses; when a block is yielded the
+    next one is already travelling, so the transfer overlaps the caller's work on this one."""
     world = ring.world_size
     kv = _buffer("kv", (2, 2, *k.shape), k.dtype, k.device) if world > 1 else None
     pending = []
@@ -336,8 +334,18 @@ def ring_forward(ring: RingComm, plan, q, k, v, scale):
         else:
             _wait(pending)
             k_now, v_now = kv[slot, 0], kv[slot, 1]
-        if step < world - 1:  # the next block travels while this one is computed
+        if step < world - 1:
             pending = ring.exchange(kv[slot], kv[1 - slot], tag=0)
+        yield step, k_now, v_now
+
+
+def ring_forward(ring: RingComm, plan, q, k, v, scale):
+    """(out, lse): out like q, lse (B, H, S_local) in the accumulation dtype."""
+    forward, _ = _block_functions(q.device)
+    accum = _accum_dtype(q.dtype)
+    batch, seqlen, heads, _ = q.shape
+    out = lse = None  # the running state, fp32; the first block that covers every row starts it
+    for step, k_now, v_now in _kv_blocks(ring, k, v):
         for block in plan[step]:
             block_out, block_lse = forward(
                 _rows(block, q, block.q_rows), _rows(block, k_now, block.k_rows),
@@ -360,21 +368,10 @@ def ring_backward(ring: RingComm, plan, dout, q, k, v, out, lse, scale):
     world = ring.world_size
     delta = (dout.to(accum) * out.to(accum)).sum(-1).transpose(1, 2).contiguous()  # [B, H, S] rowsum(dO * O)
     dq = torch.zeros(q.shape, dtype=accum, device=q.device)
-    kv = _buffer("kv", (2, 2, *k.shape), k.dtype, k.device) if world > 1 else None
     dkv = _buffer("dkv", (2, 2, *k.shape), accum, k.device)
-    kv_pending, dkv_pending = [], []
-    for step in range(world):
+    dkv_pending = []
+    for step, k_now, v_now in _kv_blocks(ring, k, v):
         slot = step % 2
-        if step == 0:
-            k_now, v_now = k, v
-            if world > 1:
-                kv[0, 0].copy_(k)
-                kv[0, 1].copy_(v)
-        else:
-            _wait(kv_pending)
-            k_now, v_now = kv[slot, 0], kv[slot, 1]
-        if step < world - 1:
-            kv_pending = ring.exchange(kv[slot], kv[1 - slot], tag=0)
         grads = []
         for block in plan[step]:
             q_rows = block.q_rows
