@@ -309,15 +309,7 @@ def bench_lasp_one_gpu(args, rec, world, rank):
 
         def measure(bench, impl, tokens, step, extra=None):
             row = {"bench": bench, "impl": impl, **shape, "gpus": 1, **(extra or {})}
-            try:
-                ms, peak = time_steps(step, warmup=2, iters=iters)
-                row.update(ms=round(ms, 3), tok_s=round(tokens / ms * 1e3), peak_gib=round(peak, 2),
-                           tflops=round(lightning_flops(tokens, HEADS, HEAD_DIM, HEAD_DIM) / ms / 1e9, 1))
-            except torch.cuda.OutOfMemoryError as error:
-                row["error"] = f"OutOfMemoryError: {str(error)[:160]}"
-            torch.cuda.empty_cache()
-            rec.add(row)
-            return row
+            return _measure(rec, row, tokens, step, iters)
 
         q, k, v, do = inputs(shard)
         leaves = [x.requires_grad_() for x in (q, k, v)]
