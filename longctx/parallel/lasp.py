@@ -244,15 +244,8 @@ class _LaspGeneric(torch.autograd.Function):
         decay = decay.detach().float()
         block_decay = torch.exp(-decay * length)[None, :, None, None]  # lam^L, [1, H, 1, 1]
 
-        receive = None
-        if variant == "ring" and rank > 0:
-            # posted first: it completes while this shard's own kernel runs
-            state_in = q.new_empty(state_shape, dtype=torch.float32)
-            receive = dist.irecv(state_in, src=_global_rank(group, rank - 1), group=group)
-
-        bounds = None
-        if docs.kernel_bounds is not None:
-            bounds = torch.tensor(docs.kernel_bounds, dtype=torch.int32, device=q.device)
+        state_in, receive = _post_state_receive(variant, group, rank, state_shape, q.device)
+        bounds = _kernel_bounds(docs, q.device)
         leaves = [x.detach().requires_grad_(needs_grad and x.requires_grad) for x in (q, k, v)]
         with torch.set_grad_enabled(needs_grad):
             out, state0 = lightning_attn_func(*leaves, decay, initial_state=None, cu_seqlens=bounds)
@@ -367,13 +360,8 @@ class _LaspPhased(torch.autograd.Function):
         block_decay = torch.exp(-decay * length)[None, :, None, None]
         uses_incoming = rank > 0 and docs.carry_end > 0  # a document starting at token 0 ignores it
 
-        receive = None
-        if variant == "ring" and rank > 0:
-            state_in = q.new_empty(state_shape, dtype=torch.float32)
-            receive = dist.irecv(state_in, src=_global_rank(group, rank - 1), group=group)
-        bounds = None
-        if docs.kernel_bounds is not None:
-            bounds = torch.tensor(docs.kernel_bounds, dtype=torch.int32, device=q.device)
+        state_in, receive = _post_state_receive(variant, group, rank, state_shape, q.device)
+        bounds = _kernel_bounds(docs, q.device)
         chunks, segments = _plan(q, v, bounds)
         states, mult = kernel.chunk_local_states(k, v, decay, chunks, segments, reverse=False)
 
@@ -522,10 +510,26 @@ def _reduce_scatter_rows(rows: torch.Tensor, group, rank: int, async_op: bool = 
     return (mine, work) if async_op else mine
 
 
+def _post_state_receive(variant: str, group, rank: int, shape: tuple, device):
+    """The ring variant's receive of the previous rank's state, posted before any work so that it
+    completes while this shard's own kernel runs: (buffer, work), or (None, None)."""
+    if variant != "ring" or rank == 0:
+        return None, None
+    state_in = torch.empty(shape, dtype=torch.float32, device=device)
+    return state_in, dist.irecv(state_in, src=_global_rank(group, rank - 1), group=group)
+
+
+def _kernel_bounds(docs: ShardDocuments, device) -> Optional[torch.Tensor]:
+    """This shard's document bounds for the kernels (int32), or None for one document."""
+    if docs.kernel_bounds is None:
+        return None
+    return torch.tensor(docs.kernel_bounds, dtype=torch.int32, device=device)
+
+
 def _diagonal_args(docs: ShardDocuments, device) -> dict:
     if docs.kernel_bounds is None:
         return {}
-    bounds = torch.tensor(docs.kernel_bounds, dtype=torch.int32, device=device)
+    bounds = _kernel_bounds(docs, device)
     longest = max(b - a for a, b in zip(docs.kernel_bounds[:-1], docs.kernel_bounds[1:]))
     return dict(cu_seqlens_q=bounds, cu_seqlens_k=bounds, max_seqlen_q=longest, max_seqlen_k=longest)
 
