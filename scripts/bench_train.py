@@ -6,10 +6,11 @@ planner's estimate beside the measured peak.
     python scripts/bench_train.py --model llama3.2-1b --seqlens 8192 32768 65536 131072
 
 longctx runs as the trainer does on a GPU: fp32 master weights with bf16 autocast, the Triton
-flash kernel, full activation checkpointing, a blockwise MLP and the chunked loss. Hugging Face
+flash kernel, activation checkpointing (`--modes`: full, selective), a blockwise MLP and the chunked loss. Hugging Face
 runs in its lightest setting: bf16 weights (and bf16 AdamW states), SDPA, gradient checkpointing;
-so the memory comparison is conservative for longctx. `--layers-at LEN:N` also times a model cut
-to N layers at LEN tokens, to check the planner at lengths a whole model step would take minutes at.
+so the memory comparison is conservative for longctx. `--layers-at LEN:N[:offload]` also times a model
+cut to N layers at LEN tokens (full checkpointing, optionally offloaded), to check the planner at
+lengths a whole model step would take minutes at.
 Writes bench/results/train_<device>.json (DESIGN.md's format).
 """
 from __future__ import annotations
@@ -42,12 +43,13 @@ def model_config(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def plan_bytes(config: ModelConfig, name: str, seq_len: int) -> float:
+def plan_bytes(config: ModelConfig, name: str, seq_len: int, checkpoint: str, offload: bool) -> float:
     model = copy.copy(config)
     model.name = name
     cfg = SimpleNamespace(
         model=model,
-        train=SimpleNamespace(micro_batch=1, seq_len=seq_len, precision="bf16_autocast", activation_checkpoint="full"),
+        train=SimpleNamespace(micro_batch=1, seq_len=seq_len, precision="bf16_autocast",
+                              activation_checkpoint=checkpoint, activation_offload=offload),
         parallel=SimpleNamespace(sp=1, dp=1, dp_backend="none", zero_stage=0, cpu_offload=False, sp_method="none"))
     return estimate(cfg, 1).total
 
@@ -63,9 +65,9 @@ def time_steps(step, steps: int, warmup: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def run_longctx(config: ModelConfig, seq_len: int, steps: int, warmup: int):
+def run_longctx(config: ModelConfig, seq_len: int, checkpoint: str, offload: bool):
     model = Llama(config).cuda()
-    apply_activation_checkpointing(model, "full")
+    apply_activation_checkpointing(model, checkpoint, offload)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, config.vocab_size, (1, seq_len), device="cuda")
 
@@ -78,7 +80,7 @@ def run_longctx(config: ModelConfig, seq_len: int, steps: int, warmup: int):
     return model, step
 
 
-def run_hf(config: ModelConfig, seq_len: int, steps: int, warmup: int):
+def run_hf(config: ModelConfig, seq_len: int, checkpoint: str, offload: bool):
     import transformers
     hf_config = config.to_hf()
     hf_config._attn_implementation = "sdpa"
@@ -96,14 +98,15 @@ def run_hf(config: ModelConfig, seq_len: int, steps: int, warmup: int):
     return model, step
 
 
-def measure(impl, config, name, seq_len, steps, warmup, layers=None):
+def measure(impl, config, name, seq_len, steps, warmup, checkpoint="full", offload=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     row = {"bench": "train_step", "impl": impl, "model": name, "seqlen": seq_len, "gpus": 1,
-           "layers": config.num_hidden_layers, "mode": "fwd_bwd_optim"}
+           "layers": config.num_hidden_layers, "mode": "fwd_bwd_optim", "checkpoint": checkpoint,
+           "offload": offload}
     model = step = None
     try:
-        model, step = (run_longctx if impl == "longctx" else run_hf)(config, seq_len, steps, warmup)
+        model, step = (run_longctx if impl == "longctx" else run_hf)(config, seq_len, checkpoint, offload)
         seconds = time_steps(step, steps, warmup)
         tok_s = seq_len / seconds
         peak = peak_tflops(torch.device("cuda"))
@@ -114,7 +117,7 @@ def measure(impl, config, name, seq_len, steps, warmup, layers=None):
     finally:
         del model, step
     if impl == "longctx":
-        row["plan_gib"] = plan_bytes(config, name, seq_len) / 2**30
+        row["plan_gib"] = plan_bytes(config, name, seq_len, checkpoint, offload) / 2**30
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return row
 
@@ -124,29 +127,36 @@ def main():
     parser.add_argument("--model", default="llama3.2-1b")
     parser.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 65536])
     parser.add_argument("--hf-seqlens", type=int, nargs="+", default=None, help="default: --seqlens")
-    parser.add_argument("--layers-at", nargs="*", default=[], help="LEN:N, e.g. 524288:2")
+    parser.add_argument("--modes", nargs="+", default=["full"], choices=("full", "selective", "none"),
+                        help="longctx's activation checkpointing at --seqlens (HF always checkpoints each layer)")
+    parser.add_argument("--layers-at", nargs="*", default=[],
+                        help="LEN:N[:offload], e.g. 524288:2 or 524288:16:offload (full checkpointing)")
     parser.add_argument("--mlp-chunk", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     config = model_config(args.model, attention="flash", mlp_chunk_size=args.mlp_chunk, loss_chunk_size=8192)
-    rows = []
-    for seq_len in args.seqlens:
-        rows.append(measure("longctx", config, args.model, seq_len, args.steps, args.warmup))
-        if seq_len in (args.hf_seqlens or args.seqlens):
-            rows.append(measure("hf", config, args.model, seq_len, args.steps, args.warmup))
-    for spec in args.layers_at:
-        seq_len, layers = map(int, spec.split(":"))
-        cut = model_config(args.model, attention="flash", mlp_chunk_size=args.mlp_chunk, loss_chunk_size=8192,
-                           num_hidden_layers=layers)
-        rows.append(measure("longctx", cut, args.model, seq_len, 1, 0))
     device = torch.cuda.get_device_name()
-    result = {**result_head(device, transformers=__import__("transformers").__version__), "rows": rows}
+    result = {**result_head(device, transformers=__import__("transformers").__version__), "rows": []}
     out = args.out or os.path.join(ROOT, "bench", "results", f"train_{device_slug(device)}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+
+    def record(row):   # written after every row: a run cut short keeps what it measured
+        result["rows"].append(row)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    for seq_len in args.seqlens:
+        for mode in args.modes:
+            record(measure("longctx", config, args.model, seq_len, args.steps, args.warmup, checkpoint=mode))
+        if seq_len in (args.hf_seqlens or args.seqlens):
+            record(measure("hf", config, args.model, seq_len, args.steps, args.warmup))
+    for spec in args.layers_at:
+        seq_len, layers, *flags = spec.split(":")
+        cut = model_config(args.model, attention="flash", mlp_chunk_size=args.mlp_chunk, loss_chunk_size=8192,
+                           num_hidden_layers=int(layers))
+        record(measure("longctx", cut, args.model, int(seq_len), 1, 0, offload="offload" in flags))
     print(f"wrote {out}")
 
 
