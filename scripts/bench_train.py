@@ -98,12 +98,22 @@ def run_hf(config: ModelConfig, seq_len: int, checkpoint: str, offload: bool):
     return model, step
 
 
-def measure(impl, config, name, seq_len, steps, warmup, checkpoint="full", offload=False):
+def print_profile(step, top: int) -> None:
+    """One more step under the profiler: the kernels that took the most GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70), flush=True)
+
+
+def measure(impl, config, name, seq_len, steps, warmup, checkpoint="full", offload=False, profile=0):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     row = {"bench": "train_step", "impl": impl, "model": name, "seqlen": seq_len, "gpus": 1,
            "layers": config.num_hidden_layers, "mode": "fwd_bwd_optim", "checkpoint": checkpoint,
-           "offload": offload}
+           "offload": offload, "attention": config.attention if impl == "longctx" else "sdpa",
+           "mlp_chunk": config.mlp_chunk_size if impl == "longctx" else 0}
     model = step = None
     try:
         model, step = (run_longctx if impl == "longctx" else run_hf)(config, seq_len, checkpoint, offload)
@@ -112,6 +122,8 @@ def measure(impl, config, name, seq_len, steps, warmup, checkpoint="full", offlo
         peak = peak_tflops(torch.device("cuda"))
         row.update(ms=seconds * 1e3, tok_s=tok_s, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                    mfu=tok_s * training_flops_per_token(config, seq_len) / (peak * 1e12) if peak else None)
+        if profile:
+            print_profile(step, profile)
     except torch.OutOfMemoryError:
         row.update(oom=True, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
     finally:
@@ -131,12 +143,15 @@ def main():
                         help="longctx's activation checkpointing at --seqlens (HF always checkpoints each layer)")
     parser.add_argument("--layers-at", nargs="*", default=[],
                         help="LEN:N[:offload], e.g. 524288:2 or 524288:16:offload (full checkpointing)")
-    parser.add_argument("--mlp-chunk", type=int, default=8192)
+    parser.add_argument("--attentions", nargs="+", default=["flash"], choices=("flash", "sdpa"),
+                        help="longctx's softmax kernel at --seqlens: ours, or PyTorch SDPA as HF uses it")
+    parser.add_argument("--mlp-chunk", type=int, default=65536, help="blockwise MLP chunk (tokens)")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="after timing each row at --seqlens, print its TOP kernels by GPU time")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    config = model_config(args.model, attention="flash", mlp_chunk_size=args.mlp_chunk, loss_chunk_size=8192)
     device = torch.cuda.get_device_name()
     result = {**result_head(device, transformers=__import__("transformers").__version__), "rows": []}
     out = args.out or os.path.join(ROOT, "bench", "results", f"train_{device_slug(device)}.json")
@@ -148,10 +163,13 @@ def main():
             json.dump(result, f, indent=1)
 
     for seq_len in args.seqlens:
-        for mode in args.modes:
-            record(measure("longctx", config, args.model, seq_len, args.steps, args.warmup, checkpoint=mode))
+        for attention in args.attentions:
+            config = model_config(args.model, attention=attention, mlp_chunk_size=args.mlp_chunk, loss_chunk_size=8192)
+            for mode in args.modes:
+                record(measure("longctx", config, args.model, seq_len, args.steps, args.warmup, checkpoint=mode,
+                               profile=args.profile))
         if seq_len in (args.hf_seqlens or args.seqlens):
-            record(measure("hf", config, args.model, seq_len, args.steps, args.warmup))
+            record(measure("hf", config, args.model, seq_len, args.steps, args.warmup, profile=args.profile))
     for spec in args.layers_at:
         seq_len, layers, *flags = spec.split(":")
         cut = model_config(args.model, attention="flash", mlp_chunk_size=args.mlp_chunk, loss_chunk_size=8192,

@@ -34,10 +34,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        # statistics in fp32; the output in the input's dtype (under autocast the fp32 weight
+        # must not promote the bf16 residual stream back to fp32)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight.to(dtype) * x.to(dtype)
 
 
 class MixerProjections(nn.Module):
@@ -178,6 +180,10 @@ class Llama(nn.Module):
         if cu_seqlens is not None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         x = self.embed_tokens(input_ids)
+        if torch.is_autocast_enabled(x.device.type):
+            # the residual stream in the autocast dtype, as in a bf16 model: half the memory and
+            # traffic of fp32 for the norms, residual adds and checkpointed layer inputs
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         cos, sin = rotary_cos_sin(self.inv_freq, position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, position_ids, cu_seqlens, max_seqlen)

@@ -40,5 +40,5 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x (B, S, H, D) by the position angles (the half-split convention of Hugging Face)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    # in x's dtype: under autocast x is bf16 while the angles follow the fp32 residual stream
+    # in x's dtype, whatever dtype the caller computed the angles in
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)

@@ -18,27 +18,37 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk_size):
         # hidden [N, h]; weight [V, h]; labels [N]
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        compute_dtype = hidden.dtype
-        acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-        w = weight.to(compute_dtype)
+        # the three matmuls run in the autocast dtype when autocast is on (an fp32 matmul of the
+        # vocab-sized weight gradient costs more than the rest of a short step), else in the
+        # inputs' dtype; softmax, loss and the weight gradient accumulate in fp32 (fp64 for fp64)
+        device_type = hidden.device.type
+        mm_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                    else hidden.dtype)
+        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        w = weight.to(mm_dtype)
         loss_sum = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_grad else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start:start + chunk_size]
-            y = labels[start:start + chunk_size]
-            valid = y != IGNORE_INDEX
-            target = torch.where(valid, y, 0)
-            logits = (h @ w.T).to(acc_dtype)                                  # [n, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            loss_sum += ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
-            if needs_grad:
-                # d(sum of losses)/d(logits) = softmax - onehot, on valid rows only
-                grad_logits = torch.exp_(logits.sub_(lse[:, None]))
-                grad_logits[torch.arange(len(y), device=y.device), target] -= 1.0
-                grad_logits.mul_(valid[:, None])
-                grad_hidden[start:start + chunk_size] = (grad_logits.to(compute_dtype) @ w).to(hidden.dtype)
-                grad_weight.addmm_(grad_logits.T, h.to(acc_dtype))
+        with torch.autocast(device_type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = hidden[start:start + chunk_size].to(mm_dtype)
+                y = labels[start:start + chunk_size]
+                valid = y != IGNORE_INDEX
+                target = torch.where(valid, y, 0)
+                logits = (h @ w.T).to(acc_dtype)                                  # [n, V]
+                lse = torch.logsumexp(logits, dim=-1)
+                loss_sum += ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
+                if needs_grad:
+                    # d(sum of losses)/d(logits) = softmax - onehot, on valid rows only
+                    grad_logits = torch.exp_(logits.sub_(lse[:, None]))
+                    grad_logits[torch.arange(len(y), device=y.device), target] -= 1.0
+                    grad_logits.mul_(valid[:, None])
+                    grad_logits = grad_logits.to(mm_dtype)
+                    grad_hidden[start:start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
+                    if mm_dtype == acc_dtype:
+                        grad_weight.addmm_(grad_logits.T, h)
+                    else:
+                        grad_weight += grad_logits.T @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss_sum

@@ -148,8 +148,8 @@ def test_blockwise_mlp_gives_the_same_loss_and_gradients():
 
 
 def test_mixer_gets_one_dtype_under_autocast():
-    """The rotary angles follow the fp32 residual stream; q and k must stay in autocast's bf16
-    like v, or a kernel that requires one dtype (flash) refuses them."""
+    """q and k must stay in autocast's bf16 like v, or a kernel that requires one dtype (flash)
+    refuses them."""
     from longctx.model.attention import register_attention, sdpa_attention
     seen = []
 
@@ -162,6 +162,27 @@ def test_mixer_gets_one_dtype_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 50, (1, 8)), labels=torch.randint(0, 50, (1, 8))).loss.backward()
     assert seen == [(torch.bfloat16,) * 3]
+
+
+@pytest.mark.parametrize("layer_types", [None, ["linear", "softmax"]], ids=["softmax", "hybrid"])
+def test_residual_stream_is_bf16_under_autocast_and_loss_close_to_fp32(layer_types):
+    """With fp32 weights under bf16 autocast, the layers' inputs (what full checkpointing keeps)
+    and the final hidden states are bf16, as in a bf16 model: fp32 weights of the norms must not
+    promote them; the loss stays within bf16 error of the fp32 model's."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, layer_types=layer_types))
+    dtypes = []
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda mod, args: dtypes.append(args[0].dtype))
+    model.norm.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    ids = torch.randint(0, 50, (2, 16))
+    reference = model(ids, labels=ids).loss
+    dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    assert dtypes == [torch.bfloat16] * 3
+    assert abs(loss.item() - reference.item()) < 2e-2 * reference.item()
 
 
 @pytest.mark.parametrize("layer_types", [None, ["linear", "softmax"]], ids=["softmax", "hybrid"])
