@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import torch.distributed as dist
-import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from .data_parallel import apply_ddp, apply_fsdp, world_mesh
 from .mesh import ParallelDims
+from .offload import ActivationOffloader
 from .sequence import set_sequence_group
 
 
@@ -26,40 +26,29 @@ def apply_sequence_parallel(model, dims: ParallelDims, mesh, device, lasp_varian
         model.config.attention = lasp.CONTIGUOUS_SOFTMAX_ATTENTION
 
 
-def apply_activation_checkpointing(model, mode: str, offload: bool = False) -> None:
+def apply_activation_checkpointing(model, mode: str, offload: bool = False):
     """Recompute activations in the backward instead of storing them.
 
     full: each decoder layer keeps only its input. selective: only the MLP (with its seq x
     intermediate tensors, cheap to recompute) is recomputed; attention keeps its output and
     log-sum-exp, which cost a second attention pass to recompute at long context. offload (with
-    full): the layer inputs that full checkpointing keeps go to (pinned) CPU memory in the forward
-    and come back in the backward.
+    full): the layer inputs that full checkpointing keeps go to pinned CPU memory on a side stream
+    in the forward and come back one layer ahead of need in the backward (`offload.py`); the
+    `ActivationOffloader` is returned (None without offload).
     """
     if mode == "none":
-        return
+        return None
     if mode == "selective":
         for layer in model.layers:
             layer.mlp = checkpoint_wrapper(layer.mlp, preserve_rng_state=False)
-        return
+        return None
     for i, layer in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
-        if offload:  # the checkpoint saves the layer's inputs through the saved-tensor hooks
-            offload_saved_tensors(model.layers[i])
-
-
-def offload_saved_tensors(module) -> None:
-    """What `module`'s forward saves for the backward is kept in CPU memory (pinned on CUDA)
-    until the backward needs it. Hooks, not a wrapper, so parameter names do not change."""
-    contexts = []
-
-    def enter(mod, args):
-        contexts.append(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
-        contexts[-1].__enter__()
-
-    def leave(mod, args, output):
-        contexts.pop().__exit__(None, None, None)
-    module.register_forward_pre_hook(enter)
-    module.register_forward_hook(leave)
+    if not offload:
+        return None
+    offloader = ActivationOffloader()  # the checkpoints save the layer inputs through its hooks
+    offloader.attach(model.layers)
+    return offloader
 
 
 def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
