@@ -7,7 +7,10 @@ gradient of the mean over the global batch.
 
     model = apply_ddp(model, device)
     apply_fsdp(model, world_mesh(mesh), precision="bf16_pure", reshard_after_forward=True)
-    engine = build_deepspeed(model, optimizer, deepspeed_config(...))
+    config = deepspeed_config(...)
+    with zero3_init(config):                                  # ZeRO-3 only: built partitioned,
+        model = Llama(model_config)                           # then materialize(model, device)
+    engine = build_deepspeed(model, optimizer, config)
 
 The three differ in who owns the backward and the optimizer step; `gradient_sync`, `backward`,
 `optimizer_step` and `full_state_dict` hide that from the train loop.
@@ -17,7 +20,10 @@ Choosing one (configs/parallel/*.yaml, any of them combines with parallel.sp and
     parallel=fsdp                             FSDP2: everything sharded per decoder layer; the model
                                               is built on the meta device and each rank allocates
                                               only its shards (pretrained weights: rank 0 reads, sends)
-    parallel=deepspeed parallel.zero_stage=N  DeepSpeed ZeRO-1/2/3 with a config generated from ours
+    parallel=deepspeed parallel.zero_stage=N  DeepSpeed ZeRO-1/2/3 with a config generated from ours;
+                                              ZeRO-3 builds the model under deepspeed.zero.Init, each
+                                              parameter partitioned as it is made (pretrained weights:
+                                              rank 0 reads, fills one gathered parameter at a time)
     parallel.cpu_offload=true                 FSDP2: parameters, gradients, optimizer on the CPU;
                                               DeepSpeed: the optimizer (ZeRO-3: parameters too)
 Checkpoints: DCP (reshardable) for DDP and FSDP2, DeepSpeed's own format for ZeRO; resume with
@@ -95,9 +101,19 @@ def apply_fsdp(model: nn.Module, mesh, precision: str = "fp32", reshard_after_fo
 
 def materialize(model: nn.Module, device: torch.device, full_state: Optional[dict] = None,
                 cpu_offload: bool = False) -> None:
-    """Give a model built on the meta device (and sharded) real storage: random initialisation,
-    then, if given, the weights of a full state dict that only rank 0 holds (the others pass None);
-    each rank receives its shards from rank 0, tensor by tensor."""
+    """Initialise a model that no rank holds whole: random initialisation, then, if given, the
+    weights of a full state dict that only rank 0 holds (the others pass None); each rank receives
+    its shards from rank 0, tensor by tensor. A model built on the meta device and sharded (FSDP2)
+    gets real storage first; one built under `zero3_init` has its partitions already."""
+    if is_partitioned(model):
+        init_partitioned(model)
+    else:
+        _allocate_and_init(model, device, cpu_offload)
+    if _any_rank(full_state is not None):
+        load_full_state(model, full_state)
+
+
+def _allocate_and_init(model: nn.Module, device: torch.device, cpu_offload: bool) -> None:
     param_device = torch.device("cpu") if cpu_offload else device
     model.to_empty(device=param_device)
     with torch.no_grad():
@@ -117,18 +133,24 @@ def materialize(model: nn.Module, device: torch.device, full_state: Optional[dic
             for key, buffer in module._buffers.items():
                 if buffer is not None:
                     module._buffers[key] = buffer.to(device)
-    if _any_rank(full_state is not None):
-        load_full_state(model, full_state)
 
 
 def load_full_state(model: nn.Module, full_state: Optional[dict]) -> None:
-    """Load a full state dict that rank 0 holds (the others pass None) into a sharded or
-    replicated model; every rank receives its part from rank 0, tensor by tensor."""
+    """Load a full state dict that rank 0 holds (the others pass None) into a sharded, partitioned
+    or replicated model; every rank receives its part from rank 0, tensor by tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     tied = getattr(model.config, "tie_word_embeddings", False)
     state = dict(full_state or {})
     if tied:
         state.pop("lm_head.weight", None)
+    if is_partitioned(model):
+        import deepspeed
+        with torch.no_grad():
+            for name, param in model.named_parameters():   # a tied head once, as the embedding
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if dist.get_rank() == 0:
+                        param.copy_(state[name])
+        return
     set_model_state_dict(model, state, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=not tied))
 
@@ -152,8 +174,14 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, precisi
         raise ValueError(f"parallel.zero_stage={zero_stage}: DeepSpeed ZeRO stages are 1, 2 and 3")
     zero = {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True,
             "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+    data_types = {"grad_accum_dtype": "fp32"}
     if zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=1e5)
+        zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=1e5,
+                    # zero3_init would otherwise swap torch.nn.functional.linear process-wide for its own
+                    memory_efficient_linear=False)
+        # zero3_init makes every float tensor in the model's dtype: the buffers (rotary frequencies,
+        # decay rates) come back to fp32, as the engine keeps them for a model built without it
+        data_types["keep_in_fp32_modules"] = ["*"]
     if cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if zero_stage == 3:
@@ -166,7 +194,7 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, precisi
         # bf16_pure: a bf16 module with fp32 master weights in the ZeRO optimizer; bf16_autocast keeps
         # fp32 parameters and the train step's autocast
         "bf16": {"enabled": precision == "bf16_pure"},
-        "data_types": {"grad_accum_dtype": "fp32"},
+        "data_types": data_types,
         "zero_allow_untested_optimizer": True,   # our torch AdamW
         "zero_force_ds_cpu_optimizer": False,    # ... also with the optimizer offloaded to the CPU
         "steps_per_print": 2**31 - 1,
@@ -176,12 +204,48 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, precisi
 
 def build_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
     """The DeepSpeed engine over the default (dp x sp) group; it wraps `optimizer` in place."""
+    engine, _, _, _ = _deepspeed().initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def zero3_init(config: dict):
+    """The context to build a model in for ZeRO-3 (`config` the engine's): each module's parameters
+    are partitioned over the dp x sp ranks as soon as the module is made, so no rank ever holds the
+    whole model. The model's `init_weights`, which its constructor runs once the layers are made,
+    meets only empty partitions: `materialize` it afterwards."""
+    return _deepspeed().zero.Init(config_dict_or_path=config)
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """Built under `zero3_init` (DeepSpeed's own test, as its engine makes it)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def init_partitioned(model: nn.Module) -> None:
+    """The model's own `init_weights` on ZeRO-3 partitions: its walk over `model.modules()` finds
+    each module's parameters gathered in turn and keeps rank 0's draws, one module at a time (zero.Init
+    gathers for a parent's initialisation only through `Module.apply`). Every rank draws the same
+    numbers, and the empty partitions drew none, so a seeded run initialises as one process does."""
+    import deepspeed
+    every_module = model.modules
+
+    def one_at_a_time():
+        for module in every_module():
+            with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=0):
+                yield module
+    model.modules = one_at_a_time
+    try:
+        model.init_weights()
+    finally:
+        del model.modules
+
+
+def _deepspeed():
     import deepspeed
     from deepspeed.utils import logger
     logger.setLevel(logging.WARNING)   # its per-stage memory reports drown the training log
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    return engine
+    return deepspeed
 
 
 def is_deepspeed(model) -> bool:
@@ -253,7 +317,8 @@ def full_state_dict(model) -> Optional[dict]:
     if is_deepspeed(model) and model.zero_optimization_stage() == 3:
         import deepspeed
         state = {}
-        for name, param in model.module.named_parameters(remove_duplicate=False):
+        # state_dict's names: without the prefix of checkpoint wrappers, a tied head under its own name
+        for name, param in model.module.state_dict(keep_vars=True).items():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if rank == 0:
                     state[name] = param.detach().to("cpu", copy=True)

@@ -81,6 +81,7 @@ class LoggingSection:
     wandb: str = "disabled"                # disabled | offline | online
     project: str = "longctx"
     progress_bar: bool = True
+    comm_every: int = 10                   # profile every k-th step for its communication wait (0: never)
 
 
 @dataclass

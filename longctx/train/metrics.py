@@ -1,4 +1,4 @@
-"""Step metrics (tokens/s, MFU, memory) and where they go: console, metrics.jsonl, wandb."""
+"""Step metrics (tokens/s, MFU, memory, communication wait) and where they go: console, metrics.jsonl, wandb."""
 from __future__ import annotations
 
 import json
@@ -30,7 +30,10 @@ def peak_tflops(device: torch.device) -> Optional[float]:
 
 
 class MetricsLogger:
-    """Rank 0 only: a tqdm bar, a line every `every` steps, metrics.jsonl, and wandb if enabled."""
+    """Rank 0 only: a tqdm bar, a line every `every` steps, metrics.jsonl, and wandb if enabled.
+
+    comm_wait_s and comm_frac exist only on the steps profiled for them (`comm_every`); the console
+    line shows the latest measurement with the step it was taken at."""
 
     def __init__(self, run_dir: Path, cfg, total_steps: int, start_step: int, resolved_config: dict):
         self.cfg = cfg
@@ -39,6 +42,7 @@ class MetricsLogger:
         if cfg.progress_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        self.last_comm = None   # (step, comm_frac) of the latest profiled step
         self.wandb = None
         if cfg.wandb != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
@@ -48,6 +52,8 @@ class MetricsLogger:
                                     settings=wandb.Settings(console="off"))
 
     def log(self, step: int, metrics: dict) -> None:
+        if "comm_frac" in metrics:
+            self.last_comm = step, metrics["comm_frac"]
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         if self.wandb is not None:
@@ -62,6 +68,8 @@ class MetricsLogger:
                     f" step {metrics['step_s']:.2f}s peak {metrics['peak_gib']:.2f} GiB")
             if metrics.get("mfu") is not None:
                 line += f" mfu {metrics['mfu']:.1%}"
+            if self.last_comm is not None:
+                line += f" comm {self.last_comm[1]:.0%} (step {self.last_comm[0]})"
             (self.bar.write if self.bar is not None else print)(line)
 
     def close(self) -> None:

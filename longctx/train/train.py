@@ -27,6 +27,7 @@ from longctx.parallel.parallelize import parallelize_llama
 from longctx.parallel.sequence import split_sequence
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .comm import CommProfiler
 from .config import Config, model_fields, validate
 from .metrics import MetricsLogger, peak_tflops, training_flops_per_token
 
@@ -77,46 +78,57 @@ def decide_run_dir(cfg: Config) -> Path:
     return Path(choice[0])
 
 
-def build_model(cfg: Config, device: torch.device, on_meta: bool = False) -> Llama:
-    """The plain model with its weights, or (on_meta) only its shape, for FSDP2 to shard before
-    `materialize` allocates each rank's shards. bf16 copies of the weights are the data-parallel
-    backend's business (FSDP2's policy, DeepSpeed's bf16 mode), which keep fp32 masters."""
+def build_model(cfg: Config, device: torch.device, on_meta: bool = False, zero3_config: dict | None = None) -> Llama:
+    """The plain model with its weights, or one no rank ever holds whole: only its shape (on_meta),
+    for FSDP2 to shard before `materialize` allocates each rank's shards; or, with the DeepSpeed
+    config of ZeRO-3, partitioned over the ranks module by module as it is built, then given its
+    weights. bf16 copies of the weights are the data-parallel backend's business (FSDP2's policy,
+    DeepSpeed's bf16 mode), which keep fp32 masters."""
     m = cfg.model
     overrides = {k: getattr(m, k) for k in ("attention", "linear_attention", "loss_chunk_size")}
-    if on_meta:
-        config = load_hf_config(m.pretrained, **overrides) if m.pretrained else ModelConfig(**model_fields(m))
-        with torch.device("meta"):
-            return Llama(config)
-    if m.pretrained:
+    if m.pretrained and not on_meta and zero3_config is None:
         return load_hf(m.pretrained, device=device, **overrides)
-    with torch.device(device):
-        return Llama(ModelConfig(**model_fields(m)))
+    config = load_hf_config(m.pretrained, **overrides) if m.pretrained else ModelConfig(**model_fields(m))
+    if zero3_config is not None:
+        with data_parallel.zero3_init(zero3_config):
+            model = Llama(config)
+        materialize(model, cfg, device)
+        return model
+    with torch.device("meta" if on_meta else device):
+        return Llama(config)
 
 
 def materialize(model, cfg: Config, device: torch.device) -> None:
-    """Allocate a sharded meta model: random weights, or the pretrained ones read by rank 0 alone
-    and sent to each rank's shards (a whole 8B model never sits on one GPU)."""
+    """Initialise a model that no rank holds whole (sharded on the meta device, or partitioned):
+    random weights, or the pretrained ones read by rank 0 alone and sent to each rank's shards (a
+    whole 8B model never sits on one GPU)."""
     state = None
     if cfg.model.pretrained and rank() == 0:
         state = load_hf_state_dict(cfg.model.pretrained)
-        check_state_dict(model, state)
+        with torch.device("meta"):   # the shapes to check against (ZeRO-3's partitions show none)
+            check_state_dict(Llama(model.config), state)
     data_parallel.materialize(model, device, state, cpu_offload=cfg.parallel.cpu_offload)
 
 
 def build_train_model(cfg: Config, dims, mesh, device):
     """Model, parallelism and optimizer, in the order each backend needs: FSDP2 shards a meta
-    model before it is allocated; DeepSpeed's engine wraps the optimizer."""
-    fsdp = dims.dp_backend == "fsdp" and dist.is_initialized()
-    model = build_model(cfg, device, on_meta=fsdp)
+    model before it is allocated; ZeRO-3 partitions the model as it is built (with the engine's
+    config); DeepSpeed's engine wraps the optimizer."""
+    distributed = dist.is_initialized()
+    fsdp = dims.dp_backend == "fsdp" and distributed
+    ds_config = None
+    if dims.dp_backend == "deepspeed" and distributed:
+        t, p = cfg.train, cfg.parallel
+        ds_config = data_parallel.deepspeed_config(p.zero_stage, t.micro_batch, t.grad_accum, t.precision,
+                                                   cfg.optim.grad_clip, cpu_offload=p.cpu_offload)
+    zero3 = ds_config is not None and cfg.parallel.zero_stage == 3
+    model = build_model(cfg, device, on_meta=fsdp, zero3_config=ds_config if zero3 else None)
     train_model = parallelize_llama(model, dims, mesh, cfg, device)
     if fsdp:
         materialize(train_model, cfg, device)
     optimizer, scheduler = build_optimizer(train_model, cfg)
-    if dims.dp_backend == "deepspeed" and dist.is_initialized():
-        t, p = cfg.train, cfg.parallel
-        config = data_parallel.deepspeed_config(p.zero_stage, t.micro_batch, t.grad_accum, t.precision,
-                                                cfg.optim.grad_clip, cpu_offload=p.cpu_offload)
-        train_model = data_parallel.build_deepspeed(train_model, optimizer, config)
+    if ds_config is not None:
+        train_model = data_parallel.build_deepspeed(train_model, optimizer, ds_config)
     return model, train_model, optimizer, scheduler
 
 
@@ -136,8 +148,11 @@ def lr_lambda(cfg):
 
 def build_optimizer(model, cfg):
     o = cfg.optim
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+
+    def is_matrix(p):   # a ZeRO-3 partition is flat: the parameter's shape is its ds_shape
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+    decay = [p for p in model.parameters() if p.requires_grad and is_matrix(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not is_matrix(p)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=o.lr, betas=tuple(o.betas), eps=o.eps)
@@ -223,12 +238,14 @@ def train(cfg: Config) -> Path:
     peak = peak_tflops(device)
     logger = (MetricsLogger(run_dir, cfg.logging, t.steps, start, OmegaConf.to_container(OmegaConf.structured(cfg)))
               if is_main else None)
+    comm = CommProfiler(cfg.logging.comm_every, device)
     stop = StopSignal()
     data = iter(loader)
     train_model.train()
     step = start
     for step in range(start + 1, t.steps + 1):
         step_start = time.perf_counter()
+        comm.start(step)                               # profiles one step in logging.comm_every
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         micro_batches = [shard_batch(next(data), dims, mesh, device) for _ in range(t.grad_accum)]
@@ -241,13 +258,15 @@ def train(cfg: Config) -> Path:
                                      "finite; set train.on_nonfinite=skip to skip such steps")
         scheduler.step()
         step_s = time.perf_counter() - step_start
+        comm_metrics = comm.stop(step_s)               # comm_wait_s, comm_frac on a profiled step
         if is_main:
             tok_s = tokens_per_step / step_s
             metrics = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
                        "tok_s": tok_s, "tok_s_per_gpu": tok_s / dims.world_size, "step_s": step_s,
                        "skipped": not finite,
                        "peak_gib": peak_memory_gib(device),
-                       "mfu": tok_s / dims.world_size * flops_per_token / (peak * 1e12) if peak else None}
+                       "mfu": tok_s / dims.world_size * flops_per_token / (peak * 1e12) if peak else None,
+                       **comm_metrics}
             logger.log(step, metrics)
         preempted = stop.agreed(device)
         if preempted or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):

@@ -8,6 +8,10 @@
 2. The trainer (`train(cfg)`, real data) under DDP, FSDP2 and ZeRO-3 at dp=2 x sp=2, started from
    one Hugging Face checkpoint: save and resume under the same backend continues exactly; losses
    and exported Hugging Face weights agree across backends.
+3. ZeRO-3 builds the model partitioned (deepspeed.zero.Init): no rank ever holds more than one
+   parameter whole, the seeded random initialisation is the single process's, buffers stay fp32
+   under bf16, and a Hugging Face folder loads into the partitions to the plain model's logits,
+   loss and gradient norm (with activation checkpointing).
 
 One spawn runs everything (spawning 4 processes is most of the cost).
 """
@@ -136,7 +140,64 @@ def _meta_init_case(world):
     return data_parallel.full_state_dict(train_model)
 
 
-def _worker(rank, world, seed, cases, trainer_configs, check_config):
+def _zero3_build_case(world, seed):
+    """Build under ZeRO-3 (no engine yet) in fp32 and in bf16 with a LASP layer (a decay buffer);
+    return what each rank holds, the gathered weights and the buffers."""
+    import deepspeed
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+    import longctx.train.train as T
+    from longctx.parallel import data_parallel
+    results = {}
+    for precision, sp_method in (("fp32", "none"), ("bf16_pure", "lasp")):
+        cfg = make_config(world, 1, sp_method, "deepspeed", 3)
+        cfg.train.precision = precision
+        config = data_parallel.deepspeed_config(3, 1, GRAD_ACCUM, precision, cfg.optim.grad_clip)
+        made, whole = [], []   # the parameters made so far; the elements they hold whole as each is made
+
+        def count(module, name, param):
+            made.append(param)
+            whole.append(sum(p.numel() for p in made))   # a partitioned parameter's data is empty
+        handle = register_module_parameter_registration_hook(count)
+        torch.manual_seed(seed)
+        try:
+            model = T.build_model(cfg, torch.device("cpu"), zero3_config=config)
+        finally:
+            handle.remove()
+        held, state = {}, {}
+        for name, param in model.named_parameters():
+            held[name] = {"numel": param.numel(), "partition": param.ds_tensor.numel(), "ds_numel": param.ds_numel,
+                          "dtype": param.ds_tensor.dtype}
+            with deepspeed.zero.GatheredParameters([param]):
+                state[name] = param.detach().clone()
+        results[precision] = {"held": held, "max_whole": max(whole), "state": state,
+                              "buffers": {k: v.clone() for k, v in model.named_buffers()}}
+    return results
+
+
+def _zero3_pretrained_case(world, folder):
+    """A Hugging Face folder loaded into ZeRO-3 partitions through the trainer (full activation
+    checkpointing): logits, then one step's loss and gradient norm on the same row on every rank
+    (the mean over the world is that row's), and the loaded weights gathered back."""
+    from contextlib import nullcontext
+    import longctx.train.train as T
+    from longctx.parallel import data_parallel
+    from longctx.parallel.mesh import ParallelDims
+    cfg = make_config(world, 1, "none", "deepspeed", 3)
+    cfg.model.pretrained, cfg.train.activation_checkpoint = str(folder), "full"
+    dims = ParallelDims(world, world, 1, "none", "deepspeed")
+    mesh = dims.build_mesh("cpu")
+    device = torch.device("cpu")
+    _, train_model, optimizer, _ = T.build_train_model(cfg, dims, mesh, device)
+    loaded = data_parallel.full_state_dict(train_model)
+    batch = row(global_batches(0, 1)[0], 0)
+    with torch.no_grad():
+        logits = train_model(batch["input_ids"], position_ids=batch["position_ids"]).logits
+    loss = T.forward_backward(train_model, [T.shard_batch(batch, dims, mesh, device)], world, nullcontext())
+    norm, _ = data_parallel.optimizer_step(train_model, optimizer, cfg.optim.grad_clip)
+    return {"logits": logits, "loss": loss.item(), "norm": float(norm), "loaded": loaded}
+
+
+def _worker(rank, world, seed, cases, trainer_configs, check_config, zero3_folder):
     from longctx.check import check
     from longctx.train.train import train
     # DeepSpeed compiles a shared-memory all-reduce op for CPU runs on first use (minutes on 2
@@ -147,6 +208,8 @@ def _worker(rank, world, seed, cases, trainer_configs, check_config):
     for name, cfg, reference_state in cases:
         results[name] = _train_case(rank, world, cfg, seed, reference_state)
     results["meta_init"] = _meta_init_case(world)
+    results["zero3_build"] = _zero3_build_case(world, seed)
+    results["zero3_pretrained"] = _zero3_pretrained_case(world, zero3_folder)
     for cfg in trainer_configs:
         train(cfg)
     results["check"] = check(check_config)
@@ -293,10 +356,18 @@ def runs(tmp_path_factory):
     mp.delenv("TRITON_INTERPRET", raising=False)
     try:
         check_config = compose_config(CHECK_OVERRIDES + [f"model.pretrained={root / 'pretrained'}"])
-        results = run_distributed(_worker, 4, seed, cases, configs, check_config)
+        results = run_distributed(_worker, 4, seed, cases, configs, check_config, zero3_folder(root))
     finally:
         mp.undo()
     return seed, results, references, root
+
+
+def zero3_folder(root):
+    """A small Hugging Face folder with an untied head (the trainer's has a tied one)."""
+    cfg = make_config(4, 1, "none", "deepspeed", 3)
+    cfg.model.tie_word_embeddings = False
+    save_hf(Llama(plain_config(cfg)), root / "zero3_pretrained")
+    return root / "zero3_pretrained"
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -406,3 +477,64 @@ def test_fsdp_meta_init_draws_every_shard_apart(runs):
             for j in range(i):
                 assert not torch.equal(shards[i], shards[j]), f"{name}: shards {j} and {i} hold the same numbers"
     assert torch.equal(state["layers.0.input_layernorm.weight"], torch.ones(32))
+
+
+def test_zero3_builds_the_model_partitioned(runs):
+    """Right after building (before the engine) every rank holds only its partition of every
+    parameter, and never more than one parameter whole while the model was made."""
+    results = runs[1]
+    world = len(results)
+    for precision in ("fp32", "bf16_pure"):
+        for rank, result in enumerate(results):
+            built = result["zero3_build"][precision]
+            held = built["held"]
+            for name, h in held.items():
+                assert h["numel"] == 0, (precision, rank, name, h)   # a partitioned parameter's data is empty
+                assert h["partition"] == -(-h["ds_numel"] // world), (precision, rank, name, h)
+            assert built["max_whole"] <= max(h["ds_numel"] for h in held.values()), (precision, rank)
+            assert {h["dtype"] for h in held.values()} == {torch.float32 if precision == "fp32" else torch.bfloat16}
+
+
+def test_zero3_random_init_is_the_single_process_one(runs):
+    from longctx.model.linear_attention import head_decays
+    from longctx.model.rotary import rope_inv_freq
+    seed, results = runs[0], runs[1]
+    for precision, sp_method in (("fp32", "none"), ("bf16_pure", "lasp")):
+        config = plain_config(make_config(4, 1, sp_method, "deepspeed", 3))
+        torch.manual_seed(seed)
+        reference = Llama(config)
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        for rank, result in enumerate(results):
+            built = result["zero3_build"][precision]
+            for name, param in reference.named_parameters():
+                assert torch.equal(built["state"][name], param.detach().to(dtype)), (precision, rank, name)
+            # the engine keeps buffers in fp32 under bf16: so must a model built partitioned
+            buffers = built["buffers"]
+            assert buffers["inv_freq"].dtype == torch.float32 and torch.equal(buffers["inv_freq"], rope_inv_freq(config))
+            if sp_method == "lasp":
+                decay = buffers["layers.0.self_attn.decay"]
+                assert decay.dtype == torch.float32 and torch.equal(decay, head_decays(config.num_attention_heads))
+
+
+def test_zero3_loads_a_hugging_face_folder_into_partitions(runs):
+    from longctx.model import load_hf
+    from longctx.model.hf import load_hf_state_dict
+    results, root = runs[1], runs[3]
+    folder = root / "zero3_pretrained"
+    model = load_hf(folder, attention="sdpa", loss_chunk_size=32)
+    batch = row(global_batches(0, 1)[0], 0)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"]).logits
+    loss = model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                 labels=batch["labels"]).loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    for rank, result in enumerate(results):
+        got = result["zero3_pretrained"]
+        torch.testing.assert_close(got["logits"], logits, msg=f"rank {rank}")
+        assert abs(got["loss"] - loss.item()) <= 1e-6 * loss.item(), (rank, got["loss"], loss.item())
+        assert abs(got["norm"] - norm.item()) <= 1e-5 * norm.item(), (rank, got["norm"], norm.item())
+    loaded, saved = results[0]["zero3_pretrained"]["loaded"], load_hf_state_dict(folder)
+    assert loaded.keys() == saved.keys()
+    for key in saved:
+        assert torch.equal(loaded[key], saved[key]), key
