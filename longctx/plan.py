@@ -39,7 +39,6 @@ def estimate(cfg, world_size: int) -> Estimate:
     """Peak bytes per rank of one training step of `cfg` (a longctx.train.config.Config)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     sp = p.sp
-    dp = world_size // sp if p.dp == -1 else p.dp
     n = world_size
     params = m.num_parameters()
     layer = _layer_params(m)
@@ -67,36 +66,50 @@ def estimate(cfg, world_size: int) -> Estimate:
     optim_sharded = sharded or p.dp_backend == "deepspeed"
     e.parts["optimizer"] = 0 if offload else optim_bytes / (n if optim_sharded else 1)
 
-    # activations of this rank's share of the sequence
+    # activations of this rank's share of the sequence, in bytes per token (a: bytes per element)
     tokens = t.micro_batch * t.seq_len // sp
     a = 2 if t.precision in ("bf16_autocast", "bf16_pure", "auto") else 4
     h, d, heads, kv = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_key_value_heads
-    inter = m.intermediate_size
     mlp_tokens = min(tokens, m.mlp_chunk_size) if m.mlp_chunk_size > 0 else tokens
-    attention_acts = tokens * (2 * h + 2 * heads * d + 2 * kv * d * 2 + heads * d) * a + tokens * heads * 4
-    mlp_acts = mlp_tokens * 4 * inter * a + tokens * 2 * h * a
-    per_layer = attention_acts + mlp_acts + tokens * h * 4  # fp32 residual and norm statistics
+    # what a layer saves for its backward besides the MLP: the norms' fp32 inputs and outputs,
+    # q, k, v and the rotated q, k, the attention output and its log-sum-exp, the residual
+    attention_saved = 2 * (4 * h + a * h) + a * (2 * heads * d + 3 * kv * d + heads * d) + 4 * heads + a * h
+    mlp_saved = 4 * m.intermediate_size * a          # gate, up, silu(gate), their product
+    mlp_grads = 3 * m.intermediate_size * a          # their gradients, made in the backward
+    attention_grads = 4 * heads * d + 2 * a * (heads * d + 2 * kv * d)   # fp32 dq, dq/dk/dv, d(out)
     layers = m.num_hidden_layers
+    layer_backward = tokens * attention_grads + mlp_tokens * mlp_grads
     if t.activation_checkpoint == "full":
-        # the block inputs of every layer (offloaded: the two in flight), plus one layer recomputed
-        # with its gradients
+        # the block inputs of every layer (offloaded: the two in flight); one layer recomputed at a time
         kept = 2 if getattr(t, "activation_offload", False) else layers
         e.parts["activations (checkpointed inputs)"] = kept * tokens * h * a
-        e.parts["activations (layer in backward)"] = 2 * per_layer
+        layer_backward += tokens * attention_saved + mlp_tokens * mlp_saved
     elif t.activation_checkpoint == "selective":
         # attention's tensors and the MLP input stay; one MLP is recomputed at a time
-        e.parts["activations (attention kept)"] = layers * (attention_acts + tokens * h * (a + 4))
-        e.parts["activations (MLP in backward)"] = 2 * mlp_acts
+        e.parts["activations (attention kept)"] = layers * tokens * attention_saved
+        layer_backward += mlp_tokens * mlp_saved
     else:
-        e.parts["activations"] = layers * per_layer + per_layer
-    # the chunked loss: one chunk of fp32 logits and its gradient, the gradients it returns
+        e.parts["activations"] = layers * (tokens * attention_saved + mlp_tokens * mlp_saved)
+    # the working memory of the step's three phases; the largest counts
     chunk = min(tokens, m.loss_chunk_size)
-    e.parts["loss"] = 2 * chunk * m.vocab_size * 4 + m.vocab_size * h * 4 + 2 * tokens * h * a
+    vocab_weight = m.vocab_size * h
+    # the chunked loss: one chunk's fp32 logits beside their bf16 copy, the bf16 weight, the fp32
+    # weight gradient and one chunk's bf16 product; the hidden states and their gradient; and
+    # autocast's cache of bf16 copies of fp32 weights, which lives until the forward's autocast ends
+    autocast_cache = params * 2 if t.precision in ("bf16_autocast", "auto") and not sharded else 0
+    loss = chunk * m.vocab_size * (4 + a) + vocab_weight * (a + 4 + a) + 2 * tokens * h * a + autocast_cache
+    # the backward: one layer's, beside the loss's saved gradients (no parameter gradients exist
+    # before the backward; the step's working set comes after the activations are gone)
+    backward = layer_backward + vocab_weight * 4 + tokens * h * a
+    # the optimizer step: foreach AdamW holds a temporary per tensor group
+    step = 0 if offload else max(layer, vocab_weight) * 4 * 2
+    gradients = e.parts["gradients"] + e.parts.get("gradient buckets", 0)
+    phases = {"loss": loss - gradients, "layer backward": backward, "optimizer step": step}
+    phase = max(phases, key=phases.get)
+    e.parts[f"working set ({phase})"] = max(0, phases[phase])
     # ring attention: K and V in a double buffer, dK and dV (fp32) travelling in the backward, fp32 dQ
     if p.sp_method == "ring" and sp > 1:
         e.parts["ring buffers"] = 2 * 2 * tokens * kv * d * a + 2 * 2 * tokens * kv * d * 4 + tokens * heads * d * 4
-    # DDP/the optimizer step work on everything at once: foreach AdamW holds a temporary per tensor group
-    e.parts["optimizer step working set"] = 0 if offload else max(layer, m.vocab_size * h) * 4 * 2
     return e
 
 

@@ -137,7 +137,7 @@ def measure(impl, config, name, seq_len, steps, warmup, checkpoint="full", offlo
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="llama3.2-1b")
-    parser.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 65536])
+    parser.add_argument("--seqlens", type=int, nargs="*", default=[8192, 32768, 65536])
     parser.add_argument("--hf-seqlens", type=int, nargs="+", default=None, help="default: --seqlens")
     parser.add_argument("--modes", nargs="+", default=["full"], choices=("full", "selective", "none"),
                         help="longctx's activation checkpointing at --seqlens (HF always checkpoints each layer)")

@@ -15,13 +15,16 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def git_commit() -> str:
-    """The checkout's commit; a copy without .git (the GPU machine) can pass LONGCTX_COMMIT."""
+    """LONGCTX_COMMIT where set (a copy of the tree whose .git is absent or stale: the GPU
+    machine), else the checkout's commit."""
+    if os.environ.get("LONGCTX_COMMIT"):
+        return os.environ["LONGCTX_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=ROOT).stdout.strip()
     except OSError:
         commit = ""
-    return commit or os.environ.get("LONGCTX_COMMIT", "unknown")
+    return commit or "unknown"
 
 
 def result_head(device: str, command: str | None = None, **extra) -> dict:

@@ -39,16 +39,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 lse = torch.logsumexp(logits, dim=-1)
                 loss_sum += ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
                 if needs_grad:
-                    # d(sum of losses)/d(logits) = softmax - onehot, on valid rows only
+                    # d(sum of losses)/d(logits) = softmax - onehot, on valid rows only, made in
+                    # the fp32 logits' memory, which goes once the matmuls' copy exists
                     grad_logits = torch.exp_(logits.sub_(lse[:, None]))
+                    del logits
                     grad_logits[torch.arange(len(y), device=y.device), target] -= 1.0
-                    grad_logits.mul_(valid[:, None])
-                    grad_logits = grad_logits.to(mm_dtype)
+                    grad_logits = grad_logits.mul_(valid[:, None]).to(mm_dtype)
                     grad_hidden[start:start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
                     if mm_dtype == acc_dtype:
                         grad_weight.addmm_(grad_logits.T, h)
                     else:
                         grad_weight += grad_logits.T @ h
+                    del grad_logits
+                else:
+                    del logits   # a chunk's logits go before the next chunk's are made
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss_sum
