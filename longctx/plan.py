@@ -83,7 +83,10 @@ def estimate(cfg, world_size: int) -> Estimate:
         # the block inputs of every layer (offloaded: the two in flight); one layer recomputed at a time
         kept = 2 if getattr(t, "activation_offload", False) else layers
         e.parts["activations (checkpointed inputs)"] = kept * tokens * h * a
-        layer_backward += tokens * attention_saved + mlp_tokens * mlp_saved
+        # the recomputed layer's peak is in its MLP's backward; measured on an H100 (1B shape,
+        # 8K-128K tokens, bench/results/train_h100*.json), the attention side adds about its
+        # gradients' size per token, not what it saves
+        layer_backward += mlp_tokens * mlp_saved
     elif t.activation_checkpoint == "selective":
         # attention's tensors and the MLP input stay; one MLP is recomputed at a time
         e.parts["activations (attention kept)"] = layers * tokens * attention_saved

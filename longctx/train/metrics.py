@@ -12,14 +12,23 @@ import torch
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "H800": 989.0, "B200": 2250.0, "L40S": 362.0}
 
 
-def training_flops_per_token(config, seq_len: int) -> float:
-    """6 N for the matmuls (embedding lookups excluded, the output head included) plus causal
-    attention: QK^T and PV cost 4 S D H per token per layer forward, half of it under the causal
-    mask, and the backward costs twice the forward."""
+def training_flops(config, cu_seqlens: torch.Tensor) -> float:
+    """FLOPs of a training step over one packed sequence (`cu_seqlens`, the document bounds): 6 N
+    per token for the matmuls (embedding lookups excluded, the output head included) plus causal
+    attention within each document, which is what the kernel computes: QK^T and PV cost 4 L^2 D H
+    per layer forward for a document of L tokens, half of it under the causal mask, and the
+    backward costs twice the forward. Recomputation (checkpointing) is not counted: MFU is of the
+    model's FLOPs."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
     n = config.num_parameters(embeddings=False) + config.vocab_size * config.hidden_size
     softmax_layers = sum(config.layer_type(i) == "softmax" for i in range(config.num_hidden_layers))
-    attention = 3 * 0.5 * 4 * seq_len * config.num_attention_heads * config.head_dim * softmax_layers
-    return 6 * n + attention
+    attention = 3 * 0.5 * 4 * config.num_attention_heads * config.head_dim * softmax_layers * (lengths ** 2).sum()
+    return 6 * n * float(lengths.sum()) + float(attention)
+
+
+def training_flops_per_token(config, seq_len: int) -> float:
+    """Per token of one document of `seq_len` tokens."""
+    return training_flops(config, torch.tensor([0, seq_len])) / seq_len
 
 
 def peak_tflops(device: torch.device) -> Optional[float]:

@@ -29,7 +29,7 @@ from longctx.parallel.sequence import split_sequence
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
 from .config import Config, model_fields, validate
-from .metrics import MetricsLogger, peak_tflops, training_flops_per_token
+from .metrics import MetricsLogger, peak_tflops, training_flops
 
 
 def init_distributed(device_choice: str) -> torch.device:
@@ -234,7 +234,6 @@ def train(cfg: Config) -> Path:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16_autocast"
                 else nullcontext())
     tokens_per_step = t.seq_len * t.micro_batch * t.grad_accum * dims.dp
-    flops_per_token = training_flops_per_token(model_config, t.seq_len)
     peak = peak_tflops(device)
     logger = (MetricsLogger(run_dir, cfg.logging, t.steps, start, OmegaConf.to_container(OmegaConf.structured(cfg)))
               if is_main else None)
@@ -248,7 +247,10 @@ def train(cfg: Config) -> Path:
         comm.start(step)                               # profiles one step in logging.comm_every
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        micro_batches = [shard_batch(next(data), dims, mesh, device) for _ in range(t.grad_accum)]
+        batches = [next(data) for _ in range(t.grad_accum)]
+        # MFU counts attention within the packed documents; rank 0's batches stand for each dp rank's
+        step_flops = dims.dp * sum(training_flops(model_config, b["cu_seqlens"]) for b in batches)
+        micro_batches = [shard_batch(b, dims, mesh, device) for b in batches]
         loss = forward_backward(train_model, micro_batches, dims.world_size, autocast)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm, finite = optimizer_step(train_model, optimizer, max_norm)   # skips a non-finite step
@@ -265,7 +267,7 @@ def train(cfg: Config) -> Path:
                        "tok_s": tok_s, "tok_s_per_gpu": tok_s / dims.world_size, "step_s": step_s,
                        "skipped": not finite,
                        "peak_gib": peak_memory_gib(device),
-                       "mfu": tok_s / dims.world_size * flops_per_token / (peak * 1e12) if peak else None,
+                       "mfu": step_flops / (step_s * dims.world_size * peak * 1e12) if peak else None,
                        **comm_metrics}
             logger.log(step, metrics)
         preempted = stop.agreed(device)
