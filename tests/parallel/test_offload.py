@@ -35,6 +35,19 @@ def grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+def assert_offload_changes_nothing(run):
+    """`run(model)` does forwards and backwards and returns what else to compare (or None): with
+    offload, it and every gradient are bitwise those of full checkpointing."""
+    results = []
+    for offload in (False, True):
+        model, _ = build(offload)
+        results.append((run(model), grads(model)))
+    (out, expected), (out_offload, got) = results
+    assert (out is None and out_offload is None) or torch.equal(out_offload, out)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
 class Recorder:
     """What the offloader does, in order: ("unpack", layer) for each layer's first unpack in a
     backward, ("fetch", layer, layers whose inputs are alive then); plus a weak reference to every
@@ -76,16 +89,12 @@ class Recorder:
 
 def test_same_loss_and_gradients_as_full_checkpointing():
     ids, cu_seqlens = batch(1)
-    results = []
-    for offload in (False, True):
-        model, _ = build(offload)
+
+    def run(model):
         loss = model(ids, cu_seqlens=cu_seqlens, labels=ids).loss
         loss.backward()
-        results.append((loss.detach(), grads(model)))
-    (loss, expected), (loss_offload, got) = results
-    assert torch.equal(loss_offload, loss)
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
+        return loss.detach()
+    assert_offload_changes_nothing(run)
 
 
 @pytest.mark.parametrize("schedule", ["forward-backward", "forwards-then-backward"])
@@ -93,19 +102,15 @@ def test_gradient_accumulation(schedule):
     """Two micro-batches: each backward after its forward, or both forwards (two chains of saved
     layers alive at once) and one backward of the summed losses."""
     micro_batches = [batch(1), batch(2)]
-    results = []
-    for offload in (False, True):
-        model, offloader = build(offload)
+
+    def run(model):
         if schedule == "forward-backward":
             for ids, cu_seqlens in micro_batches:
                 model(ids, cu_seqlens=cu_seqlens, labels=ids).loss.backward()
         else:
             losses = [model(ids, cu_seqlens=cu_seqlens, labels=ids).loss for ids, cu_seqlens in micro_batches]
             sum(losses).backward()
-        results.append(grads(model))
-    expected, got = results
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
+    assert_offload_changes_nothing(run)
 
 
 def test_prefetch_one_layer_ahead_and_two_layers_resident():
@@ -148,16 +153,12 @@ def test_nothing_held_after_a_dropped_graph_or_under_no_grad():
 def test_second_backward_of_a_retained_graph():
     """The host copies stay with the graph: a retained graph's second backward fetches them again."""
     ids, cu_seqlens = batch(1)
-    results = []
-    for offload in (False, True):
-        model, _ = build(offload)
+
+    def run(model):
         loss = model(ids, cu_seqlens=cu_seqlens, labels=ids).loss
         loss.backward(retain_graph=True)
         loss.backward()
-        results.append(grads(model))
-    expected, got = results
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
+    assert_offload_changes_nothing(run)
 
 
 def test_a_failing_forward_leaves_no_hooks_behind():
