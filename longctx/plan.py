@@ -88,8 +88,10 @@ def estimate(cfg, world_size: int) -> Estimate:
         # gradients' size per token, not what it saves
         layer_backward += mlp_tokens * mlp_saved
     elif t.activation_checkpoint == "selective":
-        # attention's tensors and the MLP input stay; one MLP is recomputed at a time
-        e.parts["activations (attention kept)"] = layers * tokens * attention_saved
+        # each layer's input and what the token mixer saves (q, k, v, output, log-sum-exp) stay;
+        # the rest of one layer is recomputed at a time
+        mixer_saved = a * (2 * heads * d + 2 * kv * d) + 4 * heads
+        e.parts["activations (layer inputs, mixer kept)"] = layers * tokens * (h * a + mixer_saved)
         layer_backward += mlp_tokens * mlp_saved
     else:
         e.parts["activations"] = layers * (tokens * attention_saved + mlp_tokens * mlp_saved)
@@ -118,6 +120,8 @@ def estimate(cfg, world_size: int) -> Estimate:
 
 # (override, applies to (config, world size), apply): tried in this order by `suggest`
 SUGGESTIONS = [
+    ("train.activation_checkpoint=selective", lambda c, n: c.train.activation_checkpoint == "none",
+     lambda c: setattr(c.train, "activation_checkpoint", "selective")),
     ("train.activation_checkpoint=full", lambda c, n: c.train.activation_checkpoint != "full",
      lambda c: setattr(c.train, "activation_checkpoint", "full")),
     ("train.activation_offload=true", lambda c, n: c.train.activation_checkpoint == "full" and not c.train.activation_offload,

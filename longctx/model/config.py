@@ -1,7 +1,7 @@
 """The LLaMA-style model's shape, and its conversion to and from a Hugging Face `LlamaConfig`."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
 # LlamaConfig fields that change the computation and that this model does not implement.

@@ -63,13 +63,21 @@ class LinearAttention(MixerProjections):
         """Recompute the decay buffer (after `to_empty` from the meta device)."""
         self.decay.copy_(head_decays(self.num_heads))
 
-    def forward(self, x, position_ids=None, cu_seqlens=None):
+    # in three steps, as softmax attention's (see DecoderLayer): project, mix, output
+    def project(self, x, cos=None, sin=None, position_ids=None):
         batch, seqlen, _ = x.shape
         d = self.config.head_dim
         q = F.silu(self.q_proj(x)).view(batch, seqlen, self.num_heads, d)
         k = F.silu(self.k_proj(x)).view(batch, seqlen, self.num_kv_heads, d)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, d)
-        mixer = get_linear_attention(self.config.linear_attention)
-        out = mixer(q, k, v, self.decay, cu_seqlens=cu_seqlens)
-        out = self.norm(out.reshape(batch, seqlen, self.num_heads * d))
-        return self.o_proj(out * torch.sigmoid(self.g_proj(x)))
+        return q, k, v
+
+    def mix(self, q, k, v, cu_seqlens=None, max_seqlen=None):
+        out = get_linear_attention(self.config.linear_attention)(q, k, v, self.decay, cu_seqlens=cu_seqlens)
+        return out.flatten(2)
+
+    def output(self, out, x):
+        return self.o_proj(self.norm(out) * torch.sigmoid(self.g_proj(x)))
+
+    def forward(self, x, position_ids=None, cu_seqlens=None):
+        return self.output(self.mix(*self.project(x, position_ids=position_ids), cu_seqlens), x)

@@ -58,17 +58,29 @@ class MixerProjections(nn.Module):
 
 
 class Attention(MixerProjections):
-    """Grouped-query softmax attention with rotary embeddings."""
+    """Grouped-query softmax attention with rotary embeddings.
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+    In three steps, so that selective checkpointing can keep only what the token mixer saves:
+    `project` (q, k, v, rotated), `mix` (the attention kernel), `output` (o_proj)."""
+
+    def project(self, x, cos, sin, position_ids=None):
         batch, seqlen, _ = x.shape
         d = self.config.head_dim
         q = apply_rotary(self.q_proj(x).view(batch, seqlen, self.num_heads, d), cos, sin)
         k = apply_rotary(self.k_proj(x).view(batch, seqlen, self.num_kv_heads, d), cos, sin)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, d)
-        mixer = get_attention(resolve_attention(self.config.attention, x))
-        out = mixer(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, softmax_scale=d ** -0.5)
-        return self.o_proj(out.reshape(batch, seqlen, self.num_heads * d))
+        return q, k, v
+
+    def mix(self, q, k, v, cu_seqlens, max_seqlen):
+        mixer = get_attention(resolve_attention(self.config.attention, q))
+        out = mixer(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, softmax_scale=self.config.head_dim ** -0.5)
+        return out.flatten(2)
+
+    def output(self, out, x):
+        return self.o_proj(out)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        return self.output(self.mix(*self.project(x, cos, sin), cu_seqlens, max_seqlen), x)
 
 
 def resolve_attention(name: str, x: torch.Tensor) -> str:
@@ -115,13 +127,25 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # selective activation checkpointing (set by longctx.parallel's apply_activation_checkpointing):
+        # everything but the token mixer is recomputed in the backward; the mixer's own saved
+        # tensors (q, k, v, its output and log-sum-exp), expensive to recompute, are kept
+        self.recompute_around_mixer = False
+
+    def before_mixer(self, x, cos, sin, position_ids):
+        return self.self_attn.project(self.input_layernorm(x), cos, sin, position_ids)
+
+    def after_mixer(self, x, out):
+        x = x + self.self_attn.output(out, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x, cos, sin, position_ids, cu_seqlens, max_seqlen):
-        if isinstance(self.self_attn, Attention):
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
-        else:
-            x = x + self.self_attn(self.input_layernorm(x), position_ids, cu_seqlens)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not self.recompute_around_mixer or not torch.is_grad_enabled():
+            q, k, v = self.before_mixer(x, cos, sin, position_ids)
+            return self.after_mixer(x, self.self_attn.mix(q, k, v, cu_seqlens, max_seqlen))
+        q, k, v = checkpoint(self.before_mixer, x, cos, sin, position_ids, use_reentrant=False)
+        out = self.self_attn.mix(q, k, v, cu_seqlens, max_seqlen)
+        return checkpoint(self.after_mixer, x, out, use_reentrant=False)
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, shape: torch.Size) -> torch.Tensor:

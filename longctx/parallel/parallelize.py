@@ -29,18 +29,18 @@ def apply_sequence_parallel(model, dims: ParallelDims, mesh, device, lasp_varian
 def apply_activation_checkpointing(model, mode: str, offload: bool = False):
     """Recompute activations in the backward instead of storing them.
 
-    full: each decoder layer keeps only its input. selective: only the MLP (with its seq x
-    intermediate tensors, cheap to recompute) is recomputed; attention keeps its output and
-    log-sum-exp, which cost a second attention pass to recompute at long context. offload (with
-    full): the layer inputs that full checkpointing keeps go to pinned CPU memory on a side stream
-    in the forward and come back one layer ahead of need in the backward (`offload.py`); the
-    `ActivationOffloader` is returned (None without offload).
+    full: each decoder layer keeps only its input. selective: everything but the token mixer is
+    recomputed (norms, projections, rotary, MLP: cheap); the mixer's saved tensors (q, k, v, its
+    output and log-sum-exp), which would cost a second attention pass to recompute at long context,
+    are kept. offload (with full): the layer inputs that full checkpointing keeps go to pinned CPU
+    memory on a side stream in the forward and come back one layer ahead of need in the backward
+    (`offload.py`); the `ActivationOffloader` is returned (None without offload).
     """
     if mode == "none":
         return None
     if mode == "selective":
         for layer in model.layers:
-            layer.mlp = checkpoint_wrapper(layer.mlp, preserve_rng_state=False)
+            layer.recompute_around_mixer = True
         return None
     for i, layer in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)

@@ -10,7 +10,7 @@ import importlib.util
 import os
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -18,6 +18,9 @@ from omegaconf import OmegaConf
 from longctx.data import DataConfig
 from longctx.data.sharegpt import sharegpt_v3_path
 from longctx.model import ModelConfig
+
+if TYPE_CHECKING:
+    from longctx.parallel.mesh import ParallelDims
 
 
 @dataclass
@@ -58,7 +61,7 @@ class TrainSection:
     grad_accum: int = 1
     steps: int = 40
     precision: str = "auto"                # auto (bf16_autocast on CUDA, fp32 on CPU) | bf16_autocast | bf16_pure | fp32
-    activation_checkpoint: str = "none"    # none | full | selective (recompute the MLP only)
+    activation_checkpoint: str = "none"    # none | full | selective (recompute all but the token mixer)
     activation_offload: bool = False       # with full: the kept layer inputs wait in CPU memory
     seed: int = 0
     device: str = "auto"                   # auto | cpu | cuda

@@ -347,6 +347,9 @@ def runs(tmp_path_factory):
             cfg = make_config(dp, sp, method, "fsdp", 0)
             cfg.parallel.reshard_after_forward = False
             cases.append((f"{layout}/fsdp/no_reshard", cfg, state))
+            cfg = make_config(dp, sp, method, "fsdp", 0)   # recomputation inside FSDP2's per-layer units
+            cfg.train.activation_checkpoint = "selective"
+            cases.append((f"{layout}/fsdp/selective", cfg, state))
         if layout == "dp2-sp2-lasp":
             cfg = make_config(dp, sp, method, "ddp", 0)
             cfg.parallel.lasp_variant = "allgather"
@@ -383,6 +386,10 @@ def test_cpu_offload_steps_match_one_process(runs, backend):
 
 def test_fsdp_without_reshard_after_forward_matches_one_process(runs):
     assert_matches_one_process(runs, "dp2-sp2-ring", "dp2-sp2-ring/fsdp/no_reshard")
+
+
+def test_fsdp_with_selective_checkpointing_matches_one_process(runs):
+    assert_matches_one_process(runs, "dp2-sp2-ring", "dp2-sp2-ring/fsdp/selective")
 
 
 def test_lasp_allgather_variant_matches_one_process(runs):

@@ -179,8 +179,10 @@ def _check_results(results, cases, world_size, mesh_cases=None, sp_size=None):
         expected = reference(case)
         if case["q"].dtype == torch.float64:
             tolerances = [FLOAT64_TOL] * 4
-        else:  # the Triton kernel: within 2x the error of plain PyTorch attention in that dtype
-            tolerances = [2 * rel_err(low, e) for low, e in zip(low_precision_reference(case), expected)]
+        else:  # the Triton kernel: within 2x the error of plain PyTorch attention in that dtype, plus
+            # one rounding (in fp32 both errors are a few eps, and fresh inputs each run)
+            eps = torch.finfo(case["q"].dtype).eps
+            tolerances = [2 * rel_err(low, e) + eps for low, e in zip(low_precision_reference(case), expected)]
         for rank, got in enumerate(results):
             for what, g, e, tol in zip(("out", "dq", "dk", "dv"), got[name], expected, tolerances):
                 err = rel_err(g, zigzag_share(e, rank, world_size))
