@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from longctx.ops.linear import lightning_attn_func  # noqa: E402
 from longctx.ops.linear import forward as linear_forward  # noqa: E402
 from longctx.ops.linear.naive import lightning_attn_chunked  # noqa: E402
-from benchlib import peak_gib, rel_err, result_head  # noqa: E402
+from benchlib import peak_gib, print_rows, rel_err, result_head  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 128
 KERNEL_SEQLENS = [16384, 65536, 262144]
@@ -178,13 +178,11 @@ SECTIONS = {"kernel": bench_kernel}
 
 
 def print_table(rows):
-    print(f"{'bench':<16}{'impl':<15}{'mode':<9}{'seqlen':>8}{'ms':>10}{'Mtok/s':>9}{'TFLOP/s':>9}{'GiB':>8}  config")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['bench']:<16}{r['impl']:<15}{r['mode']:<9}{r['seqlen']:>8}  {r['error'][:60]}")
-            continue
-        print(f"{r['bench']:<16}{r['impl']:<15}{r['mode']:<9}{r['seqlen']:>8}{r['ms']:>10.3f}"
-              f"{r['tok_s'] / 1e6:>9.2f}{r['tflops']:>9.1f}{r['peak_gib']:>8.2f}  {r.get('config', '')}")
+    print_rows(rows, [("bench", 16, lambda r: r["bench"]), ("impl", 15, lambda r: r["impl"]),
+                      ("mode", 9, lambda r: r["mode"]), ("seqlen", 8, lambda r: r["seqlen"]),
+                      ("ms", 10, lambda r: f"{r['ms']:.3f}"), ("Mtok/s", 9, lambda r: f"{r['tok_s'] / 1e6:.2f}"),
+                      ("TFLOP/s", 9, lambda r: f"{r['tflops']:.1f}"), ("GiB", 8, lambda r: f"{r['peak_gib']:.2f}"),
+                      ("config", 6, lambda r: r.get("config", ""))], named_by=4)
 
 
 def main():

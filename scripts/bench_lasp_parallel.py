@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from longctx.ops.linear import lightning_attn_func  # noqa: E402
 from longctx.parallel import lasp  # noqa: E402
 from longctx.parallel.sequence import split_sequence  # noqa: E402
-from benchlib import rel_err, result_head  # noqa: E402
+from benchlib import print_rows, rel_err, result_head  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 128
 LASP_SEQLENS = [1 << 20, 1 << 22]
@@ -354,13 +354,11 @@ SECTIONS = {"lasp": bench_lasp, "model": bench_model, "lasp_sim": bench_lasp_one
 
 
 def print_table(rows):
-    print(f"{'bench':<18}{'impl':<9}{'variant':<10}{'gpus':>5}{'seqlen':>9}{'ms':>10}{'Mtok/s':>9}{'GiB':>8}{'eff':>7}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['bench']:<18}{r['impl']:<9}{r.get('variant', ''):<10}{r['gpus']:>5}{r['seqlen']:>9}  {r['error'][:50]}")
-            continue
-        print(f"{r['bench']:<18}{r['impl']:<9}{r.get('variant', ''):<10}{r['gpus']:>5}{r['seqlen']:>9}{r['ms']:>10.2f}"
-              f"{r['tok_s'] / 1e6:>9.2f}{r['peak_gib']:>8.1f}{r.get('scaling_eff', ''):>7}")
+    print_rows(rows, [("bench", 18, lambda r: r["bench"]), ("impl", 9, lambda r: r["impl"]),
+                      ("variant", 10, lambda r: r.get("variant", "")), ("gpus", 5, lambda r: r["gpus"]),
+                      ("seqlen", 9, lambda r: r["seqlen"]), ("ms", 10, lambda r: f"{r['ms']:.2f}"),
+                      ("Mtok/s", 9, lambda r: f"{r['tok_s'] / 1e6:.2f}"), ("GiB", 8, lambda r: f"{r['peak_gib']:.1f}"),
+                      ("eff", 7, lambda r: r.get("scaling_eff", ""))], named_by=5)
 
 
 def main():

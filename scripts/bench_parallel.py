@@ -34,7 +34,7 @@ from longctx.parallel.mesh import ParallelDims  # noqa: E402
 from longctx.train import train as T  # noqa: E402
 from longctx.train.config import Config  # noqa: E402
 from longctx.train.metrics import peak_tflops, training_flops_per_token  # noqa: E402
-from benchlib import result_head  # noqa: E402
+from benchlib import print_rows, result_head  # noqa: E402
 
 BACKENDS = [("ddp", 0), ("fsdp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
 
@@ -157,16 +157,12 @@ def main():
 
 
 def print_table(rows):
-    print(f"{'seqlen':>7} {'dp':>3} {'sp':>3} {'backend':>11} {'ms':>9} {'tok/s':>9} {'tok/s/gpu':>9} "
-          f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
-    for r in rows:
-        name = r["backend"] + (str(r.get("zero_stage")) if r.get("zero_stage") else "")
-        if "error" in r:
-            print(f"{r['seqlen']:>7} {r['dp']:>3} {r['sp']:>3} {name:>11} {r['error']}")
-            continue
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{r['seqlen']:>7} {r['dp']:>3} {r['sp']:>3} {name:>11} {r['ms']:9.1f} {r['tok_s']:9.0f} "
-              f"{r['tok_s_per_gpu']:9.0f} {r['tflops']:8.1f} {mfu:>6} {r['peak_gib']:9.2f}")
+    print_rows(rows, [("seqlen", 7, lambda r: r["seqlen"]), ("dp", 3, lambda r: r["dp"]), ("sp", 3, lambda r: r["sp"]),
+                      ("backend", 11, lambda r: r["backend"] + (str(r.get("zero_stage")) if r.get("zero_stage") else "")),
+                      ("ms", 9, lambda r: f"{r['ms']:.1f}"), ("tok/s", 9, lambda r: f"{r['tok_s']:.0f}"),
+                      ("tok/s/gpu", 9, lambda r: f"{r['tok_s_per_gpu']:.0f}"), ("TFLOP/s", 8, lambda r: f"{r['tflops']:.1f}"),
+                      ("MFU", 6, lambda r: f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"),
+                      ("peak GiB", 9, lambda r: f"{r['peak_gib']:.2f}")], named_by=4)
 
 
 def write(args, rows, device):

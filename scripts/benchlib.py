@@ -39,6 +39,16 @@ def device_slug(name: str) -> str:
     return next((s for s in ("h100", "h200", "a100", "b200") if s in name.lower()), "gpu")
 
 
+def print_rows(rows: list, columns: list, named_by: int) -> None:
+    """A benchmark's rows as a table: `columns` are (header, width, cell(row) -> value); a row
+    with an "error" shows its first `named_by` cells (what it is), then the error."""
+    print(" ".join(f"{header:>{width}}" for header, width, _ in columns))
+    for r in rows:
+        shown = columns[:named_by] if "error" in r else columns
+        line = " ".join(f"{str(cell(r)):>{width}}" for _, width, cell in shown)
+        print(line + (f"  {r['error'][:60]}" if "error" in r else ""))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
