@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from longctx.ops.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
+from longctx.ops.rms_norm import rms_norm
 
 from .attention import get_attention
 from .config import ModelConfig
@@ -35,11 +36,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # statistics in fp32; the output in the input's dtype (under autocast the fp32 weight
-        # must not promote the bf16 residual stream back to fp32)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.to(dtype) * x.to(dtype)
+        # must not promote the bf16 residual stream back to fp32); only x and a scale per row
+        # are kept for the backward
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MixerProjections(nn.Module):
