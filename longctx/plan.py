@@ -71,9 +71,9 @@ def estimate(cfg, world_size: int) -> Estimate:
     a = 2 if t.precision in ("bf16_autocast", "bf16_pure", "auto") else 4
     h, d, heads, kv = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_key_value_heads
     mlp_tokens = min(tokens, m.mlp_chunk_size) if m.mlp_chunk_size > 0 else tokens
-    # what a layer saves for its backward besides the MLP: the norms' fp32 inputs and outputs,
-    # q, k, v and the rotated q, k, the attention output and its log-sum-exp, the residual
-    attention_saved = 2 * (4 * h + a * h) + a * (2 * heads * d + 3 * kv * d + heads * d) + 4 * heads + a * h
+    # what a layer saves for its backward besides the MLP: the norms' inputs and outputs (and a
+    # scale per row), q, k, v and the rotated q, k, the attention output and its log-sum-exp
+    attention_saved = 2 * (2 * a * h + 4) + a * (2 * heads * d + 3 * kv * d + heads * d) + 4 * heads
     mlp_saved = 4 * m.intermediate_size * a          # gate, up, silu(gate), their product
     mlp_grads = 3 * m.intermediate_size * a          # their gradients, made in the backward
     attention_grads = 4 * heads * d + 2 * a * (heads * d + 2 * kv * d)   # fp32 dq, dq/dk/dv, d(out)

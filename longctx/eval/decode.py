@@ -264,15 +264,14 @@ def linear_step(attn, h: torch.Tensor, cache: KVCache, layer: int) -> torch.Tens
     """One token [B, 1, hidden] through a linear-attention layer: S = exp(-decay) S + k^T v, o = q S
     (the state is the same on every rank: no communication)."""
     batch = h.shape[0]
-    q = F.silu(attn.q_proj(h)).view(batch, attn.num_heads, -1)
-    k = _expand_heads(F.silu(attn.k_proj(h)).view(batch, 1, attn.num_kv_heads, -1), attn.num_heads)[:, 0]
-    v = _expand_heads(attn.v_proj(h).view(batch, 1, attn.num_kv_heads, -1), attn.num_heads)[:, 0]
+    q, k, v = attn.project(h)
+    q, k, v = q[:, 0], _expand_heads(k, attn.num_heads)[:, 0], _expand_heads(v, attn.num_heads)[:, 0]
     state = cache.states[layer]
     state = torch.exp(-attn.decay.to(state.dtype))[None, :, None, None] * state
     state = state + torch.einsum("bhd,bhe->bhde", k.to(state.dtype), v.to(state.dtype))
     cache.states[layer] = state
     out = torch.einsum("bhd,bhde->bhe", q.to(state.dtype), state).to(h.dtype).reshape(batch, 1, -1)
-    return attn.o_proj(attn.norm(out) * torch.sigmoid(attn.g_proj(h)))
+    return attn.output(out, h)
 
 
 @torch.no_grad()
@@ -288,13 +287,11 @@ def decode_step(model: Llama, tokens: torch.Tensor, cache: KVCache) -> torch.Ten
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         if isinstance(attn, Attention):
-            q = apply_rotary(attn.q_proj(h).view(batch, 1, attn.num_heads, -1), cos, sin)
-            k = apply_rotary(attn.k_proj(h).view(batch, 1, attn.num_kv_heads, -1), cos, sin)
-            v = attn.v_proj(h).view(batch, 1, attn.num_kv_heads, -1)
+            q, k, v = attn.project(h, cos, sin)
             if keeper:
                 cache.append(i, k, v)
             out = attend_cached(q, cache.blocks(i), q.shape[-1] ** -0.5, group, world)
-            x = x + attn.o_proj(out.reshape(batch, 1, -1))
+            x = x + attn.output(out.reshape(batch, 1, -1), h)
         else:
             x = x + linear_step(attn, h, cache, i)
         x = x + layer.mlp(layer.post_attention_layernorm(x))

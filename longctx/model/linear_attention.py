@@ -63,7 +63,8 @@ class LinearAttention(MixerProjections):
         """Recompute the decay buffer (after `to_empty` from the meta device)."""
         self.decay.copy_(head_decays(self.num_heads))
 
-    # in three steps, as softmax attention's (see DecoderLayer): project, mix, output
+    gated_output = True   # output() gates with the mixer's input
+
     def project(self, x, cos=None, sin=None, position_ids=None):
         batch, seqlen, _ = x.shape
         d = self.config.head_dim
@@ -78,6 +79,3 @@ class LinearAttention(MixerProjections):
 
     def output(self, out, x):
         return self.o_proj(self.norm(out) * torch.sigmoid(self.g_proj(x)))
-
-    def forward(self, x, position_ids=None, cu_seqlens=None):
-        return self.output(self.mix(*self.project(x, position_ids=position_ids), cu_seqlens), x)

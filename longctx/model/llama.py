@@ -43,7 +43,13 @@ class RMSNorm(nn.Module):
 
 class MixerProjections(nn.Module):
     """The query, key, value and output projections of a token mixer, sized for grouped-query
-    attention (K and V have num_key_value_heads heads), named as in Hugging Face."""
+    attention (K and V have num_key_value_heads heads), named as in Hugging Face.
+
+    A mixer runs in three steps (selective checkpointing keeps only what `mix` saves):
+    `project(x, cos, sin, position_ids)` -> q, k, v; `mix(q, k, v, cu_seqlens, max_seqlen)` -> out;
+    `output(out, x)`, where x (the mixer's input) is read only if `gated_output`."""
+
+    gated_output = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -55,12 +61,12 @@ class MixerProjections(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
 
+    def forward(self, x, cos=None, sin=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
+        return self.output(self.mix(*self.project(x, cos, sin, position_ids), cu_seqlens, max_seqlen), x)
+
 
 class Attention(MixerProjections):
-    """Grouped-query softmax attention with rotary embeddings.
-
-    In three steps, so that selective checkpointing can keep only what the token mixer saves:
-    `project` (q, k, v, rotated), `mix` (the attention kernel), `output` (o_proj)."""
+    """Grouped-query softmax attention with rotary embeddings (q and k rotated in `project`)."""
 
     def project(self, x, cos, sin, position_ids=None):
         batch, seqlen, _ = x.shape
@@ -77,9 +83,6 @@ class Attention(MixerProjections):
 
     def output(self, out, x):
         return self.o_proj(out)
-
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
-        return self.output(self.mix(*self.project(x, cos, sin), cu_seqlens, max_seqlen), x)
 
 
 def resolve_attention(name: str, x: torch.Tensor) -> str:
@@ -135,7 +138,8 @@ class DecoderLayer(nn.Module):
         return self.self_attn.project(self.input_layernorm(x), cos, sin, position_ids)
 
     def after_mixer(self, x, out):
-        x = x + self.self_attn.output(out, self.input_layernorm(x))
+        gate_input = self.input_layernorm(x) if self.self_attn.gated_output else None
+        x = x + self.self_attn.output(out, gate_input)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x, cos, sin, position_ids, cu_seqlens, max_seqlen):

@@ -22,15 +22,15 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, scale = ctx.saved_tensors
-        wide = scale.dtype
-        normed = x.to(wide) * scale
-        grad = grad.to(wide)
+        wide_dtype = scale.dtype
+        normed = x.to(wide_dtype) * scale
+        grad = grad.to(wide_dtype)
         grad_weight = None
         if ctx.needs_input_grad[1]:
             # the forward multiplies by the weight in x's dtype: the weight's gradient sees the
             # normalised input as rounded to that dtype
-            grad_weight = (grad * normed.to(x.dtype).to(wide)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        grad_normed = grad * weight.to(x.dtype).to(wide)
+            grad_weight = (grad * normed.to(x.dtype).to(wide_dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        grad_normed = grad * weight.to(x.dtype).to(wide_dtype)
         # d/dx of x * rsqrt(mean(x^2) + eps): scale * (g - normed * mean(g * normed))
         grad_x = scale * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
         return grad_x.to(x.dtype), grad_weight, None
