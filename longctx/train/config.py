@@ -146,6 +146,8 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     for key in ("seq_len", "micro_batch", "grad_accum", "steps"):
         if getattr(t, key) < 1:
             raise ValueError(f"train.{key}={getattr(t, key)} must be at least 1")
+    if cfg.logging.comm_every < 0:
+        raise ValueError(f"logging.comm_every={cfg.logging.comm_every} must be >= 0 (0: never profile a step)")
     if t.device == "cuda":
         import torch
         if not torch.cuda.is_available():

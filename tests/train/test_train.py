@@ -116,6 +116,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (["train.precision=fp8"], 1, "train.precision='fp8': choose one of"),
     (["parallel.lasp_variant=tree"], 1, "parallel.lasp_variant='tree': choose one of ring, allgather"),
     (["train.activation_offload=true"], 1, "set train.activation_checkpoint=full"),
+    (["logging.comm_every=-1"], 1, r"logging.comm_every=-1 must be >= 0"),
 ])
 def test_config_errors_name_the_problem(overrides, world, message):
     cfg = compose_config(overrides)
