@@ -1,15 +1,13 @@
 """RMSNorm that saves only its input and a scale per row: the PyTorch form against the plain form
 (exact output, gradients, what it keeps), the Triton kernels (interpreted on a CPU) against a
 float64 reference."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+from longctx.ops.rms_norm import rms_norm
+from longctx.ops.rms_norm.naive import rms_norm_naive
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from longctx.ops.rms_norm import rms_norm  # noqa: E402
-from longctx.ops.rms_norm.naive import rms_norm_naive  # noqa: E402
+# Without a GPU the kernel runs in Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _empty = torch.empty
