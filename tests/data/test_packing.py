@@ -29,15 +29,18 @@ def synthetic_store(rng, docs, max_exchanges=5, max_user=200, max_reply=400, all
 
 def check_sequence(store, row, labels, positions, doc_lengths, seq_len):
     """Documents are contiguous runs of one document's tokens (a copied prefix, then a body),
-    positions restart at each, labels are the token or -100 by the mask, padding only at the end."""
+    positions restart at each, labels are the token or -100 by the mask, padding only at the end,
+    in documents no longer than the row's longest real one."""
     assert len(row) == seq_len and int(doc_lengths.sum()) == seq_len
     bounds = np.concatenate([[0], np.cumsum(doc_lengths)])
+    real = [end - begin for begin, end in zip(bounds[:-1], bounds[1:]) if row[begin] != PAD]
     for begin, end in zip(bounds[:-1], bounds[1:]):
         tokens = row[begin:end]
         np.testing.assert_array_equal(positions[begin:end], np.arange(end - begin))
         assert labels[begin] == IGNORE_INDEX  # predicting it would cross a document boundary
         if tokens[0] == PAD:
-            assert end == seq_len and (tokens == PAD).all() and (labels[begin:end] == IGNORE_INDEX).all()
+            assert (row[begin:] == PAD).all() and (labels[begin:] == IGNORE_INDEX).all()
+            assert end - begin <= max(real)
             continue
         doc = int(np.searchsorted(store.offsets, tokens[0], side="right") - 1)
         local = tokens - store.offsets[doc]
