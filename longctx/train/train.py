@@ -258,12 +258,13 @@ def train(cfg: Config) -> Path:
         if not finite and t.on_nonfinite == "stop":
             raise FloatingPointError(f"step {step}: loss {loss.item()} / grad norm {grad_norm.item()} is not "
                                      "finite; set train.on_nonfinite=skip to skip such steps")
+        lr = scheduler.get_last_lr()[0]                # the rate this step's update used
         scheduler.step()
         step_s = time.perf_counter() - step_start
         comm_metrics = comm.stop(step_s)               # comm_wait_s, comm_frac on a profiled step
         if is_main:
             tok_s = tokens_per_step / step_s
-            metrics = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+            metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
                        "tok_s": tok_s, "tok_s_per_gpu": tok_s / dims.world_size, "step_s": step_s,
                        "skipped": not finite,
                        "peak_gib": peak_memory_gib(device),

@@ -40,6 +40,9 @@ def test_loss_goes_down_and_export_loads_in_transformers(tmp_path):
     run_dir = train(cfg)
     by_step = losses(run_dir)
     assert sorted(by_step) == list(range(1, 26))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # the logged rate is the one the step's update used: a third of it in the first warmup step
+    assert [r["lr"] / cfg.optim.lr for r in records[:4]] == pytest.approx([1 / 3, 2 / 3, 1, 1])
     first, last = sum(by_step[s] for s in (1, 2, 3)) / 3, sum(by_step[s] for s in (23, 24, 25)) / 3
     assert last < first - 1.0, f"loss did not go down: {first:.3f} -> {last:.3f}"
     import transformers
