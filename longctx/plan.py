@@ -139,6 +139,33 @@ SUGGESTIONS = [
 ]
 
 
+# (activation_checkpoint, activation_offload), least recompute first: what `auto` tries
+CHECKPOINT_MODES = [("none", False), ("selective", False), ("full", False), ("full", True)]
+
+
+def choose_checkpointing(cfg, world_size: int, gpu_gib: float) -> tuple[str, bool]:
+    """The first of CHECKPOINT_MODES whose planned peak fits the GPU (the last if none does).
+    Measured on an H100 (1B shape, bench/results/train_h100.json) each step down that list costs
+    speed: 32K tokens 26.1K / 24.1K / 21.4K tokens/s, 128K (none does not fit) 9.5K / 7.9K."""
+    budget = gpu_gib * GIB * HEADROOM
+    for mode, offload in CHECKPOINT_MODES:
+        trial = copy.deepcopy(cfg)
+        trial.train.activation_checkpoint, trial.train.activation_offload = mode, offload
+        if estimate(trial, world_size).total <= budget:
+            return mode, offload
+    return CHECKPOINT_MODES[-1]
+
+
+def resolve_auto(cfg, world_size: int, gpu_gib: float) -> str:
+    """Replace train.activation_checkpoint=auto in `cfg` by the chosen mode; says what it chose."""
+    t = cfg.train
+    if t.activation_checkpoint != "auto":
+        return ""
+    t.activation_checkpoint, t.activation_offload = choose_checkpointing(cfg, world_size, gpu_gib)
+    return (f"train.activation_checkpoint=auto -> {t.activation_checkpoint}"
+            f"{' with train.activation_offload=true' if t.activation_offload else ''}\n")
+
+
 def suggest(cfg, world_size: int, budget: float) -> list[str]:
     """The changes, applied cumulatively in order, up to the first that fits."""
     changed = copy.deepcopy(cfg)
@@ -194,7 +221,7 @@ def main(argv=None) -> None:
     with initialize_config_dir(config_dir=f"{REPO_ROOT}/configs", version_base="1.3"):
         cfg = OmegaConf.to_object(compose("config", overrides=overrides))
     world = args.gpus or (cfg.parallel.sp * max(cfg.parallel.dp, 1))
-    print(report(cfg, world, args.gpu_gib))
+    print(resolve_auto(cfg, world, args.gpu_gib) + report(cfg, world, args.gpu_gib))
 
 
 if __name__ == "__main__":

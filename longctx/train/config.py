@@ -61,7 +61,8 @@ class TrainSection:
     grad_accum: int = 1
     steps: int = 40
     precision: str = "auto"                # auto (bf16_autocast on CUDA, fp32 on CPU) | bf16_autocast | bf16_pure | fp32
-    activation_checkpoint: str = "none"    # none | full | selective (recompute all but the token mixer)
+    activation_checkpoint: str = "none"    # none | full | selective (recompute all but the token mixer) |
+                                           # auto (on a GPU: the least recompute the memory plan fits)
     activation_offload: bool = False       # with full: the kept layer inputs wait in CPU memory
     seed: int = 0
     device: str = "auto"                   # auto | cpu | cuda
@@ -134,7 +135,7 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     from longctx.parallel.mesh import ParallelDims
     t = cfg.train
     _choice(t.precision, ("auto", "bf16_autocast", "bf16_pure", "fp32"), "train.precision")
-    _choice(t.activation_checkpoint, ("none", "full", "selective"), "train.activation_checkpoint")
+    _choice(t.activation_checkpoint, ("none", "full", "selective", "auto"), "train.activation_checkpoint")
     if t.activation_offload and t.activation_checkpoint != "full":
         raise ValueError("train.activation_offload=true moves the layer inputs that full checkpointing keeps: "
                          "set train.activation_checkpoint=full")

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from longctx import plan
 from longctx.data import build_loader
 from longctx.model import Llama, ModelConfig, load_hf, save_hf
 from longctx.model.hf import check_state_dict, load_hf_config, load_hf_state_dict
@@ -207,6 +208,13 @@ def train(cfg: Config) -> Path:
     t = cfg.train
     if t.precision == "auto":
         t.precision = "bf16_autocast" if device.type == "cuda" else "fp32"
+    if device.type == "cuda":   # the memory plan, before any GPU work; auto checkpointing picks by it
+        gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        chosen = plan.resolve_auto(cfg, world_size, gpu_gib)
+        if is_main:
+            print(chosen + plan.report(cfg, world_size, gpu_gib))
+    elif t.activation_checkpoint == "auto":
+        t.activation_checkpoint = "none"   # on a CPU there is no device memory to plan for
     torch.manual_seed(t.seed)
 
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0

@@ -39,3 +39,29 @@ def test_cli_says_whether_it_fits_and_what_to_change():
     big = run("experiment=llama3.2-1b_sharegpt_512k", "parallel=default", "data=sharegpt_sample",
               "train.seq_len=1048576", "--gpus", "1", "--gpu-gib", "80")
     assert "does NOT fit" in big.stdout and "to fit: train.activation_offload=true" in big.stdout, big.stdout
+
+
+def test_auto_checkpointing_takes_the_least_recompute_that_fits():
+    from longctx.plan import CHECKPOINT_MODES, GIB, HEADROOM, choose_checkpointing
+    cfg = compose_config(["model=llama3.2-1b", "train.seq_len=32768"])
+    planned = []
+    for mode, offload in CHECKPOINT_MODES:
+        trial = copy.deepcopy(cfg)
+        trial.train.activation_checkpoint, trial.train.activation_offload = mode, offload
+        planned.append(total(trial, 1))
+    assert planned == sorted(planned, reverse=True), "each mode down the list should need less memory"
+    for i, mode in enumerate(CHECKPOINT_MODES):
+        # a GPU just big enough for this mode, and not for the one before it
+        gpu_gib = planned[i] / HEADROOM / GIB * 1.001
+        assert choose_checkpointing(cfg, 1, gpu_gib) == mode
+    assert choose_checkpointing(cfg, 1, planned[-1] / HEADROOM / GIB * 0.9) == CHECKPOINT_MODES[-1]
+    assert cfg.train.activation_checkpoint == "none"   # choosing leaves the config alone
+
+
+def test_cli_resolves_auto_and_reports_the_chosen_mode():
+    out = subprocess.run([sys.executable, "-m", "longctx.plan", "model=llama3.2-1b", "train.seq_len=131072",
+                          "train.activation_checkpoint=auto", "--gpus", "1", "--gpu-gib", "80"],
+                         capture_output=True, text=True, timeout=120)
+    # 1B at 128K on one 80 GB GPU: no checkpointing does not fit, selective does
+    assert "train.activation_checkpoint=auto -> selective" in out.stdout and "-> fits" in out.stdout, \
+        out.stdout + out.stderr

@@ -142,6 +142,13 @@ def test_offline_wandb_writes_its_run_files(tmp_path):
     assert runs and any(runs[0].rglob("*.wandb"))
 
 
+def test_auto_checkpointing_runs_without_recompute_on_a_cpu(tmp_path):
+    cfg = compose_config(SMALL + [f"run_dir={tmp_path}", "train.steps=1", "train.activation_checkpoint=auto",
+                                  "checkpoint.at_end=false", "checkpoint.export_hf=false"])
+    train(cfg)
+    assert cfg.train.activation_checkpoint == "none" and sorted(losses(tmp_path)) == [1]
+
+
 def test_runs_without_run_dir_get_folders_of_their_own(tmp_path, monkeypatch):
     """Two runs started in the same second (the jobs of a sweep) must not share a folder, or the
     second would resume the first's checkpoint."""
