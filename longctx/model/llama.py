@@ -151,6 +151,11 @@ class DecoderLayer(nn.Module):
         return checkpoint(self.after_mixer, x, out, use_reentrant=False)
 
 
+def longest_document(cu_seqlens: torch.Tensor) -> int:
+    """The longest document of cu_seqlens (reads a GPU tensor back to the host)."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Position ids (B, S) restarting at 0 at every document start of the flattened sequence."""
     total = shape[0] * shape[1]
@@ -189,8 +194,9 @@ class Llama(nn.Module):
             elif module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
 
-    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None):
-        """The final-norm hidden states (B, S, hidden)."""
+    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None):
+        """The final-norm hidden states (B, S, hidden). `max_seqlen`, the longest document of
+        cu_seqlens, is read from cu_seqlens when not given: a device sync if that is on a GPU."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         if position_ids is None:
@@ -203,9 +209,10 @@ class Llama(nn.Module):
                              f"{tuple(input_ids.shape)}")
         if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
             raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-        max_seqlen = None
-        if cu_seqlens is not None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if cu_seqlens is None:
+            max_seqlen = None
+        elif max_seqlen is None:
+            max_seqlen = longest_document(cu_seqlens)
         x = self.embed_tokens(input_ids)
         if torch.is_autocast_enabled(x.device.type):
             # the residual stream in the autocast dtype, as in a bf16 model: half the memory and
@@ -216,12 +223,12 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, position_ids, cu_seqlens, max_seqlen)
         return self.norm(x)
 
-    def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None, *,
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None, *, max_seqlen=None,
                 labels_shifted: bool = False, loss_reduction: str = "mean") -> CausalLMOutput:
         """Logits without labels; the loss with labels (aligned with input_ids and shifted here,
         as in transformers, unless `labels_shifted`). `loss_reduction="sum"` returns the sum over
         valid tokens, for a caller that divides by a global token count."""
-        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens)
+        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(hidden))
         if labels.shape != input_ids.shape:

@@ -20,7 +20,7 @@ from longctx import plan
 from longctx.data import build_loader
 from longctx.model import Llama, ModelConfig, load_hf, save_hf
 from longctx.model.hf import check_state_dict, load_hf_config, load_hf_state_dict
-from longctx.model.llama import shift_labels
+from longctx.model.llama import longest_document, shift_labels
 from longctx.ops.cross_entropy import IGNORE_INDEX
 from longctx.parallel import data_parallel
 from longctx.parallel.data_parallel import backward, gradient_sync, optimizer_step
@@ -169,7 +169,10 @@ def shard_batch(batch: dict, dims, mesh, device) -> dict:
         group = mesh["sp"].get_group()
         local = {k: split_sequence(v, group, dim=1, layout=dims.layout) for k, v in local.items()}
     local["cu_seqlens"] = batch["cu_seqlens"]
-    return {k: v.to(device, non_blocking=True) for k, v in local.items()}
+    local = {k: v.to(device, non_blocking=True) for k, v in local.items()}
+    # read here, from the loader's CPU tensor: the model would read it back from the GPU mid-step
+    local["max_seqlen"] = longest_document(batch["cu_seqlens"])
+    return local
 
 
 def peak_memory_gib(device) -> float:
@@ -309,7 +312,8 @@ def forward_backward(train_model, micro_batches: list[dict], world_size: int, au
     for i, mb in enumerate(micro_batches):
         with gradient_sync(train_model, last=i == len(micro_batches) - 1), autocast:
             out = train_model(mb["input_ids"], position_ids=mb["position_ids"], cu_seqlens=mb["cu_seqlens"],
-                              labels=mb["labels"], labels_shifted=True, loss_reduction="sum")
+                              labels=mb["labels"], max_seqlen=mb["max_seqlen"], labels_shifted=True,
+                              loss_reduction="sum")
             # data-parallel backends average gradients over the world (dp x sp): scale back to a sum
             backward(train_model, out.loss * (world_size / global_tokens))
         loss_sum += out.loss.detach().float()

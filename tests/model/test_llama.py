@@ -81,6 +81,24 @@ def test_packed_documents_equal_documents_alone():
     torch.testing.assert_close(logits, alone, atol=1e-5, rtol=0)
 
 
+def test_a_given_max_seqlen_spares_reading_cu_seqlens_back(monkeypatch):
+    """The trainer passes the longest document from the loader's CPU copy, so that the forward
+    does not read cu_seqlens back from the GPU (a host sync mid-step)."""
+    import longctx.model.llama as llama
+    torch.manual_seed(2)
+    model = Llama(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, attention="flash"))
+    packed = torch.randint(0, 50, (1, 24))
+    cu_seqlens = torch.tensor([0, 5, 6, 18, 24], dtype=torch.int32)
+    read = model(packed, cu_seqlens=cu_seqlens).logits
+
+    def no_read_back(cu):
+        raise AssertionError("cu_seqlens was read back although max_seqlen was given")
+    monkeypatch.setattr(llama, "longest_document", no_read_back)
+    given = model(packed, cu_seqlens=cu_seqlens, max_seqlen=12).logits
+    assert torch.equal(read, given)
+
+
 def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         ModelConfig(num_attention_heads=6, num_key_value_heads=4)
