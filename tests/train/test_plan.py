@@ -37,7 +37,7 @@ def test_cli_says_whether_it_fits_and_what_to_change():
     small = run("model=llama3.2-1b", "train.seq_len=8192", "train.activation_checkpoint=full", "--gpus", "1")
     assert small.returncode == 0 and "-> fits in 80 GiB" in small.stdout, small.stdout + small.stderr
     big = run("experiment=llama3.2-1b_sharegpt_512k", "parallel=default", "data=sharegpt_sample",
-              "train.seq_len=1048576", "--gpus", "1", "--gpu-gib", "80")
+              "train.seq_len=1048576", "train.activation_checkpoint=full", "--gpus", "1", "--gpu-gib", "80")
     assert "does NOT fit" in big.stdout and "to fit: train.activation_offload=true" in big.stdout, big.stdout
 
 
