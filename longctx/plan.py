@@ -35,6 +35,17 @@ def _layer_params(m) -> int:
             + 3 * h * m.intermediate_size + 2 * h)
 
 
+def saved_per_token(m, a: int) -> tuple[int, int]:
+    """Bytes per token that one layer keeps for its backward without checkpointing (a: bytes per
+    activation element): (everything but the MLP, the MLP beyond its input)."""
+    h, d, heads, kv = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_key_value_heads
+    # the norms' inputs and outputs (and a scale per row), q, k, v and the rotated q, k, the
+    # attention output and its log-sum-exp
+    attention = 2 * (2 * a * h + 4) + a * (2 * heads * d + 3 * kv * d + heads * d) + 4 * heads
+    mlp = 3 * m.intermediate_size * a   # gate, up and silu(gate) * up (ops.swiglu recomputes silu)
+    return attention, mlp
+
+
 def estimate(cfg, world_size: int) -> Estimate:
     """Peak bytes per rank of one training step of `cfg` (a longctx.train.config.Config)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
@@ -71,10 +82,7 @@ def estimate(cfg, world_size: int) -> Estimate:
     a = 2 if t.precision in ("bf16_autocast", "bf16_pure", "auto") else 4
     h, d, heads, kv = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_key_value_heads
     mlp_tokens = min(tokens, m.mlp_chunk_size) if m.mlp_chunk_size > 0 else tokens
-    # what a layer saves for its backward besides the MLP: the norms' inputs and outputs (and a
-    # scale per row), q, k, v and the rotated q, k, the attention output and its log-sum-exp
-    attention_saved = 2 * (2 * a * h + 4) + a * (2 * heads * d + 3 * kv * d + heads * d) + 4 * heads
-    mlp_saved = 4 * m.intermediate_size * a          # gate, up, silu(gate), their product
+    attention_saved, mlp_saved = saved_per_token(m, a)
     mlp_grads = 3 * m.intermediate_size * a          # their gradients, made in the backward
     attention_grads = 4 * heads * d + 2 * a * (heads * d + 2 * kv * d)   # fp32 dq, dq/dk/dv, d(out)
     layers = m.num_hidden_layers

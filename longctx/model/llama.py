@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longctx.ops.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
 from longctx.ops.rms_norm import rms_norm
+from longctx.ops.swiglu import silu_mul
 
 from .attention import get_attention
 from .config import ModelConfig
@@ -107,7 +108,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def swiglu(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
     def forward(self, x):
         seqlen = x.shape[1]

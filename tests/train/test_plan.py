@@ -73,3 +73,24 @@ def test_cli_plans_the_readme_example_without_its_data_set_installed():
     out = subprocess.run([sys.executable, "-m", "longctx.plan", "experiment=llama3-8b_sharegpt_512k", "--gpus", "2",
                           "--gpu-gib", "141"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "llama3-8b, seq_len 524288, 2 GPU(s)" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_plan_counts_what_the_mlp_keeps():
+    import torch
+    from longctx.model import ModelConfig
+    from longctx.model.llama import MLP
+    from longctx.plan import saved_per_token
+    config = ModelConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+                         mlp_chunk_size=0)
+    mlp = MLP(config).to(torch.bfloat16)
+    x = torch.randn(1, 37, 64, dtype=torch.bfloat16, requires_grad=True)
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mlp(x)
+    weights = sum(p.numel() * 2 for p in mlp.parameters())
+    beyond_input = sum(kept.values()) - weights - x.numel() * 2
+    assert beyond_input == 37 * saved_per_token(config, 2)[1]
