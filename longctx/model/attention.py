@@ -20,6 +20,7 @@ parallel code.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -62,11 +63,34 @@ def get_linear_attention(name: str) -> Callable:
     return _lookup(_LINEAR, name, "linear")
 
 
+# id(device tensor) -> (weak reference, version, its values): see with_host_bounds
+_HOST_BOUNDS: dict = {}
+
+
+def with_host_bounds(cu_seqlens: torch.Tensor, device) -> torch.Tensor:
+    """`cu_seqlens` (a CPU tensor) moved to `device`, its values remembered, so that the plans
+    made from it (ring, LASP, per-document loops) read no device memory: no host sync mid-step."""
+    moved = cu_seqlens.to(device, non_blocking=True)
+    key = id(moved)
+    _HOST_BOUNDS[key] = (weakref.ref(moved, lambda _: _HOST_BOUNDS.pop(key, None)), moved._version,
+                         [int(b) for b in cu_seqlens.tolist()])
+    return moved
+
+
+def document_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    """cu_seqlens as a list of ints: remembered by with_host_bounds, else read (a device sync
+    for a GPU tensor)."""
+    entry = _HOST_BOUNDS.get(id(cu_seqlens))
+    if entry is not None and entry[0]() is cu_seqlens and entry[1] == cu_seqlens._version:
+        return entry[2]
+    return [int(b) for b in cu_seqlens.tolist()]
+
+
 def document_ranges(cu_seqlens: torch.Tensor | None, total: int) -> list[tuple[int, int]]:
     """(start, end) of each packed document; the whole sequence when `cu_seqlens` is None."""
     if cu_seqlens is None:
         return [(0, total)]
-    bounds = cu_seqlens.tolist()
+    bounds = document_bounds(cu_seqlens)
     if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
         raise ValueError(f"cu_seqlens must rise from 0 to the token count {total}; got {bounds[:8]}...")
     return list(zip(bounds[:-1], bounds[1:]))

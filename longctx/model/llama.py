@@ -18,7 +18,7 @@ from longctx.ops.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
 from longctx.ops.rms_norm import rms_norm
 from longctx.ops.swiglu import silu_mul
 
-from .attention import get_attention
+from .attention import document_bounds, get_attention
 from .config import ModelConfig
 from .rotary import apply_rotary, rope_inv_freq, rotary_cos_sin
 
@@ -153,8 +153,9 @@ class DecoderLayer(nn.Module):
 
 
 def longest_document(cu_seqlens: torch.Tensor) -> int:
-    """The longest document of cu_seqlens (reads a GPU tensor back to the host)."""
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    """The longest document of cu_seqlens (a GPU tensor not made by with_host_bounds is read back)."""
+    bounds = document_bounds(cu_seqlens)
+    return max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, shape: torch.Size) -> torch.Tensor:

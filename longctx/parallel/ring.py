@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from longctx.model.attention import register_attention
+from longctx.model.attention import document_bounds, register_attention
 
 from . import ring_blocks
 from .sequence import get_sequence_group
@@ -214,7 +214,7 @@ def ring_plan(rank: int, world_size: int, local_len: int, causal: bool, batch: i
                 steps.append([Block((chunk, local_len), (0, local_len), False)])  # last chunk, all keys
         return steps
     seqlen = local_len * world_size
-    bounds = [int(b) for b in cu_seqlens.tolist()]
+    bounds = document_bounds(cu_seqlens)
     if bounds[0] != 0 or bounds[-1] != batch * seqlen or any(b < a for a, b in zip(bounds, bounds[1:])):
         raise ValueError(
             f"cu_seqlens must rise from 0 to the token count of the whole (unsplit) sequence, "

@@ -20,6 +20,7 @@ from longctx import plan
 from longctx.data import build_loader
 from longctx.model import Llama, ModelConfig, load_hf, save_hf
 from longctx.model.hf import check_state_dict, load_hf_config, load_hf_state_dict
+from longctx.model.attention import with_host_bounds
 from longctx.model.llama import longest_document, shift_labels
 from longctx.ops.cross_entropy import IGNORE_INDEX
 from longctx.parallel import data_parallel
@@ -168,10 +169,11 @@ def shard_batch(batch: dict, dims, mesh, device) -> dict:
     if dims.sp > 1:
         group = mesh["sp"].get_group()
         local = {k: split_sequence(v, group, dim=1, layout=dims.layout) for k, v in local.items()}
-    local["cu_seqlens"] = batch["cu_seqlens"]
     local = {k: v.to(device, non_blocking=True) for k, v in local.items()}
-    # read here, from the loader's CPU tensor: the model would read it back from the GPU mid-step
-    local["max_seqlen"] = longest_document(batch["cu_seqlens"])
+    # the documents' bounds stay known on the host: the model's max_seqlen and the ring and LASP
+    # plans would otherwise read them back from the GPU mid-step
+    local["cu_seqlens"] = with_host_bounds(batch["cu_seqlens"], device)
+    local["max_seqlen"] = longest_document(local["cu_seqlens"])
     return local
 
 

@@ -99,6 +99,21 @@ def test_a_given_max_seqlen_spares_reading_cu_seqlens_back(monkeypatch):
     assert torch.equal(read, given)
 
 
+def test_bounds_moved_with_their_host_copy_are_not_read_back():
+    from longctx.model.attention import document_bounds, document_ranges, with_host_bounds
+    from longctx.model.llama import longest_document
+    cu_seqlens = torch.tensor([0, 5, 6, 18, 24], dtype=torch.int32)
+    # a meta tensor holds no values: reading it back would fail
+    on_meta = with_host_bounds(cu_seqlens, torch.device("meta"))
+    assert on_meta.device.type == "meta"
+    assert document_bounds(on_meta) == [0, 5, 6, 18, 24] and longest_document(on_meta) == 12
+    assert document_ranges(on_meta, 24) == [(0, 5), (5, 6), (6, 18), (18, 24)]
+    # a tensor changed in place after it was moved is read again
+    same = with_host_bounds(cu_seqlens, torch.device("cpu"))
+    same[1] = 3
+    assert document_bounds(same) == [0, 3, 6, 18, 24]
+
+
 def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         ModelConfig(num_attention_heads=6, num_key_value_heads=4)
