@@ -111,8 +111,7 @@ def _local_forward_backward(model, micro_batches, autocast) -> float:
     for mb in micro_batches:
         with autocast:
             out = model(mb["input_ids"], position_ids=mb["position_ids"], cu_seqlens=mb["cu_seqlens"],
-                        labels=mb["labels"], max_seqlen=mb["max_seqlen"], labels_shifted=True,
-                        loss_reduction="sum")
+                        labels=mb["labels"], labels_shifted=True, loss_reduction="sum")
             (out.loss / tokens).backward()
         total += out.loss.item()
     return total / tokens.item()

@@ -196,9 +196,9 @@ class Llama(nn.Module):
             elif module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
 
-    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None):
-        """The final-norm hidden states (B, S, hidden). `max_seqlen`, the longest document of
-        cu_seqlens, is read from cu_seqlens when not given: a device sync if that is on a GPU."""
+    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None):
+        """The final-norm hidden states (B, S, hidden). A GPU `cu_seqlens` is read back once to
+        size the attention grid, unless it was moved there by `attention.with_host_bounds`."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         if position_ids is None:
@@ -211,10 +211,7 @@ class Llama(nn.Module):
                              f"{tuple(input_ids.shape)}")
         if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
             raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-        if cu_seqlens is None:
-            max_seqlen = None
-        elif max_seqlen is None:
-            max_seqlen = longest_document(cu_seqlens)
+        max_seqlen = None if cu_seqlens is None else longest_document(cu_seqlens)
         x = self.embed_tokens(input_ids)
         if torch.is_autocast_enabled(x.device.type):
             # the residual stream in the autocast dtype, as in a bf16 model: half the memory and
@@ -225,12 +222,12 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, position_ids, cu_seqlens, max_seqlen)
         return self.norm(x)
 
-    def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None, *, max_seqlen=None,
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None, *,
                 labels_shifted: bool = False, loss_reduction: str = "mean") -> CausalLMOutput:
         """Logits without labels; the loss with labels (aligned with input_ids and shifted here,
         as in transformers, unless `labels_shifted`). `loss_reduction="sum"` returns the sum over
         valid tokens, for a caller that divides by a global token count."""
-        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
+        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(hidden))
         if labels.shape != input_ids.shape:

@@ -21,7 +21,7 @@ from longctx.data import build_loader
 from longctx.model import Llama, ModelConfig, load_hf, save_hf
 from longctx.model.hf import check_state_dict, load_hf_config, load_hf_state_dict
 from longctx.model.attention import with_host_bounds
-from longctx.model.llama import longest_document, shift_labels
+from longctx.model.llama import shift_labels
 from longctx.ops.cross_entropy import IGNORE_INDEX
 from longctx.parallel import data_parallel
 from longctx.parallel.data_parallel import backward, gradient_sync, optimizer_step
@@ -173,7 +173,6 @@ def shard_batch(batch: dict, dims, mesh, device) -> dict:
     # the documents' bounds stay known on the host: the model's max_seqlen and the ring and LASP
     # plans would otherwise read them back from the GPU mid-step
     local["cu_seqlens"] = with_host_bounds(batch["cu_seqlens"], device)
-    local["max_seqlen"] = longest_document(local["cu_seqlens"])
     return local
 
 
@@ -314,8 +313,7 @@ def forward_backward(train_model, micro_batches: list[dict], world_size: int, au
     for i, mb in enumerate(micro_batches):
         with gradient_sync(train_model, last=i == len(micro_batches) - 1), autocast:
             out = train_model(mb["input_ids"], position_ids=mb["position_ids"], cu_seqlens=mb["cu_seqlens"],
-                              labels=mb["labels"], max_seqlen=mb["max_seqlen"], labels_shifted=True,
-                              loss_reduction="sum")
+                              labels=mb["labels"], labels_shifted=True, loss_reduction="sum")
             # data-parallel backends average gradients over the world (dp x sp): scale back to a sum
             backward(train_model, out.loss * (world_size / global_tokens))
         loss_sum += out.loss.detach().float()

@@ -81,21 +81,22 @@ def test_packed_documents_equal_documents_alone():
     torch.testing.assert_close(logits, alone, atol=1e-5, rtol=0)
 
 
-def test_a_given_max_seqlen_spares_reading_cu_seqlens_back(monkeypatch):
-    """The trainer passes the longest document from the loader's CPU copy, so that the forward
-    does not read cu_seqlens back from the GPU (a host sync mid-step)."""
-    import longctx.model.llama as llama
+def test_a_forward_over_host_bounded_cu_seqlens_reads_nothing_back(monkeypatch):
+    """The trainer moves cu_seqlens with with_host_bounds, so that the forward does not read it
+    back from the GPU (a host sync mid-step): the same logits, and no tensor read to a list."""
+    from longctx.model.attention import with_host_bounds
     torch.manual_seed(2)
     model = Llama(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, attention="flash"))
     packed = torch.randint(0, 50, (1, 24))
     cu_seqlens = torch.tensor([0, 5, 6, 18, 24], dtype=torch.int32)
     read = model(packed, cu_seqlens=cu_seqlens).logits
+    bounded = with_host_bounds(cu_seqlens.clone(), torch.device("cpu"))
 
-    def no_read_back(cu):
-        raise AssertionError("cu_seqlens was read back although max_seqlen was given")
-    monkeypatch.setattr(llama, "longest_document", no_read_back)
-    given = model(packed, cu_seqlens=cu_seqlens, max_seqlen=12).logits
+    def no_read_back(self):
+        raise AssertionError("a tensor was read back although cu_seqlens carried its bounds")
+    monkeypatch.setattr(torch.Tensor, "tolist", no_read_back)
+    given = model(packed, cu_seqlens=bounded).logits
     assert torch.equal(read, given)
 
 
