@@ -39,6 +39,7 @@ SHAPES = [
     (4096, 32, 32, 128, True), (4096, 32, 8, 128, True),
     (16384, 32, 32, 64, True), (16384, 32, 32, 256, True),
     (16384, 32, 32, 128, False),
+    (32768, 32, 8, 64, True),  # the Llama-3.2-1B attention at the length of issue #10's target
 ]
 QUICK_SHAPES = [(4096, 32, 32, 128, True), (4096, 32, 8, 128, True), (4096, 32, 32, 256, True)]
 
