@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from longctx.model.llama import Attention, Llama
-from longctx.model.rotary import apply_rotary, rotary_cos_sin
+from longctx.model.rotary import rotary_cos_sin
+from longctx.ops.rotary import apply_rotary
 from longctx.parallel import lasp as _lasp  # noqa: F401  registers `lasp`, `lasp_allgather`, `allgather_kv`
 from longctx.parallel import ring as _ring  # noqa: F401  registers the `ring` mixer
 from longctx.parallel.sequence import get_sequence_group, sequence_divisor, split_sequence

@@ -16,11 +16,12 @@ from torch.utils.checkpoint import checkpoint
 
 from longctx.ops.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
 from longctx.ops.rms_norm import rms_norm
+from longctx.ops.rotary import apply_rotary
 from longctx.ops.swiglu import silu_mul
 
 from .attention import document_bounds, get_attention
 from .config import ModelConfig
-from .rotary import apply_rotary, rope_inv_freq, rotary_cos_sin
+from .rotary import rope_inv_freq, rotary_cos_sin
 
 
 @dataclass

@@ -35,10 +35,3 @@ def rotary_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: to
     emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]               # [B, S, 1, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, S, H, D) by the position angles (the half-split convention of Hugging Face)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    # in x's dtype, whatever dtype the caller computed the angles in
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
