@@ -99,12 +99,19 @@ def run_hf(config: ModelConfig, seq_len: int, checkpoint: str, offload: bool):
 
 
 def print_profile(step, top: int) -> None:
-    """One more step under the profiler: the kernels that took the most GPU time."""
+    """One more step under the profiler: the kernels, then the PyTorch ops (with the kernels they
+    launched), that took the most GPU time."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70), flush=True)
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70), flush=True)
+    ops = [e for e in events if e.key.startswith("aten::")]
+    ops.sort(key=lambda e: e.device_time_total, reverse=True)
+    print(f"{'PyTorch op':<40} {'calls':>6} {'GPU ms':>9}")
+    for e in ops[:top]:
+        print(f"{e.key:<40} {e.count:>6} {e.device_time_total / 1e3:>9.1f}")
 
 
 def measure(impl, config, name, seq_len, steps, warmup, checkpoint="full", offload=False, profile=0):
