@@ -106,11 +106,12 @@ def estimate(cfg, world_size: int) -> Estimate:
     # the working memory of the step's three phases; the largest counts
     chunk = min(tokens, m.loss_chunk_size)
     vocab_weight = m.vocab_size * h
-    # the chunked loss: one chunk's fp32 logits beside their bf16 copy, the bf16 weight, the fp32
-    # weight gradient and one chunk's bf16 product; the hidden states and their gradient; and
-    # autocast's cache of bf16 copies of fp32 weights, which lives until the forward's autocast ends
+    # the chunked loss: one chunk's logits (the GPU kernel turns them into their gradient in place),
+    # the bf16 weight, the fp32 weight gradient and one chunk's bf16 product; the hidden states and
+    # their gradient; and autocast's cache of bf16 copies of fp32 weights, which lives until the
+    # forward's autocast ends
     autocast_cache = params * 2 if t.precision in ("bf16_autocast", "auto") and not sharded else 0
-    loss = chunk * m.vocab_size * (4 + a) + vocab_weight * (a + 4 + a) + 2 * tokens * h * a + autocast_cache
+    loss = chunk * m.vocab_size * a + vocab_weight * (a + 4 + a) + 2 * tokens * h * a + autocast_cache
     # the backward: one layer's, beside the loss's saved gradients (no parameter gradients exist
     # before the backward; the step's working set comes after the activations are gone)
     backward = layer_backward + vocab_weight * 4 + tokens * h * a
