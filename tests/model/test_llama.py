@@ -85,13 +85,15 @@ def test_a_forward_over_host_bounded_cu_seqlens_reads_nothing_back(monkeypatch):
     """The trainer moves cu_seqlens with with_host_bounds, so that the forward does not read it
     back from the GPU (a host sync mid-step): the same logits, and no tensor read to a list."""
     from longctx.model.attention import with_host_bounds
+    # the flash kernel: on a GPU where there is one, else in Triton's interpreter
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(2)
     model = Llama(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, attention="flash"))
-    packed = torch.randint(0, 50, (1, 24))
-    cu_seqlens = torch.tensor([0, 5, 6, 18, 24], dtype=torch.int32)
+                              num_attention_heads=4, num_key_value_heads=2, attention="flash")).to(device)
+    packed = torch.randint(0, 50, (1, 24), device=device)
+    cu_seqlens = torch.tensor([0, 5, 6, 18, 24], dtype=torch.int32, device=device)
     read = model(packed, cu_seqlens=cu_seqlens).logits
-    bounded = with_host_bounds(cu_seqlens.clone(), torch.device("cpu"))
+    bounded = with_host_bounds(cu_seqlens.cpu(), device)
 
     def no_read_back(self):
         raise AssertionError("a tensor was read back although cu_seqlens carried its bounds")
