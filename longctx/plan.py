@@ -39,9 +39,9 @@ def saved_per_token(m, a: int) -> tuple[int, int]:
     """Bytes per token that one layer keeps for its backward without checkpointing (a: bytes per
     activation element): (everything but the MLP, the MLP beyond its input)."""
     h, d, heads, kv = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_key_value_heads
-    # the norms' inputs and outputs (and a scale per row), q, k, v and the rotated q, k, the
-    # attention output and its log-sum-exp
-    attention = 2 * (2 * a * h + 4) + a * (2 * heads * d + 3 * kv * d + heads * d) + 4 * heads
+    # the norms' inputs and outputs (and a scale per row), the rotated q and k, v, the attention
+    # output and its log-sum-exp (the rotation keeps only the angles)
+    attention = 2 * (2 * a * h + 4) + a * (2 * heads * d + 2 * kv * d) + 4 * heads
     mlp = 3 * m.intermediate_size * a   # gate, up and silu(gate) * up (ops.swiglu recomputes silu)
     return attention, mlp
 
@@ -87,20 +87,24 @@ def estimate(cfg, world_size: int) -> Estimate:
     attention_grads = 4 * heads * d + 2 * a * (heads * d + 2 * kv * d)   # fp32 dq, dq/dk/dv, d(out)
     layers = m.num_hidden_layers
     layer_backward = tokens * attention_grads + mlp_tokens * mlp_grads
+    # checkpointing: the last layer's recompute, before its backward starts, holds what the layer
+    # saves beside its kept input (less what selective keeps anyway), the gradient arriving from
+    # above and the MLP's output (measured on an H100 at 512K: bench/results/train_h100.json)
+    recompute = 0
     if t.activation_checkpoint == "full":
         # the block inputs of every layer (offloaded: the two in flight); one layer recomputed at a time
         kept = 2 if getattr(t, "activation_offload", False) else layers
         e.parts["activations (checkpointed inputs)"] = kept * tokens * h * a
-        # the recomputed layer's peak is in its MLP's backward; measured on an H100 (1B shape,
-        # 8K-128K tokens, bench/results/train_h100*.json), the attention side adds about its
-        # gradients' size per token, not what it saves
+        # the recomputed layer's backward: its MLP's, and about its attention gradients' size per token
         layer_backward += mlp_tokens * mlp_saved
+        recompute = tokens * (attention_saved - h * a + 2 * h * a) + mlp_tokens * mlp_saved
     elif t.activation_checkpoint == "selective":
         # each layer's input and what the token mixer saves (q, k, v, output, log-sum-exp) stay;
         # the rest of one layer is recomputed at a time
         mixer_saved = a * (2 * heads * d + 2 * kv * d) + 4 * heads
         e.parts["activations (layer inputs, mixer kept)"] = layers * tokens * (h * a + mixer_saved)
         layer_backward += mlp_tokens * mlp_saved
+        recompute = tokens * (attention_saved - mixer_saved - h * a + 2 * h * a) + mlp_tokens * mlp_saved
     else:
         e.parts["activations"] = layers * (tokens * attention_saved + mlp_tokens * mlp_saved)
     # the working memory of the step's three phases; the largest counts
@@ -112,13 +116,20 @@ def estimate(cfg, world_size: int) -> Estimate:
     # forward's autocast ends
     autocast_cache = params * 2 if t.precision in ("bf16_autocast", "auto") and not sharded else 0
     loss = chunk * m.vocab_size * a + vocab_weight * (a + 4 + a) + 2 * tokens * h * a + autocast_cache
-    # the backward: one layer's, beside the loss's saved gradients (no parameter gradients exist
-    # before the backward; the step's working set comes after the activations are gone)
+    # the backward peaks in the last layer's, while every activation is still held: beside it the
+    # loss's saved gradients (the output weight's in fp32, the hidden states'). The parameters'
+    # gradients are made layer by layer after that, as the activations go, except DDP's and
+    # DeepSpeed's buckets, which exist from the start
     backward = layer_backward + vocab_weight * 4 + tokens * h * a
-    # the optimizer step: foreach AdamW holds a temporary per tensor group
+    # the optimizer step: foreach AdamW holds a temporary per tensor group; the activations are gone
     step = 0 if offload else max(layer, vocab_weight) * 4 * 2
     gradients = e.parts["gradients"] + e.parts.get("gradient buckets", 0)
-    phases = {"loss": loss - gradients, "layer backward": backward, "optimizer step": step}
+    activations = sum(v for k, v in e.parts.items() if k.startswith("activations"))
+    made_in_backward = gradients if p.dp_backend in ("none", "fsdp") or n == 1 else 0
+    # each phase beside the parts above, which count every gradient and activation at once
+    phases = {"loss": loss - gradients, "layer backward": backward - made_in_backward,
+              "layer recompute": recompute + vocab_weight * 4 - made_in_backward,
+              "optimizer step": step - activations}
     phase = max(phases, key=phases.get)
     e.parts[f"working set ({phase})"] = max(0, phases[phase])
     # ring attention: K and V in a double buffer, dK and dV (fp32) travelling in the backward, fp32 dQ

@@ -94,3 +94,32 @@ def test_the_plan_counts_what_the_mlp_keeps():
     weights = sum(p.numel() * 2 for p in mlp.parameters())
     beyond_input = sum(kept.values()) - weights - x.numel() * 2
     assert beyond_input == 37 * saved_per_token(config, 2)[1]
+
+
+def test_the_plan_counts_what_a_layer_keeps():
+    """A whole decoder layer (the flash kernel, the rotation, both norms, the MLP): what autograd
+    keeps beyond the weights and the angles is what saved_per_token says, per token."""
+    import torch
+    from longctx.model import ModelConfig
+    from longctx.model.llama import DecoderLayer
+    from longctx.model.rotary import rope_inv_freq, rotary_cos_sin
+    from longctx.plan import saved_per_token
+    config = ModelConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, attention="flash", mlp_chunk_size=0)
+    # fp16: 2 bytes an element as bf16, and what Triton's interpreter computes right on a CPU
+    layer = DecoderLayer(config, 0).to(torch.float16)
+    tokens = 37
+    x = torch.randn(1, tokens, 64, dtype=torch.float16, requires_grad=True)
+    positions = torch.arange(tokens)[None]
+    cos, sin = rotary_cos_sin(rope_inv_freq(config), positions, torch.float16)
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, cos, sin, positions, None, None)
+    fixed = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    fixed |= {a.untyped_storage().data_ptr() for a in (cos, sin)}
+    per_token = sum(n for ptr, n in kept.items() if ptr not in fixed)
+    assert per_token == tokens * sum(saved_per_token(config, 2))
