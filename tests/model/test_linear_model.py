@@ -4,13 +4,9 @@ Tolerances: the fp32 result's error against float64 sets the scale (the lightnin
 works in fp32), plus a few fp32 roundings of the values' size. The kernel's own tests cover its
 Triton path; these run its PyTorch path (faster on a CPU).
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # as the kernel tests do, should they import first
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
 
 from longctx.model import Llama, ModelConfig
 from longctx.model.linear_attention import LinearAttention, head_decays

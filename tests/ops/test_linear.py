@@ -1,18 +1,16 @@
-"""Lightning attention kernels (Triton, interpreted on the CPU) against the token-by-token recurrence.
+"""Lightning attention kernels (Triton, interpreted on a CPU-only machine: tests/conftest.py; where a GPU
+is, these CPU tensors take the PyTorch path) against the token-by-token recurrence.
 
 Every comparison is against the recurrence in float64; the allowed error is a small multiple of the
 error of the same recurrence run in the test's low precision (fp32 or fp16) on the same inputs.
 """
-import os
 import zlib
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from longctx.ops.linear import lightning_attn_func  # noqa: E402
-from longctx.ops.linear.naive import lightning_attn_chunked, lightning_attn_recurrent  # noqa: E402
+from longctx.ops.linear import lightning_attn_func
+from longctx.ops.linear.naive import lightning_attn_chunked, lightning_attn_recurrent
 
 _empty = torch.empty
 

@@ -7,11 +7,7 @@ may differ from the truth by at most twice that plus a few fp32 roundings of the
 The LASP tests run the Triton kernel (under the interpreter); the model step runs the kernel's
 PyTorch path, which is faster on a CPU and computes the same.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+import pytest
 import torch
 
 from distributed import run_distributed
