@@ -12,16 +12,8 @@ import torch
 from longctx.ops.linear import lightning_attn_func
 from longctx.ops.linear.naive import lightning_attn_chunked, lightning_attn_recurrent
 
-_empty = torch.empty
-
-
-@pytest.fixture(autouse=True)
-def nan_empty(monkeypatch):
-    """Outputs and state buffers allocated by the kernels start as NaN, so unwritten elements show."""
-    def empty(*args, **kwargs):
-        t = _empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-    monkeypatch.setattr(torch, "empty", empty)
+# outputs and state buffers start as NaN (tests/ops/conftest.py), so unwritten elements show
+pytestmark = pytest.mark.usefixtures("nan_empty")
 
 
 def _inputs(batch, seqlen, heads, kv_heads, dk, dv, decay_kind, with_init, seed):

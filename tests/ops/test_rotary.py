@@ -11,16 +11,6 @@ from longctx.ops.rotary.naive import apply_rotary_naive
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-_empty = torch.empty
-
-
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """Outputs allocated by the kernel launcher start as NaN, so unwritten elements show."""
-    def empty(*args, **kwargs):
-        t = _empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 def angles(batch, seqlen, head_dim, gen):

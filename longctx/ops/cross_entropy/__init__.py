@@ -14,11 +14,11 @@ the plain definition the tests compare both with.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
+from ..dispatch import use_kernel
 from .kernel import logits_loss_and_grad_
 
 __all__ = ["IGNORE_INDEX", "chunked_cross_entropy"]
@@ -28,15 +28,7 @@ IGNORE_INDEX = -100
 
 def _use_kernel(mm_dtype: torch.dtype, device: torch.device, kernel: Optional[bool]) -> bool:
     supported = mm_dtype in (torch.float16, torch.bfloat16, torch.float32)
-    if kernel is None:
-        return device.type == "cuda" and supported
-    if kernel and not supported:
-        raise ValueError(f"the cross-entropy kernel takes fp16/bf16/fp32 logits, got {mm_dtype}: pass kernel=None "
-                         f"to run PyTorch for it")
-    if kernel and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"the cross-entropy kernel runs on CUDA tensors, got {device}: pass kernel=None, or set "
-                           f"TRITON_INTERPRET=1 before importing longctx (tests)")
-    return kernel
+    return use_kernel("cross-entropy", device, supported, kernel, f"fp16/bf16/fp32 logits, got {mm_dtype}")
 
 
 def _loss_and_grad_logits_torch(h, w, labels, acc_dtype, mm_dtype, needs_grad):

@@ -11,11 +11,11 @@ the input's size (about 20 bytes per element at its peak), which is fine on a CP
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
+from ..dispatch import use_kernel
 from .kernel import MAX_COLS, rms_norm_bwd, rms_norm_fwd
 
 __all__ = ["rms_norm"]
@@ -24,15 +24,8 @@ __all__ = ["rms_norm"]
 def _use_kernel(x: torch.Tensor, kernel: Optional[bool]) -> bool:
     supported = x.dtype in (torch.float16, torch.bfloat16, torch.float32) and 0 < x.shape[-1] <= MAX_COLS \
         and x.numel() > 0
-    if kernel is None:
-        return x.is_cuda and supported
-    if kernel and not supported:
-        raise ValueError(f"the RMSNorm kernel takes fp16/bf16/fp32 with 1..{MAX_COLS} columns, got {x.dtype} "
-                         f"with shape {tuple(x.shape)}: pass kernel=None to run PyTorch for it")
-    if kernel and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"the RMSNorm kernel runs on CUDA tensors, got {x.device}: pass kernel=None, or set "
-                           f"TRITON_INTERPRET=1 before importing longctx (tests)")
-    return kernel
+    return use_kernel("RMSNorm", x.device, supported, kernel,
+                      f"fp16/bf16/fp32 with 1..{MAX_COLS} columns, got {x.dtype} with shape {tuple(x.shape)}")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,11 @@ Both keep only the angles for the backward.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
+from ..dispatch import use_kernel
 from .kernel import rotary
 from .naive import apply_rotary_naive
 
@@ -20,15 +20,9 @@ __all__ = ["apply_rotary"]
 def _use_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: Optional[bool]) -> bool:
     supported = (x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.shape[-1] % 2 == 0
                  and not (cos.requires_grad or sin.requires_grad))
-    if kernel is None:
-        return x.is_cuda and supported
-    if kernel and not supported:
-        raise ValueError(f"the rotary kernel takes fp16/bf16/fp32 x with an even head dim and angles that need "
-                         f"no gradient, got {x.dtype}, head dim {x.shape[-1]}: pass kernel=None to run PyTorch")
-    if kernel and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"the rotary kernel runs on CUDA tensors, got {x.device}: pass kernel=None, or set "
-                           f"TRITON_INTERPRET=1 before importing longctx (tests)")
-    return kernel
+    return use_kernel("rotary", x.device, supported, kernel,
+                      f"fp16/bf16/fp32 x with an even head dim and angles that need no gradient, got {x.dtype}, "
+                      f"head dim {x.shape[-1]}")
 
 
 def _angle_rows(angle: torch.Tensor, batch: int, seqlen: int, head_dim: int) -> torch.Tensor:

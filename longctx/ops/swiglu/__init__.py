@@ -14,12 +14,12 @@ and writing gate-sized tensors, and its backward holds up to three gate-sized te
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..dispatch import use_kernel
 from .kernel import silu_mul_bwd, silu_mul_fwd
 
 __all__ = ["silu_mul"]
@@ -28,16 +28,9 @@ __all__ = ["silu_mul"]
 def _use_kernel(gate: torch.Tensor, up: torch.Tensor, kernel: Optional[bool]) -> bool:
     supported = gate.dtype in (torch.float16, torch.bfloat16, torch.float32) and up.dtype == gate.dtype \
         and up.device == gate.device
-    if kernel is None:
-        return gate.is_cuda and supported
-    if kernel and not supported:
-        raise ValueError(f"the SwiGLU kernel takes gate and up of one fp16/bf16/fp32 dtype on one device, got "
-                         f"{gate.dtype} on {gate.device} and {up.dtype} on {up.device}: pass kernel=None to run "
-                         f"PyTorch for them")
-    if kernel and not gate.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"the SwiGLU kernel runs on CUDA tensors, got {gate.device}: pass kernel=None, or set "
-                           f"TRITON_INTERPRET=1 before importing longctx (tests)")
-    return kernel
+    return use_kernel("SwiGLU", gate.device, supported, kernel,
+                      f"gate and up of one fp16/bf16/fp32 dtype on one device, got {gate.dtype} on {gate.device} "
+                      f"and {up.dtype} on {up.device}")
 
 
 class _SiluMul(torch.autograd.Function):
