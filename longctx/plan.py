@@ -88,8 +88,8 @@ def estimate(cfg, world_size: int) -> Estimate:
     layers = m.num_hidden_layers
     layer_backward = tokens * attention_grads + mlp_tokens * mlp_grads
     # checkpointing: the last layer's recompute, before its backward starts, holds what the layer
-    # saves beside its kept input (less what selective keeps anyway), the gradient arriving from
-    # above and the MLP's output (measured on an H100 at 512K: bench/results/train_h100.json)
+    # saves but its input (kept already; selective keeps the mixer's too), the gradient arriving
+    # from above and the MLP's output: h * a more than it saves (traced on an H100 at 512K)
     recompute = 0
     if t.activation_checkpoint == "full":
         # the block inputs of every layer (offloaded: the two in flight); one layer recomputed at a time
@@ -97,17 +97,17 @@ def estimate(cfg, world_size: int) -> Estimate:
         e.parts["activations (checkpointed inputs)"] = kept * tokens * h * a
         # the recomputed layer's backward: its MLP's, and about its attention gradients' size per token
         layer_backward += mlp_tokens * mlp_saved
-        recompute = tokens * (attention_saved - h * a + 2 * h * a) + mlp_tokens * mlp_saved
+        recompute = tokens * (attention_saved + h * a) + mlp_tokens * mlp_saved
     elif t.activation_checkpoint == "selective":
         # each layer's input and what the token mixer saves (q, k, v, output, log-sum-exp) stay;
         # the rest of one layer is recomputed at a time
         mixer_saved = a * (2 * heads * d + 2 * kv * d) + 4 * heads
         e.parts["activations (layer inputs, mixer kept)"] = layers * tokens * (h * a + mixer_saved)
         layer_backward += mlp_tokens * mlp_saved
-        recompute = tokens * (attention_saved - mixer_saved - h * a + 2 * h * a) + mlp_tokens * mlp_saved
+        recompute = tokens * (attention_saved - mixer_saved + h * a) + mlp_tokens * mlp_saved
     else:
         e.parts["activations"] = layers * (tokens * attention_saved + mlp_tokens * mlp_saved)
-    # the working memory of the step's three phases; the largest counts
+    # the working memory of the step's phases; the largest counts
     chunk = min(tokens, m.loss_chunk_size)
     vocab_weight = m.vocab_size * h
     # the chunked loss: one chunk's logits (the GPU kernel turns them into their gradient in place),
