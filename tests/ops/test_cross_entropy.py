@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longctx.ops import dispatch
 from longctx.ops.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
 from longctx.ops.cross_entropy.kernel import logits_loss_and_grad_
 from longctx.ops.cross_entropy.naive import cross_entropy_naive
@@ -223,7 +224,7 @@ def test_kernel_choice_and_its_errors_are_named(monkeypatch):
     hidden, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="kernel=None"):
         chunked_cross_entropy(hidden.double(), weight.double(), labels, kernel=True)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)   # as when longctx was imported without it
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         chunked_cross_entropy(hidden, weight, labels, kernel=True)
     # None on a CPU, and for fp64 anywhere, runs PyTorch

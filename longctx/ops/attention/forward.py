@@ -10,16 +10,15 @@ and the jitted `_sequence_bounds` and `_key_range`.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import INTERPRETED
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
-# Triton decides at import (when @triton.jit runs) whether kernels are interpreted on the CPU
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,22 +31,24 @@ def _angle_rows(angle: torch.Tensor, batch: int, seqlen: int, head_dim: int) -> 
     return angle if angle.stride(-1) == 1 else angle.contiguous()
 
 
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """(batch * seqlen, heads, head_dim) with a unit stride in the head dim (a view when the layout allows)."""
+    rows = x.reshape(-1, *x.shape[2:])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
-        batch, seqlen, heads, head_dim = x.shape
+        batch, seqlen, _, head_dim = x.shape
         cos, sin = (_angle_rows(a, batch, seqlen, head_dim) for a in (cos, sin))
-        rows = x.reshape(batch * seqlen, heads, head_dim)
         ctx.save_for_backward(cos, sin)
-        return rotary(rows if rows.stride(-1) == 1 else rows.contiguous(), cos, sin).view(x.shape)
+        return rotary(_token_rows(x), cos, sin).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        batch, seqlen, heads, head_dim = grad.shape
-        rows = grad.reshape(batch * seqlen, heads, head_dim)
-        rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-        return rotary(rows, cos, sin, backward=True).view(grad.shape), None, None
+        return rotary(_token_rows(grad), cos, sin, backward=True).view(grad.shape), None, None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -13,18 +13,16 @@ each gradient rounded once.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ..dispatch import INTERPRETED
+
 # elements per program: 16 per thread at 8 warps (two 16-byte loads per tensor at 16 bits)
 BLOCK = 4096
 NUM_WARPS = 8
-# Triton decides at import (when @triton.jit runs) whether kernels are interpreted on the CPU
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
