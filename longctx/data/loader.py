@@ -18,8 +18,9 @@ same point of the same epoch.
 
 cu_seqlens: one entry per document start over the flattened rows, then the total. The padding at
 the end of a row is documents of its own (pad ids, labels -100, positions from 0, none longer than
-the row's longest document), so attention never mixes it with real tokens. Rows are always exactly seq_len tokens, so `pad_multiple` (the
-sequence-parallel divisor, 2 x ring size for ring attention) only has to divide seq_len: checked.
+the row's longest document), so attention never mixes it with real tokens. Rows are always
+exactly seq_len tokens, so `pad_multiple` (the sequence-parallel divisor, 2 x ring size for ring
+attention) only has to divide seq_len: checked.
 """
 from __future__ import annotations
 
