@@ -5,6 +5,8 @@ Tolerance: the kernel's relative error (to float64) must be at most twice that o
 the same reference in the inputs' precision, plus one unit of that precision's rounding. The
 interpreter multiplies bf16 dots wrongly, so bf16 is checked on the GPU (scripts/bench_attention.py).
 Every output the kernels allocate is filled with NaN first, so an element they fail to write shows.
+Each backward check runs both modes: the one-pass backward (dQ by atomics) and the deterministic
+two-kernel one.
 """
 import os
 
@@ -52,10 +54,13 @@ def assert_lse_close(lse, ref64, low):
 
 
 def check_against_reference(q, k, v, dout, kwargs, fwd_kwargs=None):
-    """Forward (out, lse) and backward (dq, dk, dv) of the kernels against float64 and low precision."""
+    """Forward (out, lse) and backward (dq, dk, dv) of the kernels against float64 and low precision,
+    the backward in both modes (one pass with dQ atomics, deterministic two kernels)."""
     fwd_kwargs = fwd_kwargs or {}
     out, lse = attention_forward(q, k, v, **kwargs, **fwd_kwargs)
-    grads = attention_backward(dout, q, k, v, out, lse, **kwargs, **fwd_kwargs)
+    grads_by_mode = {deterministic: attention_backward(dout, q, k, v, out, lse, **kwargs, **fwd_kwargs,
+                                                       deterministic=deterministic)
+                     for deterministic in (False, True)}
     results = {}
     for precision in ("ref64", "low"):
         leaves = [(x.double() if precision == "ref64" else x).detach().requires_grad_() for x in (q, k, v)]
@@ -66,10 +71,11 @@ def check_against_reference(q, k, v, dout, kwargs, fwd_kwargs=None):
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close_as_torch("out", out, out64, out_low)
     assert_lse_close(lse, lse64, lse_low)
-    for name, g, g64, g_low, like in zip(("dq", "dk", "dv"), grads, grads64, grads_low, (q, k, v)):
-        assert g.shape == like.shape and g.dtype == like.dtype
-        assert_close_as_torch(name, g, g64, g_low)
-    return out, lse, grads
+    for deterministic, grads in grads_by_mode.items():
+        for name, g, g64, g_low, like in zip(("dq", "dk", "dv"), grads, grads64, grads_low, (q, k, v)):
+            assert g.shape == like.shape and g.dtype == like.dtype
+            assert_close_as_torch(f"{name} (deterministic={deterministic})", g, g64, g_low)
+    return out, lse, grads_by_mode[False]
 
 
 def rand(*shape, dtype):
@@ -85,6 +91,8 @@ DENSE_CASES = [
     (1, 64, 64, 2, 1, 128, True, torch.float16),    # exact block multiples
     (1, 45, 45, 2, 1, 256, True, torch.float32),
     (1, 29, 29, 2, 2, 192, False, torch.float32),
+    (1, 19, 19, 2, 2, 16, True, torch.float16),     # the smallest head dim
+    (1, 20, 70, 4, 1, 16, False, torch.float16),    # not causal, keys past the queries' blocks (dQ's wrap-round)
 ]
 
 
@@ -122,9 +130,13 @@ def test_varlen_documents_of_length_one_and_zero(causal):
     assert (out[-3:] == 0).all() and torch.isinf(lse[:, -3:]).all()
     # the autograd function gives the same as the low-level pair
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    auto_out = flash_attn_varlen_func(*leaves, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal)
+    auto_out = flash_attn_varlen_func(*leaves, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal,
+                                      deterministic=True)
     auto_out.backward(dout)
     torch.testing.assert_close(auto_out, out, rtol=0, atol=0)
+    deterministic_grads = attention_backward(dout, q, k, v, out, lse, **kwargs, deterministic=True)
+    for leaf, g in zip(leaves, deterministic_grads):
+        torch.testing.assert_close(leaf.grad, g, rtol=0, atol=0)
 
 
 def test_varlen_with_per_document_offsets_and_different_lengths():
@@ -205,26 +217,39 @@ def test_autograd_function_matches_low_level_pair_and_default_scale():
     q = rand(1, 30, 4, 40, dtype=dtype)
     k, v = (rand(1, 30, 2, 40, dtype=dtype) for _ in range(2))
     dout = rand(*q.shape, dtype=dtype)
-    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    out = flash_attn_func(*leaves, causal=True, softmax_scale=0.3)
-    out.backward(dout)
     ref_out, ref_lse = attention_forward(q, k, v, causal=True, softmax_scale=0.3)
-    ref_grads = attention_backward(dout, q, k, v, ref_out, ref_lse, causal=True, softmax_scale=0.3)
-    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
-    for leaf, g in zip(leaves, ref_grads):
-        torch.testing.assert_close(leaf.grad, g, rtol=0, atol=0)
+    for deterministic in (False, True):  # the flag reaches the backward
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = flash_attn_func(*leaves, causal=True, softmax_scale=0.3, deterministic=deterministic)
+        out.backward(dout)
+        ref_grads = attention_backward(dout, q, k, v, ref_out, ref_lse, causal=True, softmax_scale=0.3,
+                                       deterministic=deterministic)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        for leaf, g in zip(leaves, ref_grads):
+            torch.testing.assert_close(leaf.grad, g, rtol=0, atol=0)
     # the default scale is 1/sqrt(head_dim)
     default, _ = attention_forward(q, k, v, causal=True)
     explicit, _ = attention_forward(q, k, v, causal=True, softmax_scale=40 ** -0.5)
     torch.testing.assert_close(default, explicit, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("blocks", [((16, 32), (32, 16), (16, 32), ""), ((32, 32), (32, 32), (32, 32), "split")],
-                         ids=["bm16-bn32", "bm32-bn32-split-dkdv"])
+BLOCK_SHAPES = [
+    # forward (BLOCK_M, BLOCK_N); backward: deterministic ((dK/dV config), (dQ config)), or one pass (config)
+    ((16, 32), True, ((16, 32, 4, 1, ""), (32, 16, 4, 1))),
+    ((32, 32), True, ((32, 32, 4, 1, "split"), (32, 32, 4, 1))),
+    ((32, 16), False, (32, 16, 4, 1)),
+    ((16, 16), False, (16, 64, 4, 1)),
+    ((32, 32), False, (32, 32, 4, 1, "split")),
+]
+
+
+@pytest.mark.parametrize("blocks", BLOCK_SHAPES, ids=["bm16-bn32", "bm32-bn32-split-dkdv", "one-pass-bm32-bn16",
+                                                      "one-pass-bm16-bn64", "one-pass-bm32-bn32-split-dkdv"])
 def test_other_block_shapes(blocks):
     """The causal split (unmasked blocks, diagonal, ragged ends) for other block shapes than the default,
-    and dK, dV computed in separate passes (an option for large head dims)."""
-    (fm, fn), (km, kn), (qm, qn), split = blocks
+    in both backward modes, and dK, dV computed in separate passes (an option for large head dims; in the
+    one-pass mode the dK pass adds dQ)."""
+    (fm, fn), deterministic, configs = blocks
     dtype = torch.float16
     q = rand(1, 53, 2, 32, dtype=dtype)
     k, v = (rand(1, 61, 1, 32, dtype=dtype) for _ in range(2))
@@ -232,8 +257,8 @@ def test_other_block_shapes(blocks):
     args = dict(softmax_scale=32 ** -0.5, causal=True, causal_offset=-2, cu_seqlens_q=None, cu_seqlens_k=None,
                 max_seqlen_q=None, max_seqlen_k=None, causal_offsets=None)
     out, lse = _fwd(q, k, v, out_dtype=None, config=(fm, fn, 4, 1), **args)
-    grads = _bwd(dout, q, k, v, out, lse, delta=None, grad_dtype=None,
-                 configs=((km, kn, 4, 1, split), (qm, qn, 4, 1)), **args)
+    grads = _bwd(dout, q, k, v, out, lse, delta=None, grad_dtype=None, deterministic=deterministic,
+                 configs=configs, **args)
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
     ref_out, _ = attention_reference(*leaves, causal=True, causal_offset=-2)
     ref_grads = torch.autograd.grad(ref_out, leaves, dout.double())

@@ -17,6 +17,10 @@ that is not contiguous is copied. The log-sum-exp is fp32 natural log, (B, H, Sq
 fp16 and bf16 run with fp32 accumulation; fp32 inputs are accepted (tf32 products on GPUs).
 `max_seqlen_q`/`max_seqlen_k` must be at least the longest document (they size the grid; they are
 not checked, which would cost a device sync).
+
+`deterministic`: the backward's dQ is by default summed with fp32 atomics in one pass with dK and dV
+(backward.py), so it may change in the last bits from run to run; `deterministic=True` runs the
+two-kernel backward instead, bitwise reproducible and slower.
 """
 from __future__ import annotations
 
@@ -69,7 +73,7 @@ def attention_forward(q, k, v, *, softmax_scale=None, causal=False, causal_offse
 
 def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False, causal_offset=None,
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                       causal_offsets=None, delta=None, grad_dtype=None):
+                       causal_offsets=None, delta=None, grad_dtype=None, deterministic=False):
     """Backward without autograd. Returns (dq, dk, dv), dk/dv in k's shape (GQA groups summed).
 
     `out` and `lse` are what the forward returned (or, in ring attention, the merged output and
@@ -94,39 +98,42 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=Fa
     return _bwd(dout, q, k, v, out, lse, softmax_scale=scale_or_default(softmax_scale, q.shape[-1]),
                 causal=causal, causal_offset=causal_offset, cu_seqlens_q=cu_seqlens_q,
                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                causal_offsets=causal_offsets, delta=delta, grad_dtype=grad_dtype)
+                causal_offsets=causal_offsets, delta=delta, grad_dtype=grad_dtype, deterministic=deterministic)
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    def forward(ctx, q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                deterministic):
         kwargs = dict(softmax_scale=softmax_scale, causal=causal, cu_seqlens_q=cu_seqlens_q,
                       cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
         out, lse = attention_forward(q, k, v, **kwargs)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.kwargs = dict(kwargs, cu_seqlens_q=None, cu_seqlens_k=None)
+        ctx.deterministic = deterministic
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         kwargs = dict(ctx.kwargs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, **kwargs)
-        return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, deterministic=ctx.deterministic, **kwargs)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def flash_attn_func(q, k, v, causal=False, softmax_scale=None):
+def flash_attn_func(q, k, v, causal=False, softmax_scale=None, deterministic=False):
     """Softmax attention with autograd. q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> (B, Sq, H, D).
 
     H must be a multiple of Hkv (GQA/MQA: K and V are not repeated); D at most 256; fp16 or bf16.
     Causal masks are bottom-right aligned when Sq != Sk. `softmax_scale` defaults to 1/sqrt(D).
+    `deterministic=True`: a bitwise reproducible (slower) backward.
     """
     check_inputs(q, k, v, varlen=False)
-    return _FlashAttention.apply(q, k, v, causal, softmax_scale, None, None, None, None)
+    return _FlashAttention.apply(q, k, v, causal, softmax_scale, None, None, None, None, deterministic)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           causal=False, softmax_scale=None):
+                           causal=False, softmax_scale=None, deterministic=False):
     """Softmax attention over packed documents, with autograd. q (Tq, H, D), k/v (Tk, Hkv, D) -> (Tq, H, D).
 
     `cu_seqlens_q`/`cu_seqlens_k`: int32 (documents + 1,), document starts plus the total; attention
@@ -134,4 +141,4 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     check_inputs(q, k, v, True, cu_seqlens_q, cu_seqlens_k)
     return _FlashAttention.apply(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k,
-                                 max_seqlen_q, max_seqlen_k)
+                                 max_seqlen_q, max_seqlen_k, deterministic)

@@ -1,13 +1,20 @@
 """FlashAttention-2 backward in Triton: recompute the probabilities block by block from the saved
-log-sum-exp, in three launches.
+log-sum-exp. Two modes:
 
+One pass (the default, `deterministic=False`), three launches:
 1. `_delta_kernel`: Delta = rowsum(dO * O) per query row (fp32, the log-sum-exp's layout).
-2. `_dkdv_kernel`: one program per (key block, KV head) holds its K, V block and dK, dV accumulators
-   and loops over the query heads of its GQA group and, for each, over the query blocks that see the
-   key block; dK and dV of a group are summed in registers, with no atomics and no repeated K/V.
-3. `_dq_kernel`: one program per (query block, head) loops over key blocks as the forward does.
+2. `_dkdv_kernel` with ATOMIC_DQ: one program per (key block, KV head) holds its K, V block and dK, dV
+   accumulators and loops over the query heads of its GQA group and, for each, over the query blocks
+   that see the key block; dK and dV of a group are summed in registers, and each (query block, key
+   block) pair adds its dQ share dS Q-block-wise into an fp32 buffer with atomics.
+3. `_dq_convert_kernel`: that buffer times the scale, in dQ's dtype and layout.
+Five matrix products per block pair instead of seven: the dQ pass's recompute of S and dP is gone.
+The atomics' order varies from run to run, so dQ may differ in the last bits between runs.
 
-Both loops are split like the forward's: blocks wholly visible run without masks, the causal
+Deterministic (`deterministic=True`): the dK/dV kernel without atomics, then `_dq_kernel`, one program
+per (query block, head) looping over key blocks as the forward does.
+
+The loops are split like the forward's: blocks wholly visible run without masks, the causal
 diagonal and the ragged ends run masked, and blocks above the diagonal are skipped. Rows whose
 log-sum-exp is -inf (they saw nothing) get probability 0 everywhere and contribute nothing.
 """
@@ -39,17 +46,36 @@ DQ_CONFIGS = {
 # grouped-query attention: a dK/dV program loops over the group's query heads, so it may want other
 # blocks; entries here override DKDV_CONFIGS when heads > kv_heads
 DKDV_GQA_CONFIGS = {(128, False): (64, 128, 8, 3), (128, True): (64, 128, 8, 3)}
+# The one-pass kernel (dK, dV and dQ's atomics), per (padded head dim, causal). A head dim without an
+# entry runs the deterministic two-kernel path, also when `deterministic=False`: absent means the one
+# pass measured slower there.
+ONE_PASS_CONFIGS = {
+    (16, False): (128, 128, 8, 2), (16, True): (128, 128, 8, 2),
+    (32, False): (128, 128, 8, 2), (32, True): (128, 128, 8, 2),
+    (64, False): (128, 128, 8, 2), (64, True): (128, 128, 8, 2),
+    (128, False): (64, 128, 8, 2), (128, True): (64, 128, 8, 2),
+    (256, False): (64, 64, 8, 2), (256, True): (64, 64, 8, 2),
+}
 # CPU (TRITON_INTERPRET=1): small blocks, unequal so that tiny tests cross block edges both ways.
 INTERPRET_DKDV_CONFIG = (16, 32, 4, 1)
 INTERPRET_DQ_CONFIG = (32, 16, 4, 1)
 DELTA_BLOCK_M = 64
+CONVERT_BLOCK_M = 64
 
 
 def bwd_configs(block_d: int, causal: bool, grouped: bool, device: torch.device) -> tuple[tuple, tuple]:
+    """(dK/dV config, dQ config) of the deterministic path."""
     if device.type != "cuda":
         return INTERPRET_DKDV_CONFIG, INTERPRET_DQ_CONFIG
     dkdv = DKDV_GQA_CONFIGS.get((block_d, causal)) if grouped else None
     return dkdv or DKDV_CONFIGS[(block_d, causal)], DQ_CONFIGS[(block_d, causal)]
+
+
+def one_pass_config(block_d: int, causal: bool, device: torch.device) -> tuple | None:
+    """The one-pass kernel's config, or None where the two-kernel path runs instead."""
+    if device.type != "cuda":
+        return INTERPRET_DKDV_CONFIG
+    return ONE_PASS_CONFIGS.get((block_d, causal))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,12 +112,20 @@ def _delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_db
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, start, end, len_q, offset, qk_scale,
+def _dkdv_inner(dk, dv, b_k, b_v, p_q, p_do, p_lse, p_delta, p_dqa, o_n, start, end, len_q, offset, qk_scale,
                 stride_qs, stride_ds, m_d, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
-    # p_q, p_do, p_lse, p_delta point at query row `start` already.
+                EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    # p_q, p_do, p_lse, p_delta, p_dqa point at the document's (or sequence's) first query row.
     # Keys past the end of the document were loaded as 0; their dK, dV rows are never stored, and
-    # each key's gradient depends on its own column only, so they need no mask here.
+    # each key's gradient depends on its own column only, so they need no mask here. Query rows past
+    # the end add exactly 0 to dQ (probability 0), into the padded buffer's spare rows or the next
+    # document's rows, so the atomics need no mask either.
+    p_q += start.to(tl.int64) * stride_qs
+    p_do += start.to(tl.int64) * stride_ds
+    p_lse += start
+    p_delta += start
+    p_dqa += start.to(tl.int64) * BLOCK_D
     o_m = start + tl.arange(0, BLOCK_M)
     for _ in range(start, end, BLOCK_M):
         if MASKED:
@@ -121,29 +155,34 @@ def _dkdv_inner(dk, dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, start, end, le
             dv += tl.dot(b_pt.to(b_do.dtype), b_do)          # [BLOCK_N, BLOCK_D]
         if WITH_DK:
             b_dpt = tl.dot(b_v, tl.trans(b_do))               # [BLOCK_N, BLOCK_M]
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+            b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)
+            dk += tl.dot(b_dst, b_q)
+            if ATOMIC_DQ:
+                # this key block's share of dQ (unscaled): dS K, [BLOCK_M, BLOCK_D]
+                tl.atomic_add(p_dqa, tl.dot(tl.trans(b_dst), b_k), sem="relaxed")
         p_q += BLOCK_M * stride_qs
         p_do += BLOCK_M * stride_ds
         p_lse += BLOCK_M
         p_delta += BLOCK_M
+        p_dqa += BLOCK_M * BLOCK_D
         o_m += BLOCK_M
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "causal_offset"])
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, OFFSETS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, CU_Q, CU_K, OFFSETS,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-    stride_lb, stride_lh,
+    stride_lb, stride_lh, stride_ab, stride_ah,
     seqlen_q, seqlen_k, causal_offset, num_kv_heads, group_size, qk_scale, softmax_scale, head_dim,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_OFFSETS: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
+    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     # WITH_DK/WITH_DV: both in one pass, or (large head dims) one per launch, which recomputes P but
-    # holds half the accumulators in registers.
+    # holds half the accumulators in registers. ATOMIC_DQ: also add dQ's shares into DQA, fp32
+    # (batch, heads, rows, BLOCK_D) with (batch, head) strides stride_ab, stride_ah.
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // num_kv_heads
@@ -181,6 +220,9 @@ def _dkdv_kernel(
         q_mid = tl.full([], 0, tl.int32)
     mid_end = tl.minimum(q_mid, q_end)
     tail_start = tl.maximum(q_mid, q_full)
+    # The unmasked run starts at the key block's own row block and wraps round: without a causal mask
+    # every program would otherwise begin at query row 0 together and queue on the same dQ atomics.
+    q_turn = tl.minimum(tl.maximum((n0 // BLOCK_M) * BLOCK_M, q_mid), tl.maximum(q_full, q_mid))
 
     o_r = tl.arange(0, BLOCK_M)
     row_q = q_start.to(tl.int64)
@@ -190,18 +232,17 @@ def _dkdv_kernel(
         p_do = DO + i_b64 * stride_db + row_q * stride_ds + i_h * stride_dh + o_r[:, None] * stride_ds + o_d[None, :]
         p_lse = LSE + i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + row_q + o_r
         p_delta = DELTA + i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + row_q + o_r
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
-                             p_q + q_lo.to(tl.int64) * stride_qs, p_do + q_lo.to(tl.int64) * stride_ds,
-                             p_lse + q_lo, p_delta + q_lo, o_n, q_lo, mid_end, len_q, offset, qk_scale,
-                             stride_qs, stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, WITH_DK, WITH_DV)
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
-                             p_q + q_mid.to(tl.int64) * stride_qs, p_do + q_mid.to(tl.int64) * stride_ds,
-                             p_lse + q_mid, p_delta + q_mid, o_n, q_mid, q_full, len_q, offset, qk_scale,
-                             stride_qs, stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M, WITH_DK, WITH_DV)
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v,
-                             p_q + tail_start.to(tl.int64) * stride_qs, p_do + tail_start.to(tl.int64) * stride_ds,
-                             p_lse + tail_start, p_delta + tail_start, o_n, tail_start, q_end, len_q, offset, qk_scale,
-                             stride_qs, stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, WITH_DK, WITH_DV)
+        p_dqa = DQA + i_b64 * stride_ab + i_h.to(tl.int64) * stride_ah + row_q * BLOCK_D \
+            + o_r[:, None] * BLOCK_D + o_d[None, :]
+        args = (p_q, p_do, p_lse, p_delta, p_dqa, o_n)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_lo, mid_end, len_q, offset, qk_scale, stride_qs,
+                             stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_turn, q_full, len_q, offset, qk_scale, stride_qs,
+                             stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_mid, q_turn, len_q, offset, qk_scale, stride_qs,
+                             stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, tail_start, q_end, len_q, offset, qk_scale, stride_qs,
+                             stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
 
     if WITH_DK:
         dk *= softmax_scale
@@ -299,6 +340,23 @@ def _dq_kernel(
              + o_r[:, None] * stride_dqs + o_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_q)
 
 
+@triton.jit(do_not_specialize=["rows"])
+def _dq_convert_kernel(DQA, DQ, stride_ab, stride_ah, stride_qb, stride_qs, stride_qh, rows, num_heads, softmax_scale,
+                       head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ = scale * the fp32 sums of the one-pass kernel, in dQ's dtype and (batch, rows, heads) layout."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // num_heads).to(tl.int64)
+    i_h = (i_bh % num_heads).to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_row = (o_m < rows)[:, None]
+    b_dq = tl.load(DQA + i_b * stride_ab + i_h * stride_ah + o_m[:, None].to(tl.int64) * BLOCK_D + o_d[None, :],
+                   mask=m_row, other=0.0)
+    tl.store(DQ + i_b * stride_qb + i_h * stride_qh + o_m[:, None].to(tl.int64) * stride_qs + o_d[None, :],
+             (b_dq * softmax_scale).to(DQ.dtype.element_ty), mask=m_row & (o_d < head_dim)[None, :])
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -321,13 +379,21 @@ def compute_delta(out, dout, lse, varlen: bool, cu_seqlens_q=None, max_seqlen_q=
 
 
 def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_seqlens_q, cu_seqlens_k,
-         max_seqlen_q, max_seqlen_k, causal_offsets, delta, grad_dtype, configs=None):
-    """Launch the backward on checked inputs; returns (dq, dk, dv)."""
+         max_seqlen_q, max_seqlen_k, causal_offsets, delta, grad_dtype, deterministic, configs=None):
+    """Launch the backward on checked inputs; returns (dq, dk, dv).
+
+    `configs`: the one-pass kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages[, "split"]), or with
+    `deterministic` the pair (dK/dV config, dQ config); default from the tables above."""
     varlen = cu_seqlens_q is not None
     q, k, v, dout = (last_dim_contiguous(t) for t in (q, k, v, dout))
     head_dim, heads, kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
     block_d = padded_head_dim(head_dim)
-    dkdv_config, (dq_m, dq_n, dq_warps, dq_stages) = configs or bwd_configs(block_d, causal, heads != kv_heads, q.device)
+    one_pass = None if deterministic else configs or one_pass_config(block_d, causal, q.device)
+    if one_pass is None:
+        dkdv_config, (dq_m, dq_n, dq_warps, dq_stages) = configs or bwd_configs(block_d, causal, heads != kv_heads,
+                                                                                q.device)
+    else:
+        dkdv_config = one_pass
     dkdv_m, dkdv_n, dkdv_warps, dkdv_stages = dkdv_config[:4]
     split_dkdv = len(dkdv_config) > 4 and dkdv_config[4] == "split"
     grad_dtype = grad_dtype or q.dtype
@@ -345,6 +411,15 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
     if delta is None:
         delta = compute_delta(out, dout, lse, varlen, cu_seqlens_q, max_seqlen_q)
     delta = delta.contiguous()
+    if one_pass is not None:
+        # dQ's fp32 sums, (batch, heads, rows, padded head dim) so that a query block of one head is one
+        # contiguous stretch; spare rows take the zeros that query rows past a document's end add
+        rows = q.shape[0] if varlen else q.shape[1]
+        dq_sums = torch.zeros((1 if varlen else batch, heads, rows + dkdv_m, block_d), dtype=torch.float32,
+                              device=q.device)
+        sums_strides = (0 if varlen else dq_sums.stride(0), dq_sums.stride(1))
+    else:
+        dq_sums, sums_strides = delta, (0, 0)  # not read: ATOMIC_DQ is off
     common = dict(IS_CAUSAL=causal, IS_VARLEN=varlen, HAS_OFFSETS=causal_offsets is not None,
                   EVEN_D=head_dim == block_d, BLOCK_D=block_d)
     scale = (softmax_scale * LOG2E, softmax_scale, head_dim)
@@ -352,12 +427,17 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
         [dict(WITH_DK=True, WITH_DV=True)]
     for which in passes:
         _dkdv_kernel[(triton.cdiv(seqlen_k, dkdv_n), batch * kv_heads)](
-            q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, causal_offsets,
+            q, k, v, dout, lse, delta, dk, dv, dq_sums, cu_seqlens_q, cu_seqlens_k, causal_offsets,
             *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(dout, varlen),
-            *strides(dk, varlen), *strides(dv, varlen), *lse_strides(lse, varlen),
+            *strides(dk, varlen), *strides(dv, varlen), *lse_strides(lse, varlen), *sums_strides,
             seqlen_q, seqlen_k, int(offset), kv_heads, heads // kv_heads, *scale,
             BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, num_warps=dkdv_warps, num_stages=dkdv_stages,
-            **which, **common)
+            ATOMIC_DQ=one_pass is not None and which["WITH_DK"], **which, **common)
+    if one_pass is not None:
+        _dq_convert_kernel[(triton.cdiv(rows, CONVERT_BLOCK_M), (1 if varlen else batch) * heads)](
+            dq_sums, dq, *sums_strides, *strides(dq, varlen), rows, heads, softmax_scale, head_dim,
+            BLOCK_M=CONVERT_BLOCK_M, BLOCK_D=block_d)
+        return dq, dk, dv
     _dq_kernel[(triton.cdiv(seqlen_q, dq_m), batch * heads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, causal_offsets,
         *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(dout, varlen),
