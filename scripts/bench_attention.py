@@ -584,9 +584,10 @@ def main():
     # first compilations ride along in the same processes
     print("== correctness (vs float64; yardstick: PyTorch in the same low precision)", flush=True)
     tasks = check_tasks(args.check_dtypes.split(","), args.head_dim)
-    if not args.no_bench:
-        modes = (False, True) if args.deterministic else (False,)
+    modes = (False, True) if args.deterministic else (False,)
+    if not args.no_bench or args.profile:
         tasks += [("warm", s, det, None, None) for s in shapes for det in modes]
+    if not args.no_bench:
         tasks += [("warm_packed", s, det) for s in packed for det in modes]
         tasks += [("warm_flex", s) for s in shapes if with_flex]
     rows = run_pool(tasks, args.jobs)
@@ -611,8 +612,7 @@ def main():
     if args.profile:
         try:
             result["kernel_resources"] = kernel_resources()
-            result["kernel_ms"] = [kernel_times(s, det) for s in shapes
-                                   for det in ((False, True) if args.deterministic else (False,))]
+            result["kernel_ms"] = [kernel_times(s, det) for s in shapes for det in modes]
         except Exception:
             traceback.print_exc()
         save()
