@@ -365,12 +365,21 @@ def run_task(task):
         return [{"task": str(task), "error": f"{type(e).__name__}: {str(e)[:300]}", "ok": False}]
 
 
-def run_pool(tasks, jobs, tables=None):
-    """Rows of the tasks, run in `jobs` fresh processes; `tables`: (FWD_CONFIGS, ONE_PASS_CONFIGS) for them."""
+def run_pool(tasks, jobs):
+    """Rows of the tasks, run in `jobs` fresh processes that take the parent's configuration tables. A
+    worker that dies (a crash in a kernel) fails its tasks and the ones after it, not the run."""
     import multiprocessing
-    tables = tables or (dict(FWD_CONFIGS), dict(ONE_PASS_CONFIGS))
-    with multiprocessing.get_context("spawn").Pool(max(1, jobs), initializer=_set_tables, initargs=(tables,)) as pool:
-        return [row for rows in pool.imap(run_task, tasks) for row in rows]
+    from concurrent.futures import ProcessPoolExecutor
+    rows = []
+    with ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn"), initializer=_set_tables,
+                             initargs=((dict(FWD_CONFIGS), dict(ONE_PASS_CONFIGS)),)) as pool:
+        futures = [pool.submit(run_task, task) for task in tasks]
+        for task, future in zip(tasks, futures):
+            try:
+                rows += future.result()
+            except Exception as e:
+                rows.append({"task": str(task), "error": f"{type(e).__name__}: {str(e)[:300]}", "ok": False})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
