@@ -612,6 +612,8 @@ def main():
     if not args.no_bench:
         for shape in shapes:
             result["rows"] += run_benchmark([shape], with_flex, args.deterministic)
+            if args.profile:  # after each shape: a run cut short keeps what it compiled
+                result["kernel_resources"] = kernel_resources()
             save()
         try:
             result["rows"] += run_packed(packed, args.deterministic)
