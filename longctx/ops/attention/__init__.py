@@ -18,9 +18,9 @@ fp16 and bf16 run with fp32 accumulation; fp32 inputs are accepted (tf32 product
 `max_seqlen_q`/`max_seqlen_k` must be at least the longest document (they size the grid; they are
 not checked, which would cost a device sync).
 
-`deterministic`: the backward's dQ is by default summed with fp32 atomics in one pass with dK and dV
-(backward.py), so it may change in the last bits from run to run; `deterministic=True` runs the
-two-kernel backward instead, bitwise reproducible and slower.
+`deterministic`: with False (the default) the backward may sum dQ with fp32 atomics in one pass with
+dK and dV (backward.py), where that measured faster for the head dim; dQ may then change in the last
+bits from run to run. `deterministic=True` always runs the bitwise reproducible two-kernel backward.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, deterministic=Fal
 
     H must be a multiple of Hkv (GQA/MQA: K and V are not repeated); D at most 256; fp16 or bf16.
     Causal masks are bottom-right aligned when Sq != Sk. `softmax_scale` defaults to 1/sqrt(D).
-    `deterministic=True`: a bitwise reproducible (slower) backward.
+    `deterministic=True`: a bitwise reproducible backward (see the module's notes).
     """
     check_inputs(q, k, v, varlen=False)
     return _FlashAttention.apply(q, k, v, causal, softmax_scale, None, None, None, None, deterministic)

@@ -1,7 +1,8 @@
 """FlashAttention-2 backward in Triton: recompute the probabilities block by block from the saved
 log-sum-exp. Two modes:
 
-One pass (the default, `deterministic=False`), three launches:
+One pass (allowed by `deterministic=False`, run where ONE_PASS_CONFIGS has the head dim: on CUDA only
+where it measured faster, none yet; always under the CPU interpreter, for the tests), three launches:
 1. `_delta_kernel`: Delta = rowsum(dO * O) per query row (fp32, the log-sum-exp's layout).
 2. `_dkdv_kernel` with ATOMIC_DQ: one program per (key block, KV head) holds its K, V block and dK, dV
    accumulators and loops over the query heads of its GQA group and, for each, over the query blocks
@@ -11,8 +12,9 @@ One pass (the default, `deterministic=False`), three launches:
 Five matrix products per block pair instead of seven: the dQ pass's recompute of S and dP is gone.
 The atomics' order varies from run to run, so dQ may differ in the last bits between runs.
 
-Deterministic (`deterministic=True`): the dK/dV kernel without atomics, then `_dq_kernel`, one program
-per (query block, head) looping over key blocks as the forward does.
+Deterministic (`deterministic=True`, or a head dim without a one-pass entry): the dK/dV kernel without
+atomics, then `_dq_kernel`, one program per (query block, head) looping over key blocks as the forward
+does.
 
 The loops are split like the forward's: blocks wholly visible run without masks, the causal
 diagonal and the ragged ends run masked, and blocks above the diagonal are skipped. Rows whose
@@ -48,14 +50,13 @@ DQ_CONFIGS = {
 DKDV_GQA_CONFIGS = {(128, False): (64, 128, 8, 3), (128, True): (64, 128, 8, 3)}
 # The one-pass kernel (dK, dV and dQ's atomics), per (padded head dim, causal). A head dim without an
 # entry runs the deterministic two-kernel path, also when `deterministic=False`: absent means the one
-# pass measured slower there.
-ONE_PASS_CONFIGS = {
-    (16, False): (128, 128, 8, 2), (16, True): (128, 128, 8, 2),
-    (32, False): (128, 128, 8, 2), (32, True): (128, 128, 8, 2),
-    (64, False): (128, 128, 8, 2), (64, True): (128, 128, 8, 2),
-    (128, False): (64, 128, 8, 2), (128, True): (64, 128, 8, 2),
-    (256, False): (64, 64, 8, 2), (256, True): (64, 64, 8, 2),
-}
+# pass has not measured faster there. On the H200 with Triton 3.6 (bench/results/attention_h200.json,
+# fwd+bwd, causal) none has yet: at D128 16K (64, 128, 8, 2) took 255 registers and spilled 66, 389
+# TFLOP/s against the deterministic path's 400; at D64 (the 1B shape, 32K, 8 KV heads) (128, 128, 8, 2)
+# spilled 948 registers, 146 against 345; at D256 (64, 64, 8, 2) needs 263168 bytes of shared memory,
+# over the 232448 a program may have. `scripts/bench_attention.py --sweep --apply` fills this table
+# with the candidates that win.
+ONE_PASS_CONFIGS = {}
 # CPU (TRITON_INTERPRET=1): small blocks, unequal so that tiny tests cross block edges both ways.
 INTERPRET_DKDV_CONFIG = (16, 32, 4, 1)
 INTERPRET_DQ_CONFIG = (32, 16, 4, 1)
