@@ -7,8 +7,9 @@ FlexAttention, on the same bf16 inputs, in one run; check correctness on the way
     python scripts/bench_attention.py --quick          # 4K only, no FlexAttention (a smoke run)
     python scripts/bench_attention.py --deterministic  # also rows of the deterministic backward
 
-The backward runs in its default mode (one pass, dQ by atomics) as `longctx`, and with
-`--deterministic` also as `longctx_deterministic` (the two-kernel path). `--jobs N` runs the
+The backward runs in its default mode (`deterministic=False`: the one pass, dQ by atomics, for head dims
+with an entry in ONE_PASS_CONFIGS, else the two kernels) as `longctx`, and with `--deterministic` also
+as `longctx_deterministic` (always the two kernels). `--jobs N` runs the
 correctness checks and the first compilation of every kernel the timings use in N processes first
 (Triton compiles one kernel at a time per process), so that the timed part finds them compiled.
 `--profile` adds, per shape, the time of each of our kernels (torch.profiler) and each compiled
@@ -304,8 +305,14 @@ def _check_one(name, q, k, v, do, kw, extra):
     finite = torch.isfinite(ref_lse)
     rows = []
     for deterministic in (False, True):
-        grads = attention_backward(do, q, k, v, out, lse, **kw, **extra, deterministic=deterministic)
-        row = {"check": name, "backward": "deterministic" if deterministic else "one_pass",
+        mode = "deterministic" if deterministic else "default"
+        try:  # one mode failing (a config over the chip's resources) still checks the other
+            grads = attention_backward(do, q, k, v, out, lse, **kw, **extra, deterministic=deterministic)
+        except Exception as e:
+            rows.append({"check": name, "backward": mode, "ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            print(f"  FAIL {name} {mode}: {rows[-1]['error']}", flush=True)
+            continue
+        row = {"check": name, "backward": mode,
                "lse_inf_match": bool(torch.equal(finite, torch.isfinite(lse))),
                "lse_max_abs_err": (lse[finite].double() - ref_lse[finite]).abs().max().item() if finite.any() else 0.0}
         ok = row["lse_inf_match"] and row["lse_max_abs_err"] < 2e-2
@@ -393,10 +400,13 @@ FWD_CANDIDATES = {
     128: [(128, 64, 8, 4), (128, 128, 8, 3)],
     256: [(128, 64, 8, 2)],
 }
+# The first H200 run (attention_h200.json) found (64, 128, 8, 2) at D128 and (128, 128, 8, 2) at D64 spilling
+# (66 and 948 registers) and (64, 64, 8, 2) at D256 over the shared memory: smaller tiles and the split
+# (dK with dQ's atomics, then dV: 6 products, fewer live accumulators) come next.
 ONE_PASS_CANDIDATES = {
-    64: [(128, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3)],
-    128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3)],
-    256: [(64, 64, 8, 2), (64, 64, 8, 2, "split")],
+    64: [(64, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3, "split"), (128, 128, 8, 2)],
+    128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2, "split")],
+    256: [(32, 64, 4, 2), (64, 64, 8, 1, "split"), (32, 64, 8, 2, "split")],
 }
 SWEEP_SEQLEN, SWEEP_HEADS, SWEEP_KV_HEADS = 16384, 32, (32, 8)  # causal; MHA and GQA each count
 
@@ -501,7 +511,7 @@ def kernel_times(shape, deterministic, repeats=3):
         if total and evt.count:
             times[evt.key[:80]] = round(total / 1e3 / repeats, 4)
     return dict(zip(("seqlen", "heads", "kv_heads", "head_dim", "causal"), shape),
-                backward="deterministic" if deterministic else "one_pass", kernel_ms=times)
+                backward="deterministic" if deterministic else "default", kernel_ms=times)
 
 
 def kernel_resources():
