@@ -269,6 +269,18 @@ def test_other_block_shapes(blocks):
         assert_close_as_torch(name, x, r, lo)
 
 
+def test_one_pass_runs_only_where_its_table_has_the_head_dim(monkeypatch):
+    """On CUDA the default backward takes the one pass only for head dims ONE_PASS_CONFIGS lists (where it
+    measured faster); elsewhere, and always with deterministic=True, the two kernels."""
+    from longctx.ops.attention import backward
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(backward, "ONE_PASS_CONFIGS", {(128, True): (64, 128, 8, 2)})
+    assert backward.one_pass_config(128, True, cuda) == (64, 128, 8, 2)
+    assert backward.one_pass_config(128, False, cuda) is None
+    assert backward.one_pass_config(64, True, cuda) is None
+    assert backward.one_pass_config(64, True, torch.device("cpu")) == backward.INTERPRET_DKDV_CONFIG
+
+
 def test_bad_inputs_raise_clear_errors():
     q = torch.randn(1, 8, 4, 32, dtype=torch.float16)
     k = torch.randn(1, 8, 2, 32, dtype=torch.float16)
