@@ -7,7 +7,7 @@ where it measured faster, none yet; always under the CPU interpreter, for the te
 2. `_dkdv_kernel` with ATOMIC_DQ: one program per (key block, KV head) holds its K, V block and dK, dV
    accumulators and loops over the query heads of its GQA group and, for each, over the query blocks
    that see the key block; dK and dV of a group are summed in registers, and each (query block, key
-   block) pair adds its dQ share dS Q-block-wise into an fp32 buffer with atomics.
+   block) pair adds its share of dQ (dS K) into an fp32 buffer with atomics.
 3. `_dq_convert_kernel`: that buffer times the scale, in dQ's dtype and layout.
 Five matrix products per block pair instead of seven: the dQ pass's recompute of S and dP is gone.
 The atomics' order varies from run to run, so dQ may differ in the last bits between runs.
