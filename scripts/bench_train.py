@@ -25,7 +25,7 @@ sequence of random ids. Figures: `ms` per step, `tok_s`, `peak_gib` (GPU allocat
 memory planner's `plan_gib`. A setting that runs out of GPU memory is a row with `"oom": true`.
 `--layers-at LEN:N[:offload]` times a longctx model cut to N layers at LEN tokens (full
 checkpointing), to check the planner at lengths a whole model step would take minutes at.
-`--smoke`: the tiny model with a 2K vocabulary at 128 tokens, one step, on whatever device there is
+`--smoke`: the tiny model with a 2K vocabulary at 64 tokens, one step, on whatever device there is
 (on a CPU, Triton's interpreter; only Liger's RoPE and fused cross entropy run there, see
 LIGER_KERNELS_INTERPRETED).
 Writes bench/results/train_<device>.json (DESIGN.md's format).
@@ -277,13 +277,13 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny model, 128 tokens, one step: the code paths on any device (CPU: interpreted)")
+                        help="tiny model, 64 tokens, one step: the code paths on any device (CPU: interpreted)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.smoke:
         # a 2K vocabulary: Triton's interpreter runs Liger's fused cross entropy row by row
-        args.model, args.seqlens, args.hf_seqlens, args.steps, args.warmup = "tiny", [128], None, 1, 0
-        args.layers_at, args.set = ["128:1"], ["model.vocab_size=2048", *args.set]
+        args.model, args.seqlens, args.hf_seqlens, args.steps, args.warmup = "tiny", [64], None, 1, 0
+        args.layers_at, args.set = ["64:1"], ["model.vocab_size=2048", *args.set]
     name = MODEL_ALIASES.get(args.model, args.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
@@ -296,11 +296,10 @@ def main():
             for checkpoint in args.checkpoints:
                 cfg = compose_config(name, seq_len, precision, checkpoint, device.type, args.set)
                 dims = parallel_dims(cfg)
-                for impl in args.impls:
-                    peer_ok = seq_len in (args.seqlens if args.hf_seqlens is None else args.hf_seqlens) \
-                        and checkpoint != "selective"
-                    if impl == "longctx" or peer_ok:
-                        runs.append((impl, cfg, dims, args.set))
+                # the peers have no selective checkpointing and no fp32 row (a --set may have asked for either)
+                peer_ok = seq_len in (args.seqlens if args.hf_seqlens is None else args.hf_seqlens) \
+                    and cfg.train.activation_checkpoint in ("full", "none") and cfg.train.precision in HF_WEIGHT_DTYPE
+                runs += [(impl, cfg, dims, args.set) for impl in args.impls if impl == "longctx" or peer_ok]
     for spec in args.layers_at:
         seq_len, layers, *flags = spec.split(":")
         sets = [*args.set, f"model.num_hidden_layers={layers}", f"train.activation_offload={'offload' in flags}"]
