@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 
@@ -170,6 +171,8 @@ def measure(name, impl, model, shape, tokens, mode, dtype, device, chunk, refere
     except torch.OutOfMemoryError:
         row["oom"] = True
     except Exception as error:   # one peer failing (e.g. a kernel the CPU interpreter cannot run) ends its row only
+        if device.type == "cuda":
+            traceback.print_exc()
         row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     inputs = grads = None
     if device.type == "cuda":

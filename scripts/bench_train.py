@@ -22,7 +22,8 @@ the blockwise MLP at 64K tokens and the loss in chunks of 8K; `--set key=value` 
 config key for them (last wins). Both sides use the trainer's AdamW and its gradient clipping, on one
 sequence of random ids. Figures: `ms` per step, `tok_s`, `peak_gib` (GPU allocated),
 `host_peak_gib` (the process's resident peak during the row), `mfu`; longctx rows also carry the
-memory planner's `plan_gib`. A setting that runs out of GPU memory is a row with `"oom": true`.
+memory planner's `plan_gib`. A setting that runs out of GPU memory is a row with `"oom": true`, one
+that fails otherwise a row with its `error` (the traceback goes to stderr), and the run goes on.
 `--layers-at LEN:N[:offload]` times a longctx model cut to N layers at LEN tokens (full
 checkpointing), to check the planner at lengths a whole model step would take minutes at.
 `--smoke`: the tiny model with a 2K vocabulary at 64 tokens, one step, on whatever device there is
@@ -38,6 +39,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -151,7 +153,8 @@ def liger_patched(kernels: tuple):
         yield
     finally:
         for name, value in saved.items():
-            setattr(modeling_llama, name, value)
+            if getattr(modeling_llama, name) is not value:
+                setattr(modeling_llama, name, value)
         modeling_llama.LlamaForCausalLM.forward = saved_forward
 
 
@@ -244,6 +247,9 @@ def measure(impl: str, cfg: Config, name: str, device: torch.device, steps: int,
                    mfu=tok_s * training_flops_per_token(m, t.seq_len) / (peak * 1e12) if peak else None)
     except torch.OutOfMemoryError:
         row["oom"] = True
+    except Exception as error:   # one setting failing ends its row only: the run goes on to the next
+        traceback.print_exc()
+        row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     step = None   # the model, its gradients and optimizer state go before the next row
     gc.collect()
     row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -285,7 +291,8 @@ def main():
         args.model, args.seqlens, args.hf_seqlens, args.steps, args.warmup = "tiny", [64], None, 1, 0
         args.layers_at, args.set = ["64:1"], ["model.vocab_size=2048", *args.set]
     name = MODEL_ALIASES.get(args.model, args.model)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # with its index: a process group bound to the GPU asks for one
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu" and not args.smoke:
         raise SystemExit("error: bench_train measures a GPU; on a CPU run it with --smoke (tiny sizes)")
 
