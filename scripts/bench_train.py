@@ -20,7 +20,7 @@ and a peer row with the same values compare directly:
 longctx's rows are built from its Hydra config as the trainer builds them (`build_train_model`), with
 the blockwise MLP at 64K tokens and the loss in chunks of 8K; `--set key=value` overrides any
 config key for them (last wins). Both sides use the trainer's AdamW and its gradient clipping, on one
-sequence of random ids. Figures: `ms` per step, `tok_s`, `peak_gib` (GPU allocated),
+sequence of random ids, with expandable allocator segments as the trainer sets them. Figures: `ms` per step, `tok_s`, `peak_gib` (GPU allocated),
 `host_peak_gib` (the process's resident peak during the row), `mfu`; longctx rows also carry the
 memory planner's `plan_gib`. A setting that runs out of GPU memory is a row with `"oom": true`, one
 that fails otherwise a row with its `error` (the traceback goes to stderr), and the run goes on.
@@ -42,7 +42,10 @@ import time
 import traceback
 from contextlib import contextmanager, nullcontext
 
-import torch
+# as the trainer sets it (longctx/train/__main__.py), for both sides: read when CUDA first allocates
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # read when Triton kernels are defined: before longctx
@@ -105,7 +108,8 @@ def parallel_dims(cfg: Config) -> ParallelDims:
 
 
 def one_rank_group(device: torch.device):
-    """A process group of this process alone (FSDP2 needs one) and its (dp, sp) mesh."""
+    """A process group of this process alone (FSDP2 needs one; made at the first row that uses it,
+    so that a failure is that row's) and its (dp, sp) mesh."""
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 world_size=1, rank=0, device_id=device if device.type == "cuda" else None)
@@ -124,10 +128,10 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16_autocast" else nullcontext()
 
 
-def longctx_step(cfg: Config, dims: ParallelDims, mesh, device: torch.device):
+def longctx_step(cfg: Config, dims: ParallelDims, device: torch.device):
     """The trainer's model, optimizer and step (forward_backward, then optimizer_step)."""
-    _, train_model, optimizer, _ = trainer.build_train_model(cfg, dims, mesh if dims.dp_backend == "fsdp" else None,
-                                                             device)
+    mesh = one_rank_group(device) if dims.dp_backend == "fsdp" else None
+    _, train_model, optimizer, _ = trainer.build_train_model(cfg, dims, mesh, device)
     _, batch = random_batch(cfg.model.vocab_size, cfg.train.seq_len, device)
     autocast = autocast_for(cfg.train.precision, device)
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -164,8 +168,8 @@ def hf_step(cfg: Config, device: torch.device):
     import transformers
     hf_config = ModelConfig(**model_fields(cfg.model)).to_hf()
     hf_config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(hf_config).to(HF_WEIGHT_DTYPE[cfg.train.precision])
+    with torch.device(device):   # made in its dtype on the GPU: no fp32 copy of a bf16 model on the way
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=HF_WEIGHT_DTYPE[cfg.train.precision])
     if cfg.train.activation_checkpoint == "full":
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
@@ -215,10 +219,10 @@ def print_profile(step, top: int) -> None:
 
 
 def measure(impl: str, cfg: Config, name: str, device: torch.device, steps: int, warmup: int,
-            dims=None, mesh=None, sets=(), profile: int = 0) -> dict:
+            dims=None, sets=(), profile: int = 0) -> dict:
     t, m = cfg.train, ModelConfig(**model_fields(cfg.model))
     liger = (LIGER_KERNELS if device.type == "cuda" else LIGER_KERNELS_INTERPRETED) if impl == "hf_liger" else ()
-    row = {"bench": "train_step", "impl": impl, "model": name, "seqlen": t.seq_len, "gpus": 1,
+    row = {"bench": "train_step", "impl": impl, "model": name, "seqlen": t.seq_len, "gpus": int(device.type == "cuda"),
            "layers": m.num_hidden_layers, "mode": "fwd_bwd_optim", "checkpoint": t.activation_checkpoint,
            "precision": t.precision, "lora": False,
            "master_weights": "bf16" if impl != "longctx" and t.precision == "bf16_pure" else "fp32",
@@ -237,7 +241,7 @@ def measure(impl: str, cfg: Config, name: str, device: torch.device, steps: int,
     step = None
     try:
         with liger_patched(liger) if liger else nullcontext():
-            step, row["lora"] = (longctx_step(cfg, dims, mesh, device) if impl == "longctx" else hf_step(cfg, device))
+            step, row["lora"] = (longctx_step(cfg, dims, device) if impl == "longctx" else hf_step(cfg, device))
             seconds = time_steps(step, steps, warmup, device)
             if profile and device.type == "cuda":
                 print_profile(step, profile)
@@ -326,11 +330,10 @@ def main():
     slug = device_slug(device_name) if device.type == "cuda" else "cpu"
     out = args.out or os.path.join(ROOT, "bench", "results", f"train_{slug}{'_smoke' if args.smoke else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    mesh = one_rank_group(device) if any(dims.dp_backend == "fsdp" for _, _, dims, _ in runs) else None
     for i, (impl, cfg, dims, sets) in enumerate(runs):
         timed = i < len(runs) - len(args.layers_at)
         row = measure(impl, cfg, name, device, args.steps if timed else 1, args.warmup if timed else 0,
-                      dims=dims, mesh=mesh, sets=sets, profile=args.profile if timed else 0)
+                      dims=dims, sets=sets, profile=args.profile if timed else 0)
         result["rows"].append(row)
         with open(out, "w") as f:   # after every row: a run cut short keeps what it measured
             json.dump(result, f, indent=1)
