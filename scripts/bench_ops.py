@@ -29,6 +29,8 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -51,34 +53,63 @@ SMOKE_SHAPE = {"hidden": 64, "intermediate": 160, "heads": 4, "kv_heads": 2, "he
 def model_shape(name: str) -> dict:
     with open(os.path.join(ROOT, "configs", "model", f"{name}.yaml")) as f:
         m = yaml.safe_load(f)
-    return {"hidden": m["hidden_size"], "intermediate": m["intermediate_size"], "heads": m["num_attention_heads"],
-            "kv_heads": m["num_key_value_heads"], "head_dim": m.get("head_dim") or m["hidden_size"] // m["num_attention_heads"],
+    heads = m["num_attention_heads"]
+    return {"hidden": m["hidden_size"], "intermediate": m["intermediate_size"], "heads": heads,
+            "kv_heads": m["num_key_value_heads"], "head_dim": m.get("head_dim") or m["hidden_size"] // heads,
             "vocab": m["vocab_size"]}
 
 
 # ----------------------------------------------------------------------------------------------
-# the ops: inputs(tokens, shape, dtype, device, grad) -> dict; each side: inputs -> tuple of outputs
-# (comparable between the sides); differentiable(inputs) -> what the gradients are taken of
+# each op: its inputs (tokens t, shape s), the names of those the gradients are taken of, both
+# sides (inputs, loss chunk -> a tuple of outputs, the same on both sides), and the least bytes it
+# moves (memory-bound ops) or its FLOPs (the cross entropy)
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class Op:
+    inputs: Callable
+    differentiable: tuple
+    longctx: Callable
+    liger: Callable
+    moved_bytes: Optional[Callable] = None     # (t, s, element bytes, with backward) -> bytes
+    flops: Optional[Callable] = None           # (t, s, with backward) -> FLOPs
+
+
 def _randn(shape, dtype, device, grad, scale=1.0):
     return (torch.randn(shape, device=device, dtype=torch.float32) * scale).to(dtype).requires_grad_(grad)
 
 
+def liger_functional():
+    from liger_kernel.transformers import functional
+    return functional
+
+
 def rms_norm_inputs(t, s, dtype, device, grad):
     return {"x": _randn((t, s["hidden"]), dtype, device, grad),
-            "w": _randn((s["hidden"],), dtype, device, grad, 0.1).detach().add_(1).requires_grad_(grad)}
+            "w": _randn((s["hidden"],), dtype, device, False, 0.1).add_(1).requires_grad_(grad)}
 
 
 def rotary_inputs(t, s, dtype, device, grad):
     d = s["head_dim"]
     angle = torch.arange(t, device=device, dtype=torch.float32)[:, None] * torch.logspace(0, -4, d // 2, device=device)
     angle = torch.cat([angle, angle], dim=-1)                                         # [T, D], HF's half split
-    return {"q": _randn((1, t, s["heads"], d), dtype, device, grad), "k": _randn((1, t, s["kv_heads"], d), dtype, device, grad),
+    return {"q": _randn((1, t, s["heads"], d), dtype, device, grad),
+            "k": _randn((1, t, s["kv_heads"], d), dtype, device, grad),
             "cos": angle.cos().to(dtype)[None], "sin": angle.sin().to(dtype)[None]}    # [1, T, D]
 
 
+def rotary_longctx(i, _):
+    cos, sin = i["cos"][:, :, None], i["sin"][:, :, None]                             # [1, T, 1, D]
+    return apply_rotary(i["q"], cos, sin, kernel=True), apply_rotary(i["k"], cos, sin, kernel=True)
+
+
+def rotary_liger(i, _):
+    # HF's (batch, heads, seq, head_dim) views of the same memory, back to ours for the comparison
+    q, k = liger_functional().liger_rope(i["q"].transpose(1, 2), i["k"].transpose(1, 2), i["cos"], i["sin"])
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
 def swiglu_inputs(t, s, dtype, device, grad):
-    return {"gate": _randn((t, s["intermediate"]), dtype, device, grad), "up": _randn((t, s["intermediate"]), dtype, device, grad)}
+    return {name: _randn((t, s["intermediate"]), dtype, device, grad) for name in ("gate", "up")}
 
 
 def cross_entropy_inputs(t, s, dtype, device, grad):
@@ -87,46 +118,40 @@ def cross_entropy_inputs(t, s, dtype, device, grad):
             "labels": torch.randint(0, s["vocab"], (t,), device=device)}
 
 
-def liger_functional():
-    from liger_kernel.transformers import functional
-    return functional
-
-
 OPS = {
-    "rms_norm": dict(
-        inputs=rms_norm_inputs, differentiable=("x", "w"),
+    "rms_norm": Op(
+        rms_norm_inputs, ("x", "w"),
         longctx=lambda i, _: (rms_norm(i["x"], i["w"], EPS, kernel=True),),
         liger=lambda i, _: (liger_functional().liger_rms_norm(i["x"], i["w"], EPS),),
         # read x, write y; the backward reads dy and x and writes dx
-        bytes=lambda t, s, e, bwd: (5 if bwd else 2) * t * s["hidden"] * e),
-    "rotary": dict(
-        inputs=rotary_inputs, differentiable=("q", "k"),
-        longctx=lambda i, _: tuple(apply_rotary(i[n], i["cos"][:, :, None], i["sin"][:, :, None], kernel=True) for n in "qk"),
-        liger=lambda i, _: tuple(o.transpose(1, 2) for o in liger_functional().liger_rope(
-            i["q"].transpose(1, 2), i["k"].transpose(1, 2), i["cos"], i["sin"])),
+        moved_bytes=lambda t, s, e, bwd: (5 if bwd else 2) * t * s["hidden"] * e),
+    "rotary": Op(
+        rotary_inputs, ("q", "k"), longctx=rotary_longctx, liger=rotary_liger,
         # read q, k and the angles, write q, k; the backward the same again
-        bytes=lambda t, s, e, bwd: (2 if bwd else 1) * (2 * t * (s["heads"] + s["kv_heads"]) * s["head_dim"] + 2 * t * s["head_dim"]) * e),
-    "swiglu": dict(
-        inputs=swiglu_inputs, differentiable=("gate", "up"),
+        moved_bytes=lambda t, s, e, bwd: (2 if bwd else 1) * t * s["head_dim"] * e
+        * (2 * (s["heads"] + s["kv_heads"]) + 2)),
+    "swiglu": Op(
+        swiglu_inputs, ("gate", "up"),
         longctx=lambda i, _: (silu_mul(i["gate"], i["up"], kernel=True),),
         liger=lambda i, _: (liger_functional().liger_swiglu(i["gate"], i["up"]),),
-        # read gate, up, write the product; the backward reads the product's gradient, gate, up and writes two
-        bytes=lambda t, s, e, bwd: (8 if bwd else 3) * t * s["intermediate"] * e),
-    "cross_entropy": dict(
-        inputs=cross_entropy_inputs, differentiable=("hidden", "weight"),
-        longctx=lambda i, chunk: (chunked_cross_entropy(i["hidden"], i["weight"], i["labels"], chunk_size=chunk, kernel=True),),
-        liger=lambda i, _: (liger_functional().liger_fused_linear_cross_entropy(i["hidden"], i["weight"], i["labels"],
-                                                                                 reduction="sum"),),
+        # read gate, up, write the product; the backward reads its gradient, gate and up, writes two
+        moved_bytes=lambda t, s, e, bwd: (8 if bwd else 3) * t * s["intermediate"] * e),
+    "cross_entropy": Op(
+        cross_entropy_inputs, ("hidden", "weight"),
+        longctx=lambda i, chunk: (chunked_cross_entropy(i["hidden"], i["weight"], i["labels"], chunk_size=chunk,
+                                                        kernel=True),),
+        liger=lambda i, _: (liger_functional().liger_fused_linear_cross_entropy(
+            i["hidden"], i["weight"], i["labels"], reduction="sum"),),
         flops=lambda t, s, bwd: (6 if bwd else 2) * t * s["hidden"] * s["vocab"]),
 }
 
 
-def call(op: dict, impl: str, inputs: dict, mode: str, chunk: int, grads=None):
+def call(op: Op, impl: str, inputs: dict, mode: str, chunk: int, grads=None):
     """One forward (and backward): the outputs, and the input gradients under fwd_bwd."""
-    outs = op[impl](inputs, chunk)
+    outs = getattr(op, impl)(inputs, chunk)
     if mode == "fwd":
         return outs, ()
-    return outs, torch.autograd.grad(outs, [inputs[n] for n in op["differentiable"]], grads)
+    return outs, torch.autograd.grad(outs, [inputs[n] for n in op.differentiable], grads)
 
 
 def bench_ms(fn, device) -> float:
@@ -149,23 +174,29 @@ def measure(name, impl, model, shape, tokens, mode, dtype, device, chunk, refere
     results = None
     try:
         torch.manual_seed(0)   # both sides get the same inputs
-        inputs = op["inputs"](tokens, shape, dtype, device, mode == "fwd_bwd")
+        inputs = op.inputs(tokens, shape, dtype, device, mode == "fwd_bwd")
         grads = None
         if mode == "fwd_bwd":
             # the output shapes from a copy: Liger's rotary rotates q and k in place
             with torch.no_grad():
-                shapes = [o.shape for o in op[impl]({k: v.detach().clone() for k, v in inputs.items()}, chunk)]
+                copies = {k: v.detach().clone() for k, v in inputs.items()}
+                shapes = [o.shape for o in getattr(op, impl)(copies, chunk)]
+                del copies
             torch.manual_seed(1)
             grads = [torch.randn(s, device=device, dtype=dtype) if s else torch.ones((), device=device) for s in shapes]
         outs, input_grads = call(op, impl, inputs, mode, chunk, grads)
         results = [o.detach().to(torch.float32, copy=True) for o in (*outs, *input_grads)]
         del outs, input_grads
         row["ms"] = bench_ms(lambda: call(op, impl, inputs, mode, chunk, grads), device)
-        if "flops" in op:
-            row["tflops"] = op["flops"](tokens, shape, mode == "fwd_bwd") / (row["ms"] * 1e-3) / 1e12
+        if op.flops is not None:
+            row["tflops"] = op.flops(tokens, shape, mode == "fwd_bwd") / (row["ms"] * 1e-3) / 1e12
         else:
-            row["gbs"] = op["bytes"](tokens, shape, dtype.itemsize, mode == "fwd_bwd") / (row["ms"] * 1e-3) / 1e9
-        row["peak_gib"] = peak_gib(lambda: call(op, impl, inputs, mode, chunk, grads)) if device.type == "cuda" else None
+            moved = op.moved_bytes(tokens, shape, dtype.itemsize, mode == "fwd_bwd")
+            row["gbs"] = moved / (row["ms"] * 1e-3) / 1e9
+        if device.type == "cuda":
+            row["peak_gib"] = peak_gib(lambda: call(op, impl, inputs, mode, chunk, grads))
+        else:
+            row["peak_gib"] = None
         if reference is not None:
             row["rel_diff"] = max(rel_err(a, b) for a, b in zip(results, reference))
     except torch.OutOfMemoryError:
@@ -184,11 +215,13 @@ def measure(name, impl, model, shape, tokens, mode, dtype, device, chunk, refere
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["llama3.2-1b", "llama3-8b"], help="shapes from configs/model/")
+    parser.add_argument("--models", nargs="+", default=["llama3.2-1b", "llama3-8b"],
+                        help="shapes from configs/model/")
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=("fwd", "fwd_bwd"))
-    parser.add_argument("--loss-chunk", type=int, default=8192, help="our cross entropy's chunk (tokens), as bench_train")
+    parser.add_argument("--loss-chunk", type=int, default=8192,
+                        help="our cross entropy's chunk (tokens), as bench_train")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in fp32: the code paths on any device")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -226,8 +259,8 @@ def main():
     for ours, liger in zip(rows[::2], rows[1::2]):
         ratio = liger["ms"] / ours["ms"] if "ms" in ours and "ms" in liger else None
         cells = [ours.get("ms"), liger.get("ms"), ratio, ours.get("peak_gib"), liger.get("peak_gib")]
-        print(f"{ours['bench']:<14} {ours['model']:<12} {ours['seqlen']:>7} {ours['mode']:<8} "
-              + " ".join(f"{c:>{w}.3f}" if isinstance(c, float) else f"{'-':>{w}}" for c, w in zip(cells, (8, 9, 10, 9, 9))))
+        shown = (f"{c:>{w}.3f}" if isinstance(c, float) else f"{'-':>{w}}" for c, w in zip(cells, (8, 9, 10, 9, 9)))
+        print(f"{ours['bench']:<14} {ours['model']:<12} {ours['seqlen']:>7} {ours['mode']:<8} " + " ".join(shown))
     print(f"wrote {out}")
 
 

@@ -6,7 +6,8 @@ axolotl's Liger plugin switch on) and without them (`hf`), in the same run, at e
 checkpointing and precision:
 
     python scripts/bench_train.py                          # 1B shape, 8K/32K/128K, both precisions
-    python scripts/bench_train.py --model 8b --seqlens 65536 131072 --set train.some_key=value
+    python scripts/bench_train.py --model 8b --seqlens 65536 131072 --precisions bf16_pure \
+        --set parallel.dp_backend=deepspeed --set parallel.zero_stage=2 --set parallel.cpu_offload=true
 
 Each row names both sides' settings (`model`, `checkpoint`, `precision`, `lora`), so a longctx row
 and a peer row with the same values compare directly:
@@ -17,13 +18,16 @@ and a peer row with the same values compare directly:
   weights, gradients and AdamW states in bf16. `master_weights` says which.
 - checkpoint `full`: longctx recomputes each decoder layer (train.activation_checkpoint=full), HF's
   `gradient_checkpointing_enable()`; `none` switches both off; `selective` is longctx's alone.
-longctx's rows are built from its Hydra config as the trainer builds them (`build_train_model`), with
-the blockwise MLP at 64K tokens and the loss in chunks of 8K; `--set key=value` overrides any
-config key for them (last wins). Both sides use the trainer's AdamW and its gradient clipping, on one
-sequence of random ids, with expandable allocator segments as the trainer sets them. Figures: `ms` per step, `tok_s`, `peak_gib` (GPU allocated),
-`host_peak_gib` (the process's resident peak during the row), `mfu`; longctx rows also carry the
-memory planner's `plan_gib`. A setting that runs out of GPU memory is a row with `"oom": true`, one
-that fails otherwise a row with its `error` (the traceback goes to stderr), and the run goes on.
+longctx's rows are built from its Hydra config as the trainer builds them (`build_train_model`),
+with the blockwise MLP at 64K tokens and the loss in chunks of 8K; `--set key=value` overrides any
+config key for them (last wins), and a config that names parallel.dp_backend=fsdp or deepspeed runs
+that backend over a one-rank process group (`dp_backend`, `cpu_offload` in the row). Both sides use
+the trainer's AdamW and its gradient clipping, on one sequence of random ids, with expandable
+allocator segments as the trainer sets them. Figures: `ms` per step, `tok_s`, `peak_gib` (GPU
+allocated), `host_peak_gib` (the process's resident peak during the row), `mfu`; longctx rows also
+carry the memory planner's `plan_gib`. A setting that runs out of GPU memory is a row with
+`"oom": true`, one that fails otherwise a row with its `error` (the traceback goes to stderr), and
+the run goes on.
 `--layers-at LEN:N[:offload]` times a longctx model cut to N layers at LEN tokens (full
 checkpointing), to check the planner at lengths a whole model step would take minutes at.
 `--smoke`: the tiny model with a 2K vocabulary at 64 tokens, one step, on whatever device there is
@@ -91,9 +95,11 @@ def compose_config(model: str, seq_len: int, precision: str, checkpoint: str, de
 
 
 def parallel_dims(cfg: Config) -> ParallelDims:
-    """Validate as the trainer does on one process, and give bf16_pure its FSDP2 over one rank:
-    validation refuses bf16_pure on one process, since the trainer builds FSDP2 only under
-    torchrun, so it checks that row's other keys with the precision it would accept."""
+    """Validate as the trainer does on one process; then a config that names FSDP2 or DeepSpeed
+    (bf16_pure needs one; --set parallel.dp_backend=deepspeed parallel.zero_stage=2
+    parallel.cpu_offload=true offloads the optimizer) gets that backend over a one-rank process
+    group. The trainer builds those only under torchrun, so validation on one process refuses
+    bf16_pure: that row's other keys are checked with the precision it accepts."""
     pure = cfg.train.precision == "bf16_pure"
     if pure:
         cfg.train.precision = "bf16_autocast"
@@ -104,16 +110,22 @@ def parallel_dims(cfg: Config) -> ParallelDims:
     finally:
         if pure:
             cfg.train.precision = "bf16_pure"
-    return ParallelDims(world_size=1, dp=1, sp=1, dp_backend="fsdp") if pure else dims
+    if cfg.parallel.dp_backend in ("fsdp", "deepspeed"):
+        return ParallelDims(world_size=1, dp=1, sp=1, dp_backend=cfg.parallel.dp_backend)
+    if pure:
+        raise SystemExit("error: train.precision=bf16_pure needs parallel.dp_backend=fsdp or deepspeed")
+    return dims
 
 
 def one_rank_group(device: torch.device):
-    """A process group of this process alone (FSDP2 needs one; made at the first row that uses it,
-    so that a failure is that row's) and its (dp, sp) mesh."""
+    """A process group of this process alone (FSDP2 and DeepSpeed need one; made at the first row
+    that uses it, so that a failure is that row's) and its (dp, sp) mesh."""
     if not dist.is_initialized():
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)   # as torchrun sets them: DeepSpeed's engine reads LOCAL_RANK
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 world_size=1, rank=0, device_id=device if device.type == "cuda" else None)
-    return ParallelDims(world_size=1, dp=1, sp=1, dp_backend="fsdp").build_mesh(device.type)
+    return ParallelDims(world_size=1, dp=1, sp=1).build_mesh(device.type)
 
 
 def random_batch(vocab_size: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, dict]:
@@ -130,7 +142,7 @@ def autocast_for(precision: str, device: torch.device):
 
 def longctx_step(cfg: Config, dims: ParallelDims, device: torch.device):
     """The trainer's model, optimizer and step (forward_backward, then optimizer_step)."""
-    mesh = one_rank_group(device) if dims.dp_backend == "fsdp" else None
+    mesh = one_rank_group(device) if dims.dp_backend != "none" else None
     _, train_model, optimizer, _ = trainer.build_train_model(cfg, dims, mesh, device)
     _, batch = random_batch(cfg.model.vocab_size, cfg.train.seq_len, device)
     autocast = autocast_for(cfg.train.precision, device)
@@ -230,7 +242,7 @@ def measure(impl: str, cfg: Config, name: str, device: torch.device, steps: int,
            "attention": resolve_attention(m.attention, torch.empty(0, device=device)) if impl == "longctx" else "sdpa",
            "mlp_chunk": m.mlp_chunk_size if impl == "longctx" else 0}
     if impl == "longctx":
-        row["overrides"] = list(sets)
+        row.update(dp_backend=dims.dp_backend, cpu_offload=cfg.parallel.cpu_offload, overrides=list(sets))
     if liger:
         row["liger"] = list(liger)
     gc.collect()
@@ -273,13 +285,16 @@ def main():
     parser.add_argument("--model", default="llama3.2-1b", choices=models + sorted(MODEL_ALIASES),
                         help="a shape of configs/model/ (1b: llama3.2-1b, 8b: llama3-8b)")
     parser.add_argument("--seqlens", type=int, nargs="*", default=[8192, 32768, 131072])
-    parser.add_argument("--impls", nargs="+", default=["longctx", "hf_liger", "hf"], choices=("longctx", "hf_liger", "hf"))
+    parser.add_argument("--impls", nargs="+", default=["longctx", "hf_liger", "hf"],
+                        choices=("longctx", "hf_liger", "hf"))
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument("--checkpoints", nargs="+", default=["full"], choices=("full", "selective", "none"),
                         help="activation checkpointing of both sides (selective: longctx only)")
-    parser.add_argument("--hf-seqlens", type=int, nargs="*", default=None, help="the peers' lengths (default: --seqlens)")
+    parser.add_argument("--hf-seqlens", type=int, nargs="*", default=None,
+                        help="the peers' lengths (default: --seqlens)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a longctx config override (Hydra syntax), e.g. --set model.mlp_chunk_size=8192; repeatable")
+                        help="a longctx config override (Hydra syntax), e.g. --set model.mlp_chunk_size=8192; "
+                             "repeatable")
     parser.add_argument("--layers-at", nargs="*", default=[],
                         help="LEN:N[:offload], e.g. 524288:2 or 524288:16:offload (longctx, full checkpointing)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",

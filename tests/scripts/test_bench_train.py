@@ -1,6 +1,7 @@
 """scripts/bench_train.py: its --smoke run writes a row of every side (longctx, HF + Liger, HF) at
 both precisions with the shape keys and the figures; Liger's patch of transformers does not leak
-into later HF rows; a bad --set stops with one line before any model is built."""
+into later HF rows; --set reaches the longctx rows' builder; a bad --set stops with one line before
+any model is built."""
 import importlib.util
 import json
 import os
@@ -16,8 +17,8 @@ SHAPE_KEYS = ("bench", "impl", "model", "seqlen", "gpus", "mode", "checkpoint", 
 FIGURES = ("ms", "tok_s", "peak_gib", "host_peak_gib")
 
 
-def run_script(*args, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+def run_script(*args, timeout=600, env=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", **(env or {})}
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=timeout)
 
@@ -33,7 +34,8 @@ def test_smoke_rows_carry_both_sides_settings_and_figures(tmp_path):
     for row in rows:
         assert set(SHAPE_KEYS) <= set(row), row
         assert set(FIGURES) <= set(row), row
-        assert "error" not in row and not row.get("oom") and row["ms"] > 0 and row["tok_s"] > 0 and row["host_peak_gib"] > 0
+        assert "error" not in row and not row.get("oom"), row
+        assert row["ms"] > 0 and row["tok_s"] > 0 and row["host_peak_gib"] > 0
         assert row["lora"] is False and row["checkpoint"] == "full"
     timed = {(r["impl"], r["precision"]): r for r in rows if r["layers"] == 2}
     assert set(timed) == {(impl, precision) for impl in ("longctx", "hf_liger", "hf")
@@ -75,3 +77,20 @@ def test_bad_override_is_one_line_before_any_work(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "train.activation_checkpoint" in last, result.stderr[-2000:]
     assert not (tmp_path / "t.json").exists()
+
+
+def test_set_passes_a_data_parallel_backend_through_to_longctx_rows(tmp_path):
+    """--set parallel.* reaches the trainer's builder: DeepSpeed ZeRO-2 with its optimizer on the
+    host, over a one-rank process group, as the 8B runs on one GPU use it."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "train.json"
+    result = run_script("--smoke", "--impls", "longctx", "--precisions", "bf16_autocast",
+                        "--set", "parallel.dp_backend=deepspeed", "--set", "parallel.zero_stage=2",
+                        "--set", "parallel.cpu_offload=true", "--out", str(out), env={"DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2   # the timed row and the --layers-at row
+    for row in rows:
+        assert "error" not in row and row["ms"] > 0, row
+        assert row["dp_backend"] == "deepspeed" and row["cpu_offload"] is True
+        assert "parallel.zero_stage=2" in row["overrides"]
