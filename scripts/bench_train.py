@@ -278,6 +278,22 @@ def measure(impl: str, cfg: Config, name: str, device: torch.device, steps: int,
     return row
 
 
+def print_ratios(rows: list) -> None:
+    """longctx against each peer row with the same shape keys: tokens/s and peak memory ratios."""
+    keys = ("model", "seqlen", "layers", "checkpoint", "precision", "lora")
+    ours = {tuple(r[k] for k in keys): r for r in rows if r["impl"] == "longctx" and "tok_s" in r}
+    print(f"{'peer':<9} {'tokens':>7} {'precision':<14} {'ckpt':<5} {'tok/s ours':>10} {'peer':>8} {'ratio':>6} "
+          f"{'GiB ours':>8} {'peer':>6}")
+    for peer in rows:
+        mine = ours.get(tuple(peer[k] for k in keys))
+        if peer["impl"] == "longctx" or mine is None:
+            continue
+        theirs = "oom" if peer.get("oom") else "error" if "error" in peer else f"{peer['tok_s']:.0f}"
+        ratio = f"{mine['tok_s'] / peer['tok_s']:.2f}" if "tok_s" in peer else "-"
+        print(f"{peer['impl']:<9} {peer['seqlen']:>7} {peer['precision']:<14} {peer['checkpoint']:<5} "
+              f"{mine['tok_s']:>10.0f} {theirs:>8} {ratio:>6} {mine['peak_gib'] or 0:>8.1f} {peer['peak_gib'] or 0:>6.1f}")
+
+
 def main():
     register_configs()
     models = sorted(f[:-5] for f in os.listdir(os.path.join(REPO_ROOT, "configs", "model")) if f.endswith(".yaml"))
@@ -354,6 +370,7 @@ def main():
             json.dump(result, f, indent=1)
     if dist.is_initialized():
         dist.destroy_process_group()
+    print_ratios(result["rows"])
     print(f"wrote {out}")
 
 
