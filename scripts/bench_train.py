@@ -242,9 +242,9 @@ def measure(impl: str, cfg: Config, name: str, device: torch.device, steps: int,
            "attention": resolve_attention(m.attention, torch.empty(0, device=device)) if impl == "longctx" else "sdpa",
            "mlp_chunk": m.mlp_chunk_size if impl == "longctx" else 0}
     if impl == "longctx":
-        row.update(dp_backend=dims.dp_backend, cpu_offload=cfg.parallel.cpu_offload, overrides=list(sets))
+        row.update(dp_backend=dims.dp_backend, cpu_offload=cfg.parallel.cpu_offload, overrides=" ".join(sets))
     if liger:
-        row["liger"] = list(liger)
+        row["liger"] = ",".join(liger)   # rows stay flat (DESIGN.md)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
