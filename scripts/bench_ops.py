@@ -180,10 +180,11 @@ def measure(name, impl, model, shape, tokens, mode, dtype, device, chunk, refere
             # the output shapes from a copy: Liger's rotary rotates q and k in place
             with torch.no_grad():
                 copies = {k: v.detach().clone() for k, v in inputs.items()}
-                shapes = [o.shape for o in getattr(op, impl)(copies, chunk)]
+                like = [(o.shape, o.dtype) for o in getattr(op, impl)(copies, chunk)]
                 del copies
-            torch.manual_seed(1)
-            grads = [torch.randn(s, device=device, dtype=dtype) if s else torch.ones((), device=device) for s in shapes]
+            torch.manual_seed(1)   # a random gradient for each output, 1 for a loss
+            grads = [torch.randn(s, device=device, dtype=d) if s else torch.ones((), device=device, dtype=d)
+                     for s, d in like]
         outs, input_grads = call(op, impl, inputs, mode, chunk, grads)
         results = [o.detach().to(torch.float32, copy=True) for o in (*outs, *input_grads)]
         del outs, input_grads
