@@ -62,3 +62,28 @@ def peak_gib(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def reset_host_peak() -> bool:
+    """Restart the process's resident-memory high-water mark (Linux: 5 to /proc/self/clear_refs),
+    so that `host_peak_gib` measures what follows. False where that is refused (some sandboxes):
+    the peak then stays the one since the process started."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def host_peak_gib() -> float:
+    """The process's peak resident memory (VmHWM) since `reset_host_peak`, in GiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20   # kB
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
