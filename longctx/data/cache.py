@@ -30,7 +30,7 @@ import numpy as np
 
 from .config import DataConfig
 from .packing import TokenStore
-from .sharegpt import read_sharegpt, resolve_path
+from .sharegpt import DataError, read_sharegpt, resolve_path
 
 PIPELINE_VERSION = 1  # bump when tokens or masks of the same inputs would change
 _ARRAYS = ("tokens", "loss_mask", "offsets", "exchange_starts", "exchange_offsets")
@@ -47,6 +47,7 @@ class Prepared:
     pad_id: int
     key: str
     path: Path
+    vocab_size: int   # the tokenizer's: a model with fewer embeddings cannot take these tokens
 
 
 def _file_identity(path: Path) -> list:
@@ -114,7 +115,9 @@ def _build(cfg: DataConfig, target: Path) -> None:
     conversations, report = read_sharegpt(cfg.path)
     report["read_s"] = round(time.perf_counter() - started, 2)
     if not conversations:
-        raise ValueError(f"no usable conversation in data.path={cfg.path!r}:\n{format_report(report)}")
+        raise DataError(f"data.path={cfg.path}: {why_unusable(report)}; point data.path at ShareGPT records "
+                        '{"conversations": [{"from": "human", "value": ...}, ...]} or OpenAI records '
+                        '{"messages": [{"role": "user", "content": ...}, ...]}')
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.tokenizer, "data.tokenizer")))
     chat_template = resolve_chat_template(tokenizer, cfg.chat_template)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
@@ -178,7 +181,8 @@ def _tokenize_into(tmp: Path, target: Path, cfg: DataConfig, conversations: list
     report["chat_template"] = chat_template
     (tmp / "report.json").write_text(json.dumps(report, indent=1))
     (tmp / "meta.json").write_text(json.dumps({"pad_id": int(pad_id), "chat_template": chat_template,
-                                               "loss_mask": cfg.loss_mask, "key": target.name}))
+                                               "loss_mask": cfg.loss_mask, "key": target.name,
+                                               "vocab_size": len(tokenizer)}))
     (tmp / "done").write_text("")
 
 
@@ -228,7 +232,22 @@ def prepare(cfg: DataConfig) -> Prepared:
     arrays = {name: np.load(target / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
     meta = json.loads((target / "meta.json").read_text())
     report = json.loads((target / "report.json").read_text())
-    return Prepared(TokenStore(**arrays), report, int(meta["pad_id"]), meta["key"], target)
+    # caches written before the tokenizer's size was recorded: the largest token id bounds it
+    vocab_size = meta.get("vocab_size") or int(arrays["tokens"].max(initial=0)) + 1
+    return Prepared(TokenStore(**arrays), report, int(meta["pad_id"]), meta["key"], target, int(vocab_size))
+
+
+def why_unusable(report: dict) -> str:
+    """Why a data set gave no conversation, in a few words (the middle of a one-line error)."""
+    if report["records"] == 0:
+        if report["truncations"]:
+            cut = report["truncations"][0]
+            return f"{cut['file']} is not JSON or JSON Lines ({cut['error']} at byte {cut['byte_offset']})"
+        if report["empty_files"]:
+            return f"{', '.join(report['empty_files'])} is empty"
+        return "it holds no records"
+    skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(report["skipped"].items()))
+    return f"none of its {report['records']} records is a usable conversation (skipped: {skipped})"
 
 
 def format_report(report: dict) -> str:

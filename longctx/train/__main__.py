@@ -12,6 +12,7 @@ import hydra
 from omegaconf import OmegaConf
 
 from .config import REPO_ROOT, ConfigError, register_configs
+from .errors import one_line_errors, refuse_unknown_keys
 
 CONFIG_DIR = str(Path(REPO_ROOT) / "configs")
 register_configs()
@@ -20,15 +21,14 @@ register_configs()
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg) -> None:
     from .train import train
-    try:
-        config = OmegaConf.to_object(cfg)   # model shape checks run here
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    try:
+    with one_line_errors():
+        try:
+            config = OmegaConf.to_object(cfg)   # model shape checks run here
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
         train(config)
-    except ConfigError as error:   # one clear line, no traceback
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":
+    refuse_unknown_keys()
     main()

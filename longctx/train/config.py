@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -120,6 +121,55 @@ def _choice(value: str, allowed: tuple, key: str) -> None:
         raise ValueError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
 
 
+def _in_range(key: str, value: float, low: float, high: float = math.inf, low_open: bool = False,
+              high_open: bool = False) -> None:
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):
+        bounds = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf else
+                  f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+        raise ValueError(f"{key}={value} must be {bounds}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Numbers that type checks let through but the optimizer, scheduler or loop cannot use."""
+    o = cfg.optim
+    _in_range("optim.lr", o.lr, 0, low_open=True)
+    if len(o.betas) != 2:
+        raise ValueError(f"optim.betas={list(o.betas)} must be two numbers, e.g. optim.betas=[0.9,0.95]")
+    for i, beta in enumerate(o.betas):
+        _in_range(f"optim.betas[{i}]", beta, 0, 1, high_open=True)
+    _in_range("optim.eps", o.eps, 0, low_open=True)
+    _in_range("optim.weight_decay", o.weight_decay, 0)
+    _in_range("optim.warmup_steps", o.warmup_steps, 0)
+    _in_range("optim.min_lr_ratio", o.min_lr_ratio, 0, 1)
+    _in_range("optim.grad_clip", o.grad_clip, 0)
+    for key in ("seq_len", "micro_batch", "grad_accum", "steps"):
+        _in_range(f"train.{key}", getattr(cfg.train, key), 1)
+    _in_range("train.threads", cfg.train.threads, 0)
+    _in_range("checkpoint.every", cfg.checkpoint.every, 0)
+    _in_range("checkpoint.keep", cfg.checkpoint.keep, 0)
+    _in_range("logging.every", cfg.logging.every, 1)
+    _in_range("logging.comm_every", cfg.logging.comm_every, 0)
+
+
+def check_tokenizer_fits(cfg: Config, tokenizer_size: int) -> None:
+    """The model must have an embedding row for every token id of the tokenizer (else an IndexError
+    on a CPU, a device assert on a GPU, at the first step)."""
+    m = cfg.model
+    if m.pretrained:
+        from longctx.model.hf import load_hf_config
+        vocab_size = load_hf_config(m.pretrained).vocab_size
+        if tokenizer_size > vocab_size:
+            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {tokenizer_size} tokens but "
+                              f"model.pretrained={m.pretrained} has {vocab_size} embeddings: use the "
+                              f"tokenizer the model was trained with (data.tokenizer={m.pretrained})")
+    elif tokenizer_size > m.vocab_size:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {tokenizer_size} tokens but "
+                          f"model.vocab_size={m.vocab_size}: set model.vocab_size={tokenizer_size} "
+                          f"or use a smaller tokenizer")
+
+
 def validate(cfg: Config, world_size: int) -> "ParallelDims":
     """Check what types cannot, before any model or GPU work; return the parallel layout.
 
@@ -144,11 +194,7 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     _choice(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
     _choice(cfg.parallel.lasp_variant, ("ring", "allgather"), "parallel.lasp_variant")
     _choice(cfg.logging.wandb, ("disabled", "offline", "online"), "logging.wandb")
-    for key in ("seq_len", "micro_batch", "grad_accum", "steps"):
-        if getattr(t, key) < 1:
-            raise ValueError(f"train.{key}={getattr(t, key)} must be at least 1")
-    if cfg.logging.comm_every < 0:
-        raise ValueError(f"logging.comm_every={cfg.logging.comm_every} must be >= 0 (0: never profile a step)")
+    _check_ranges(cfg)
     if t.device == "cuda":
         import torch
         if not torch.cuda.is_available():

@@ -30,7 +30,7 @@ from longctx.parallel.sequence import split_sequence
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
-from .config import Config, model_fields, validate
+from .config import Config, check_tokenizer_fits, model_fields, validate
 from .metrics import MetricsLogger, peak_tflops, training_flops
 
 
@@ -207,9 +207,14 @@ def train(cfg: Config) -> Path:
         torch.set_num_threads(cfg.train.threads)
     device = init_distributed(cfg.train.device)
     mesh = dims.build_mesh(device.type)
+    t = cfg.train
+    # the data and its tokenizer are checked before the run folder exists: a run that cannot start leaves none
+    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+    loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch, dp_rank=dp_rank,
+                          dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed)
+    check_tokenizer_fits(cfg, loader.vocab_size)
     run_dir = decide_run_dir(cfg)
     is_main = rank() == 0
-    t = cfg.train
     if t.precision == "auto":
         t.precision = "bf16_autocast" if device.type == "cuda" else "fp32"
     if device.type == "cuda":   # the memory plan, before any GPU work; auto checkpointing picks by it
@@ -221,9 +226,6 @@ def train(cfg: Config) -> Path:
         t.activation_checkpoint = "none"   # on a CPU there is no device memory to plan for
     torch.manual_seed(t.seed)
 
-    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-    loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch, dp_rank=dp_rank,
-                          dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed)
     model, train_model, optimizer, scheduler = build_train_model(cfg, dims, mesh, device)
     model_config = model.config
 

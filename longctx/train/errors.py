@@ -1,0 +1,99 @@
+"""User mistakes end in one line that names the key or file and the fix, and a non-zero exit.
+
+    with one_line_errors():   # ConfigError / DataError -> "error: ..." on stderr, exit 1
+        train(config)
+
+`HYDRA_FULL_ERROR=1` keeps the whole traceback, as it does for Hydra's own errors.
+
+Unknown keys are refused before Hydra composes the config (`unknown_key_error`): Hydra itself
+refuses `train.stepz=3` with a message that suggests `+train.stepz=3`, and that form it accepts,
+after which OmegaConf drops the key when it builds the typed config: the run would start
+without the setting the user asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+from contextlib import contextmanager
+from typing import Optional
+
+from longctx.data import DataError
+
+from .config import Config, ConfigError
+
+
+def full_errors() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+@contextmanager
+def one_line_errors():
+    """A mistake of the user's exits with its one-line message (the traceback with HYDRA_FULL_ERROR=1)."""
+    try:
+        yield
+    except (ConfigError, DataError) as error:
+        if full_errors():
+            raise
+        raise SystemExit(f"error: {error}") from None
+
+
+def _dataclass_of(annotation):
+    """The dataclass a field holds, or None (a str, a list, an Optional[str] ...)."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+def unknown_key(key: str, schema=Config) -> Optional[str]:
+    """Why the dotted `key` is not a setting of `schema` (one line with the nearest keys), or None."""
+    node, path = schema, []
+    for part in key.split("."):
+        if node is None:   # below a list or a free-form value: not checked here
+            return None
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            parent = ".".join(path)
+            names = [f"{parent}.{name}" if parent else name for name in fields]
+            full = f"{parent}.{part}" if parent else part
+            near = difflib.get_close_matches(full, names, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            return (f"{full} is not a setting: {hint}the keys {'of ' + parent if parent else 'at the top'} "
+                    f"are {', '.join(fields)}")
+        hints = typing.get_type_hints(node)
+        node = _dataclass_of(hints[part])
+        path.append(part)
+    return None
+
+
+def unknown_key_error(argv: list[str]) -> Optional[str]:
+    """The first command-line override (`key=value`, `+key=value`, `++key=value`, `~key`) naming a
+    key the schema does not have, as a one-line message; None when all are known."""
+    from hydra._internal.utils import get_args_parser   # the parser hydra.main uses on argv
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except HydraException:
+        return None   # a syntax error: Hydra reports it
+    for override in overrides:
+        key = override.key_or_group
+        if key.startswith("hydra.") or key == "hydra" or "/" in key:
+            continue   # Hydra's own settings, config groups of Hydra
+        if override.package is not None:
+            continue   # `group@package=choice`: a config group placed elsewhere
+        problem = unknown_key(key)   # a group choice (model=tiny) is a top-level key of the schema
+        if problem is not None:
+            return problem
+    return None
+
+
+def refuse_unknown_keys(argv: Optional[list[str]] = None) -> None:
+    problem = unknown_key_error(sys.argv[1:] if argv is None else argv)
+    if problem is not None:
+        raise SystemExit(f"error: {problem}")
