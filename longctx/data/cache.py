@@ -204,7 +204,10 @@ def _wait_for(target: Path, failed: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not (target / "done").exists():
         if failed.exists() and failed.stat().st_mtime > _PROCESS_START - _LAUNCH_SKEW_S:
-            raise RuntimeError(f"the rank preparing the data failed: {failed.read_text()}")
+            why = failed.read_text()
+            if why.startswith(f"{DataError.__name__}: "):   # the user's data: the same one line on every rank
+                raise DataError(why.removeprefix(f"{DataError.__name__}: "))
+            raise RuntimeError(f"the rank preparing the data failed: {why}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout_s:.0f} s for {target} to be prepared by local rank 0; "
                                f"raise data.prepare_timeout_s, or prepare it first with "

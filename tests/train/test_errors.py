@@ -123,3 +123,16 @@ def test_bad_records_are_skipped_and_counted_by_reason(tmp_path):
     conversations, report = read_sharegpt(path)
     assert len(conversations) == 2 and report["records"] == 5
     assert report["skipped"] == {"missing_value": 1, "not_an_object": 1, "unknown_layout": 1}
+
+
+def test_waiting_ranks_report_the_data_error_in_one_line(tmp_path, monkeypatch):
+    """In a distributed run local rank 0 reads the data; the others see its DataError, not a RuntimeError."""
+    from longctx.data import DataConfig, DataError, cache_path, prepare
+    cfg = DataConfig(path=str(empty(tmp_path)), cache_dir=str(tmp_path / "cache"), prepare_timeout_s=30)
+    with pytest.raises(DataError) as first:
+        prepare(cfg)   # local rank 0: reads, fails, leaves the marker
+    assert cache_path(cfg).with_name(cache_path(cfg).name + ".failed").is_file()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(DataError) as waiting:
+        prepare(cfg)
+    assert str(waiting.value) == str(first.value)
