@@ -9,9 +9,12 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from .config import REPO_ROOT, ConfigError, register_configs
+from .console import exit_with_launcher
 from .errors import one_line_errors, refuse_unknown_keys
 
 CONFIG_DIR = str(Path(REPO_ROOT) / "configs")
@@ -26,9 +29,12 @@ def main(cfg) -> None:
             config = OmegaConf.to_object(cfg)   # model shape checks run here
         except ValueError as error:
             raise ConfigError(str(error)) from error
+        if config.run_dir is None and HydraConfig.get().mode == RunMode.MULTIRUN:
+            config.run_dir = HydraConfig.get().runtime.output_dir   # <sweep>/<job number>-<overrides>
         train(config)
 
 
 if __name__ == "__main__":
+    exit_with_launcher()
     refuse_unknown_keys()
     main()

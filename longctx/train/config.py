@@ -109,11 +109,33 @@ class ConfigError(ValueError):
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
 
+def swept_keys(argv: list[str]) -> set[str]:
+    """The keys a command line sweeps over (`optim.lr=1e-3,3e-3`, `train.seed=range(3)`)."""
+    from hydra._internal.utils import get_args_parser   # the parser hydra.main uses on argv
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    args, _ = get_args_parser().parse_known_args(argv)
+    return {o.key_or_group for o in OverridesParser.create().parse_overrides(args.overrides)
+            if o.is_sweep_override()}
+
+
+def sweep_job_folder(number, task_overrides, max_length: int = 150) -> str:
+    """A sweep job's run folder name: its number, then the values it takes of the swept keys
+    (`3-optim.lr=0.003,train.seed=1`), cut to a length any file system takes; the number alone
+    keeps names unique, and the run's config.yaml holds everything."""
+    import sys
+    swept = swept_keys(sys.argv[1:])
+    chosen = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept]
+    name = f"{number}-{','.join(chosen)}".replace("/", "_")
+    return name if len(name) <= max_length else name[:max_length - 3] + "..."
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     if not OmegaConf.has_resolver("sharegpt_v3_path"):
         OmegaConf.register_new_resolver("sharegpt_v3_path", sharegpt_v3_path)
+    if not OmegaConf.has_resolver("sweep_job_folder"):
+        OmegaConf.register_new_resolver("sweep_job_folder", sweep_job_folder)
 
 
 def _choice(value: str, allowed: tuple, key: str) -> None:
