@@ -47,7 +47,7 @@ class Prepared:
     pad_id: int
     key: str
     path: Path
-    vocab_size: int   # the tokenizer's: a model with fewer embeddings cannot take these tokens
+    max_token_id: int   # the largest id a batch holds (tokens or padding): the model needs an embedding for it
 
 
 def _file_identity(path: Path) -> list:
@@ -182,7 +182,7 @@ def _tokenize_into(tmp: Path, target: Path, cfg: DataConfig, conversations: list
     (tmp / "report.json").write_text(json.dumps(report, indent=1))
     (tmp / "meta.json").write_text(json.dumps({"pad_id": int(pad_id), "chat_template": chat_template,
                                                "loss_mask": cfg.loss_mask, "key": target.name,
-                                               "vocab_size": len(tokenizer)}))
+                                               "max_token_id": max(int(arrays["tokens"].max(initial=0)), pad_id)}))
     (tmp / "done").write_text("")
 
 
@@ -235,9 +235,11 @@ def prepare(cfg: DataConfig) -> Prepared:
     arrays = {name: np.load(target / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
     meta = json.loads((target / "meta.json").read_text())
     report = json.loads((target / "report.json").read_text())
-    # caches written before the tokenizer's size was recorded: the largest token id bounds it
-    vocab_size = meta.get("vocab_size") or int(arrays["tokens"].max(initial=0)) + 1
-    return Prepared(TokenStore(**arrays), report, int(meta["pad_id"]), meta["key"], target, int(vocab_size))
+    pad_id = int(meta["pad_id"])
+    max_token_id = meta.get("max_token_id")   # caches written before it was recorded: read the tokens once
+    if max_token_id is None:
+        max_token_id = max(int(arrays["tokens"].max(initial=0)), pad_id)
+    return Prepared(TokenStore(**arrays), report, pad_id, meta["key"], target, int(max_token_id))
 
 
 def why_unusable(report: dict) -> str:

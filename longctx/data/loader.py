@@ -36,7 +36,7 @@ class PackedLoader:
     def __init__(self, store: TokenStore, seq_len: int, micro_batch: int = 1, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, packing: str = "best_fit", overlong: str = "split",
                  pad_id: int = 0, pad_multiple: int = 1, key: str = "", report: dict | None = None,
-                 vocab_size: int | None = None):
+                 max_token_id: int | None = None):
         if seq_len < 1 or micro_batch < 1 or dp_size < 1 or pad_multiple < 1:
             raise ValueError(f"seq_len={seq_len}, micro_batch={micro_batch}, dp_size={dp_size} and "
                              f"pad_multiple={pad_multiple} must all be positive")
@@ -48,7 +48,7 @@ class PackedLoader:
                              f"{-(-seq_len // pad_multiple) * pad_multiple}")
         self.store, self.seq_len, self.micro_batch = store, seq_len, micro_batch
         self.dp_rank, self.dp_size, self.seed, self.packing = dp_rank, dp_size, seed, packing
-        self.pad_id, self.key, self.vocab_size = pad_id, key, vocab_size
+        self.pad_id, self.key, self.max_token_id = pad_id, key, max_token_id
         self.pieces, overlong_counts = cut_documents(store, seq_len, overlong)
         if len(self.pieces) == 0:
             raise DataError(f"no sample with loss tokens fits seq_len={seq_len}")
@@ -135,7 +135,7 @@ def build_loader(cfg: DataConfig, seq_len: int, micro_batch: int = 1, dp_rank: i
     prepared = prepare(cfg)
     loader = PackedLoader(prepared.store, seq_len, micro_batch, dp_rank, dp_size, seed, cfg.packing,
                           cfg.overlong, prepared.pad_id, pad_multiple, prepared.key, prepared.report,
-                          prepared.vocab_size)
+                          prepared.max_token_id)
     if cfg.verbose and _rank()[0] == 0:
         print(format_report(loader.report), flush=True)
     return loader

@@ -45,6 +45,17 @@ DATASETS_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 _WHITESPACE = re.compile(r"\s*")
 
 
+def _project_root() -> Path:
+    """Where the project's configs/ and data/ are: the source checkout above the package, or the
+    copy an installed wheel carries inside it (longctx/_project, written by setup.py)."""
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent
+    return checkout if (checkout / "configs" / "config.yaml").is_file() else package / "_project"
+
+
+PROJECT_ROOT = _project_root()
+
+
 class SkipRecord(Exception):
     """A record that cannot be made into a training conversation; the message is the reason."""
 
@@ -54,11 +65,11 @@ class DataError(ValueError):
 
 
 def resolve_path(path: str | os.PathLike, what: str = "data path") -> Path:
-    """`path` as given, or relative to the repository root (so the defaults work from any cwd)."""
+    """`path` as given, or relative to the project root (so the defaults work from any cwd)."""
     given = Path(os.path.expanduser(str(path)))
     if given.exists():
         return given
-    repo_root = Path(__file__).resolve().parents[2]
+    repo_root = PROJECT_ROOT
     if not given.is_absolute() and (repo_root / given).exists():
         return repo_root / given
     tried = [str(given.resolve())] + ([] if given.is_absolute() else [str(repo_root / given)])

@@ -9,7 +9,6 @@ import dataclasses
 import importlib.util
 import math
 import os
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, List, Optional
 
@@ -17,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from longctx.data import DataConfig
-from longctx.data.sharegpt import sharegpt_v3_path
+from longctx.data.sharegpt import PROJECT_ROOT, sharegpt_v3_path
 from longctx.model import ModelConfig
 
 if TYPE_CHECKING:
@@ -106,7 +105,7 @@ class ConfigError(ValueError):
     """A config that cannot run; its message names the key and the fix."""
 
 
-REPO_ROOT = str(Path(__file__).resolve().parents[2])
+REPO_ROOT = str(PROJECT_ROOT)   # the checkout, or the copy of configs/ and data/ inside an installed wheel
 
 
 def swept_keys(argv: list[str]) -> set[str]:
@@ -175,21 +174,22 @@ def _check_ranges(cfg: Config) -> None:
     _in_range("logging.comm_every", cfg.logging.comm_every, 0)
 
 
-def check_tokenizer_fits(cfg: Config, tokenizer_size: int) -> None:
-    """The model must have an embedding row for every token id of the tokenizer (else an IndexError
-    on a CPU, a device assert on a GPU, at the first step)."""
+def check_tokenizer_fits(cfg: Config, max_token_id: int) -> None:
+    """The model must have an embedding row for every token id the data holds (else an IndexError
+    on a CPU, a device assert on a GPU, at the first step). Ids the tokenizer has but the data never
+    uses (the shipped Llama-3 tokenizer's <|image|>, 128256) do no harm."""
     m = cfg.model
     if m.pretrained:
         from longctx.model.hf import load_hf_config
         vocab_size = load_hf_config(m.pretrained).vocab_size
-        if tokenizer_size > vocab_size:
-            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {tokenizer_size} tokens but "
+        if max_token_id >= vocab_size:
+            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} gives token id {max_token_id} but "
                               f"model.pretrained={m.pretrained} has {vocab_size} embeddings: use the "
                               f"tokenizer the model was trained with (data.tokenizer={m.pretrained})")
-    elif tokenizer_size > m.vocab_size:
-        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {tokenizer_size} tokens but "
-                          f"model.vocab_size={m.vocab_size}: set model.vocab_size={tokenizer_size} "
-                          f"or use a smaller tokenizer")
+    elif max_token_id >= m.vocab_size:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} gives token id {max_token_id} but "
+                          f"model.vocab_size={m.vocab_size}: set model.vocab_size={max_token_id + 1} "
+                          f"or more, or use a smaller tokenizer")
 
 
 def validate(cfg: Config, world_size: int) -> "ParallelDims":

@@ -216,7 +216,7 @@ def train(cfg: Config) -> Path:
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch, dp_rank=dp_rank,
                           dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed)
-    check_tokenizer_fits(cfg, loader.vocab_size)
+    check_tokenizer_fits(cfg, loader.max_token_id)
     run_dir = decide_run_dir(cfg)
     is_main = rank() == 0
     if t.precision == "auto":
