@@ -212,7 +212,7 @@ def train(cfg: Config) -> Path:
     device = init_distributed(cfg.train.device)
     mesh = dims.build_mesh(device.type)
     t = cfg.train
-    # the data and its tokenizer are checked before the run folder exists: a run that cannot start leaves none
+    # data and tokenizer are checked before the run folder exists: a run that cannot start leaves none
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch, dp_rank=dp_rank,
                           dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed)
@@ -247,7 +247,7 @@ def train(cfg: Config) -> Path:
 
     def save(step) -> Path:
         return checkpointer.save(step, train_model, optimizer, shared={"scheduler": scheduler.state_dict()},
-                          per_rank={"loader": loader.state_dict(), "rng": rng_state()})
+                                 per_rank={"loader": loader.state_dict(), "rng": rng_state()})
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16_autocast"
                 else nullcontext())
