@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from .config import REPO_ROOT, ConfigError, register_configs
 from .console import exit_with_launcher
-from .errors import one_line_errors, refuse_unknown_keys
+from .errors import one_line_errors, refuse_bad_overrides
 
 CONFIG_DIR = str(Path(REPO_ROOT) / "configs")
 register_configs()
@@ -36,5 +36,5 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     exit_with_launcher()
-    refuse_unknown_keys()
+    refuse_bad_overrides()
     main()

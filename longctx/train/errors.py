@@ -5,10 +5,10 @@
 
 `HYDRA_FULL_ERROR=1` keeps the whole traceback, as it does for Hydra's own errors.
 
-Unknown keys are refused before Hydra composes the config (`unknown_key_error`): Hydra itself
-refuses `train.stepz=3` with a message that suggests `+train.stepz=3`, and that form it accepts,
-after which OmegaConf drops the key when it builds the typed config: the run would start
-without the setting the user asked for.
+Command-line overrides are checked against the schema before Hydra composes the config
+(`refuse_bad_overrides`), each mistake in one line. Hydra itself refuses `train.stepz=3` with a
+message that suggests `+train.stepz=3`, and that form it accepts, after which OmegaConf drops the
+key when it builds the typed config: the run would start without the setting the user asked for.
 """
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ import os
 import sys
 import typing
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Optional
 
 from longctx.data import DataError
 
-from .config import Config, ConfigError
+from .config import REPO_ROOT, Config, ConfigError
 
 
 def full_errors() -> bool:
@@ -69,18 +70,34 @@ def unknown_key(key: str, schema=Config) -> Optional[str]:
     return None
 
 
-def unknown_key_error(argv: list[str]) -> Optional[str]:
-    """The first command-line override (`key=value`, `+key=value`, `++key=value`, `~key`) naming a
-    key the schema does not have, as a one-line message; None when all are known."""
+def _value_error(schema, key: str, value, text: str) -> Optional[str]:
+    """Why `value` cannot be the setting `key` (OmegaConf's own type check), or None."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException, ValidationError
+    try:
+        OmegaConf.update(schema, key, value, merge=False)
+    except ValidationError as error:
+        return f"{key}={text}: {str(error).splitlines()[0]}"
+    except OmegaConfBaseException:
+        return None   # not a question of type: Hydra's merge decides
+    return None
+
+
+def override_error(argv: list[str]) -> Optional[str]:
+    """The first command-line override (`key=value`, `+key=value`, `++key=value`, `~key`) that the
+    schema refuses, as one line: an unknown key, a `+` on a key that exists, a value of the wrong
+    type. None when all are fine; what this does not check, Hydra does."""
     from hydra._internal.utils import get_args_parser   # the parser hydra.main uses on argv
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
 
     args, _ = get_args_parser().parse_known_args(argv)
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException:
         return None   # a syntax error: Hydra reports it
+    schema = OmegaConf.structured(Config)
     for override in overrides:
         key = override.key_or_group
         if key.startswith("hydra.") or key == "hydra" or "/" in key:
@@ -90,10 +107,20 @@ def unknown_key_error(argv: list[str]) -> Optional[str]:
         problem = unknown_key(key)   # a group choice (model=tiny) is a top-level key of the schema
         if problem is not None:
             return problem
+        if "." not in key and (Path(REPO_ROOT) / "configs" / key).is_dir():
+            continue   # model=tiny, experiment=...: a choice of config file, not a value
+        if override.is_delete() or override.is_sweep_override():
+            continue
+        text = override.get_value_element_as_str()
+        if override.is_add() and not override.is_force_add():
+            return f"{key} is already a setting: drop the + ({key}={text})"
+        problem = _value_error(schema, key, override.value(), text)
+        if problem is not None:
+            return problem
     return None
 
 
-def refuse_unknown_keys(argv: Optional[list[str]] = None) -> None:
-    problem = unknown_key_error(sys.argv[1:] if argv is None else argv)
+def refuse_bad_overrides(argv: Optional[list[str]] = None) -> None:
+    problem = override_error(sys.argv[1:] if argv is None else argv)
     if problem is not None:
         raise SystemExit(f"error: {problem}")

@@ -11,6 +11,7 @@ from test_train import SMALL, compose_config
 
 from longctx.data import read_sharegpt
 from longctx.train.config import ConfigError, validate
+from longctx.train.errors import override_error
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,6 +68,30 @@ def test_unusable_data_file_is_one_line(tmp_path, make, words):
 def test_unknown_key_is_refused_with_or_without_plus(tmp_path, override):
     proc = cli(tmp_path, override)
     assert_one_line_error(proc, tmp_path, "train.stepz is not a setting", "did you mean train.steps?")
+
+
+def test_value_of_the_wrong_type_is_one_line(tmp_path):
+    proc = cli(tmp_path, "train.steps=abc")
+    assert_one_line_error(proc, tmp_path, "train.steps=abc: Value 'abc' of type 'str' could not be converted to Integer")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["+train.steps=3"], "train.steps is already a setting: drop the + (train.steps=3)"),
+    (["train.steps=4.5"], "train.steps=4.5: Value '4.5' of type 'float' could not be converted to Integer"),
+    (["optim.betas=[a,b]"], "optim.betas=[a,b]: Value 'a' of type 'str' could not be converted to Float"),
+    (["checkpoint.export_hf=maybe"], "checkpoint.export_hf=maybe: Value 'maybe' is not a valid bool"),
+    (["-m", "optim.lr=1,2", "data.pathh=x"], "data.pathh is not a setting: did you mean data.path?"),
+])
+def test_override_mistakes_are_named(argv, message):
+    assert override_error(argv).startswith(message)
+
+
+def test_good_overrides_pass_the_check():
+    argv = ["-m", "model=tiny", "experiment=llama3-8b_sharegpt_512k", "++train.steps=3", "~train.seed",
+            "optim.lr=1e-3,3e-3", "train.seed=range(3)", "run_dir=null", "optim.betas=[0.9,0.99]",
+            "model.rope_scaling={rope_type:llama3,factor:8.0}", "train.threads=${oc.env:THREADS}",
+            "hydra.run.dir=x", "hydra/launcher=basic"]
+    assert override_error(argv) is None
 
 
 def test_bad_number_stops_before_the_run_folder(tmp_path):
