@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, List, Optional
 
@@ -108,21 +109,20 @@ class ConfigError(ValueError):
 REPO_ROOT = str(PROJECT_ROOT)   # the checkout, or the copy of configs/ and data/ inside an installed wheel
 
 
-def swept_keys(argv: list[str]) -> set[str]:
-    """The keys a command line sweeps over (`optim.lr=1e-3,3e-3`, `train.seed=range(3)`)."""
+def command_line_overrides(argv: list[str]) -> list:
+    """The overrides of a command line as Hydra parses them (Hydra's `Override` objects); raises
+    HydraException on a syntax error."""
     from hydra._internal.utils import get_args_parser   # the parser hydra.main uses on argv
     from hydra.core.override_parser.overrides_parser import OverridesParser
     args, _ = get_args_parser().parse_known_args(argv)
-    return {o.key_or_group for o in OverridesParser.create().parse_overrides(args.overrides)
-            if o.is_sweep_override()}
+    return OverridesParser.create().parse_overrides(args.overrides)
 
 
 def sweep_job_folder(number, task_overrides, max_length: int = 150) -> str:
     """A sweep job's run folder name: its number, then the values it takes of the swept keys
     (`3-optim.lr=0.003,train.seed=1`), cut to a length any file system takes; the number alone
     keeps names unique, and the run's config.yaml holds everything."""
-    import sys
-    swept = swept_keys(sys.argv[1:])
+    swept = {o.key_or_group for o in command_line_overrides(sys.argv[1:]) if o.is_sweep_override()}
     chosen = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept]
     name = f"{number}-{','.join(chosen)}".replace("/", "_")
     return name if len(name) <= max_length else name[:max_length - 3] + "..."

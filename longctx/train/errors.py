@@ -23,11 +23,7 @@ from typing import Optional
 
 from longctx.data import DataError
 
-from .config import REPO_ROOT, Config, ConfigError
-
-
-def full_errors() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+from .config import REPO_ROOT, Config, ConfigError, command_line_overrides
 
 
 @contextmanager
@@ -36,7 +32,7 @@ def one_line_errors():
     try:
         yield
     except (ConfigError, DataError) as error:
-        if full_errors():
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         raise SystemExit(f"error: {error}") from None
 
@@ -87,14 +83,11 @@ def override_error(argv: list[str]) -> Optional[str]:
     """The first command-line override (`key=value`, `+key=value`, `++key=value`, `~key`) that the
     schema refuses, as one line: an unknown key, a `+` on a key that exists, a value of the wrong
     type. None when all are fine; what this does not check, Hydra does."""
-    from hydra._internal.utils import get_args_parser   # the parser hydra.main uses on argv
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    args, _ = get_args_parser().parse_known_args(argv)
     try:
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
+        overrides = command_line_overrides(argv)
     except HydraException:
         return None   # a syntax error: Hydra reports it
     schema = OmegaConf.structured(Config)
