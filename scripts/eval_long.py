@@ -54,6 +54,9 @@ def resolve_model_folder(path: str) -> tuple[Path, Path | None]:
 
 
 def check_config(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise EvalConfigError("model.path is not set: name the model to evaluate, a longctx run folder "
+                              "(python scripts/eval_long.py model.path=runs/<run>) or a Hugging Face LLaMA folder")
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise EvalConfigError(f"tasks {unknown} unknown; choose from {list(TASKS)}")
@@ -191,6 +194,8 @@ def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
     except EvalConfigError as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         raise SystemExit(f"error: {error}") from None
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from .config import DataConfig
 from .packing import TokenStore
-from .sharegpt import read_sharegpt, resolve_path
+from .sharegpt import DataError, read_sharegpt, resolve_path
 
 PIPELINE_VERSION = 1  # bump when tokens or masks of the same inputs would change
 _ARRAYS = ("tokens", "loss_mask", "offsets", "exchange_starts", "exchange_offsets")
@@ -47,6 +47,7 @@ class Prepared:
     pad_id: int
     key: str
     path: Path
+    max_token_id: int   # the largest id a batch holds (tokens or padding): the model needs an embedding for it
 
 
 def _file_identity(path: Path) -> list:
@@ -114,7 +115,9 @@ def _build(cfg: DataConfig, target: Path) -> None:
     conversations, report = read_sharegpt(cfg.path)
     report["read_s"] = round(time.perf_counter() - started, 2)
     if not conversations:
-        raise ValueError(f"no usable conversation in data.path={cfg.path!r}:\n{format_report(report)}")
+        raise DataError(f"data.path={cfg.path}: {why_unusable(report)}; point data.path at ShareGPT records "
+                        '{"conversations": [{"from": "human", "value": ...}, ...]} or OpenAI records '
+                        '{"messages": [{"role": "user", "content": ...}, ...]}')
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.tokenizer, "data.tokenizer")))
     chat_template = resolve_chat_template(tokenizer, cfg.chat_template)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
@@ -178,7 +181,8 @@ def _tokenize_into(tmp: Path, target: Path, cfg: DataConfig, conversations: list
     report["chat_template"] = chat_template
     (tmp / "report.json").write_text(json.dumps(report, indent=1))
     (tmp / "meta.json").write_text(json.dumps({"pad_id": int(pad_id), "chat_template": chat_template,
-                                               "loss_mask": cfg.loss_mask, "key": target.name}))
+                                               "loss_mask": cfg.loss_mask, "key": target.name,
+                                               "max_token_id": max(int(arrays["tokens"].max(initial=0)), pad_id)}))
     (tmp / "done").write_text("")
 
 
@@ -200,7 +204,10 @@ def _wait_for(target: Path, failed: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not (target / "done").exists():
         if failed.exists() and failed.stat().st_mtime > _PROCESS_START - _LAUNCH_SKEW_S:
-            raise RuntimeError(f"the rank preparing the data failed: {failed.read_text()}")
+            why = failed.read_text()
+            if why.startswith(f"{DataError.__name__}: "):   # the user's data: the same one line on every rank
+                raise DataError(why.removeprefix(f"{DataError.__name__}: "))
+            raise RuntimeError(f"the rank preparing the data failed: {why}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout_s:.0f} s for {target} to be prepared by local rank 0; "
                                f"raise data.prepare_timeout_s, or prepare it first with "
@@ -228,7 +235,24 @@ def prepare(cfg: DataConfig) -> Prepared:
     arrays = {name: np.load(target / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
     meta = json.loads((target / "meta.json").read_text())
     report = json.loads((target / "report.json").read_text())
-    return Prepared(TokenStore(**arrays), report, int(meta["pad_id"]), meta["key"], target)
+    pad_id = int(meta["pad_id"])
+    max_token_id = meta.get("max_token_id")   # caches written before it was recorded: read the tokens once
+    if max_token_id is None:
+        max_token_id = max(int(arrays["tokens"].max(initial=0)), pad_id)
+    return Prepared(TokenStore(**arrays), report, pad_id, meta["key"], target, int(max_token_id))
+
+
+def why_unusable(report: dict) -> str:
+    """Why a data set gave no conversation, in a few words (the middle of a one-line error)."""
+    if report["records"] == 0:
+        if report["truncations"]:
+            cut = report["truncations"][0]
+            return f"{cut['file']} is not JSON or JSON Lines ({cut['error']} at byte {cut['byte_offset']})"
+        if report["empty_files"]:
+            return f"{', '.join(report['empty_files'])} is empty"
+        return "it holds no records"
+    skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(report["skipped"].items()))
+    return f"none of its {report['records']} records is a usable conversation (skipped: {skipped})"
 
 
 def format_report(report: dict) -> str:

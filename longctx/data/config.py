@@ -4,14 +4,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from .packing import OVERLONG, PACKINGS
-from .sharegpt import resolve_path
+from .sharegpt import PROJECT_ROOT as REPO_ROOT, resolve_path
 from .template import CHAT_TEMPLATES, LOSS_MASKS
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -29,12 +29,14 @@ import torch
 
 from .config import DataConfig
 from .packing import TokenStore, assemble, cut_documents, pack
+from .sharegpt import DataError
 
 
 class PackedLoader:
     def __init__(self, store: TokenStore, seq_len: int, micro_batch: int = 1, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, packing: str = "best_fit", overlong: str = "split",
-                 pad_id: int = 0, pad_multiple: int = 1, key: str = "", report: dict | None = None):
+                 pad_id: int = 0, pad_multiple: int = 1, key: str = "", report: dict | None = None,
+                 max_token_id: int | None = None):
         if seq_len < 1 or micro_batch < 1 or dp_size < 1 or pad_multiple < 1:
             raise ValueError(f"seq_len={seq_len}, micro_batch={micro_batch}, dp_size={dp_size} and "
                              f"pad_multiple={pad_multiple} must all be positive")
@@ -46,10 +48,10 @@ class PackedLoader:
                              f"{-(-seq_len // pad_multiple) * pad_multiple}")
         self.store, self.seq_len, self.micro_batch = store, seq_len, micro_batch
         self.dp_rank, self.dp_size, self.seed, self.packing = dp_rank, dp_size, seed, packing
-        self.pad_id, self.key = pad_id, key
+        self.pad_id, self.key, self.max_token_id = pad_id, key, max_token_id
         self.pieces, overlong_counts = cut_documents(store, seq_len, overlong)
         if len(self.pieces) == 0:
-            raise ValueError(f"no sample with loss tokens fits seq_len={seq_len}")
+            raise DataError(f"no sample with loss tokens fits seq_len={seq_len}")
         self.epoch, self.consumed = 0, 0
         self._plan_epoch, self._plan = None, None
         sequences = self._sequences(0)
@@ -61,9 +63,9 @@ class PackedLoader:
             "sequences_per_step": self.sequences_per_step, "steps_per_epoch": self.steps_per_epoch,
             "dropped_sequences": len(sequences) % self.sequences_per_step, "overlong": overlong_counts}
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the data packs into {len(sequences)} sequences of {seq_len} tokens, fewer "
-                             f"than one step needs (dp_size {dp_size} x micro_batch {micro_batch}); use "
-                             f"more data, a shorter seq_len or fewer ranks")
+            raise DataError(f"the data packs into {len(sequences)} sequences of {seq_len} tokens, fewer "
+                            f"than one step needs (dp_size {dp_size} x micro_batch {micro_batch}); use "
+                            f"more data, a shorter seq_len or fewer ranks")
 
     @property
     def sequences_per_step(self) -> int:
@@ -132,7 +134,8 @@ def build_loader(cfg: DataConfig, seq_len: int, micro_batch: int = 1, dp_rank: i
     cfg = DataConfig.of(cfg)
     prepared = prepare(cfg)
     loader = PackedLoader(prepared.store, seq_len, micro_batch, dp_rank, dp_size, seed, cfg.packing,
-                          cfg.overlong, prepared.pad_id, pad_multiple, prepared.key, prepared.report)
+                          cfg.overlong, prepared.pad_id, pad_multiple, prepared.key, prepared.report,
+                          prepared.max_token_id)
     if cfg.verbose and _rank()[0] == 0:
         print(format_report(loader.report), flush=True)
     return loader

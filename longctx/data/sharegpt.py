@@ -22,8 +22,8 @@ Cleaning (nothing is dropped silently: every skip is counted by reason, every re
 - leading assistant turns (a reply to nothing) are dropped; consecutive turns of one role are
   merged with a blank line (an exact repeat is dropped instead); a trailing user turn (a question
   with no reply) is dropped.
-- skipped whole: not an object, unknown record layout, a turn whose content is not text, and
-  records with no user or no assistant turn left.
+- skipped whole: not an object, unknown record layout, a turn without content ("missing_value"), a
+  turn whose content is not text, and records with no user or no assistant turn left.
 """
 from __future__ import annotations
 
@@ -45,16 +45,31 @@ DATASETS_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 _WHITESPACE = re.compile(r"\s*")
 
 
+def _project_root() -> Path:
+    """Where the project's configs/ and data/ are: the source checkout above the package, or the
+    copy an installed wheel carries inside it (longctx/_project, written by setup.py)."""
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent
+    return checkout if (checkout / "configs" / "config.yaml").is_file() else package / "_project"
+
+
+PROJECT_ROOT = _project_root()
+
+
 class SkipRecord(Exception):
     """A record that cannot be made into a training conversation; the message is the reason."""
 
 
+class DataError(ValueError):
+    """Data that cannot train: the message is one line naming the file and the fix."""
+
+
 def resolve_path(path: str | os.PathLike, what: str = "data path") -> Path:
-    """`path` as given, or relative to the repository root (so the defaults work from any cwd)."""
+    """`path` as given, or relative to the project root (so the defaults work from any cwd)."""
     given = Path(os.path.expanduser(str(path)))
     if given.exists():
         return given
-    repo_root = Path(__file__).resolve().parents[2]
+    repo_root = PROJECT_ROOT
     if not given.is_absolute() and (repo_root / given).exists():
         return repo_root / given
     tried = [str(given.resolve())] + ([] if given.is_absolute() else [str(repo_root / given)])
@@ -229,6 +244,8 @@ def _turns_of(record) -> tuple[list[tuple[str, object]], object]:
         if not isinstance(turn, dict):
             raise SkipRecord("unknown_layout")
         role = turn.get(role_key, turn.get("role", turn.get("from")))
+        if not any(key in turn for key in (content_key, "content", "value")):
+            raise SkipRecord("missing_value")   # a broken export, not an empty reply: say so
         content = turn.get(content_key, turn.get("content", turn.get("value")))
         pairs.append((role, content))
     return pairs, record.get("system")

@@ -102,6 +102,22 @@ def resolve_chat_template(tokenizer, chat_template: str) -> str:
     return chat_template
 
 
+def export_tokenizer(tokenizer, chat_template: str):
+    """`tokenizer` carrying the chat template its conversations were rendered with in training, so
+    that a saved copy formats chats (`apply_chat_template`, `pipeline`) as the model learned them."""
+    if resolve_chat_template(tokenizer, chat_template) == "llama3":
+        tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokens that end a generation: the end of the text and the end of a chat turn (as in the
+    generation_config.json of Meta's instruct checkpoints)."""
+    vocab = tokenizer.get_vocab()
+    names = [tokenizer.eos_token, "<|eot_id|>", "<|end_of_text|>"]
+    return list(dict.fromkeys(vocab[name] for name in names if name in vocab))
+
+
 def _render(conversation, tokenizer, chat_template: str) -> Rendered:
     if chat_template == "llama3":
         return render_llama3(conversation)

@@ -96,15 +96,23 @@ def load_hf(path: str | os.PathLike, attention: str = "auto", dtype: Optional[to
 
 
 def save_hf(model: Llama, path: str | os.PathLike, state: Optional[dict[str, torch.Tensor]] = None,
-            max_shard_size: str = "5GB") -> None:
+            max_shard_size: str = "5GB", tokenizer=None, stop_token_ids: Optional[list[int]] = None) -> None:
     """Write a folder that `transformers.LlamaForCausalLM.from_pretrained` loads unchanged.
 
     `state` defaults to the model's own state dict; a sharded (FSDP/ZeRO) caller passes the
-    gathered full state. Written to a temporary folder and renamed, so a crash leaves no half
+    gathered full state. With a `tokenizer` its files go in too (so that `AutoTokenizer` and
+    `pipeline` work on the folder), and generation_config.json stops at `stop_token_ids` (default:
+    the config's eos). Written to a temporary folder and renamed, so a crash leaves no half
     checkpoint under `path`.
     """
     from huggingface_hub import save_torch_state_dict
+    from transformers import GenerationConfig
     config = model.config.to_hf()
+    generation = GenerationConfig.from_model_config(config)
+    if stop_token_ids:
+        generation.eos_token_id = stop_token_ids if len(stop_token_ids) > 1 else stop_token_ids[0]
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
     state = dict(model.state_dict() if state is None else state)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -114,6 +122,9 @@ def save_hf(model: Llama, path: str | os.PathLike, state: Optional[dict[str, tor
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         config.save_pretrained(tmp)
+        generation.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
         if target.exists():
             shutil.rmtree(target)

@@ -9,9 +9,13 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from .config import REPO_ROOT, ConfigError, register_configs
+from .console import exit_with_launcher
+from .errors import one_line_errors, refuse_bad_overrides
 
 CONFIG_DIR = str(Path(REPO_ROOT) / "configs")
 register_configs()
@@ -20,15 +24,17 @@ register_configs()
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg) -> None:
     from .train import train
-    try:
-        config = OmegaConf.to_object(cfg)   # model shape checks run here
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    try:
+    with one_line_errors():
+        try:
+            config = OmegaConf.to_object(cfg)   # model shape checks run here
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        if config.run_dir is None and HydraConfig.get().mode == RunMode.MULTIRUN:
+            config.run_dir = HydraConfig.get().runtime.output_dir   # <sweep>/<job number>-<overrides>
         train(config)
-    except ConfigError as error:   # one clear line, no traceback
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":
+    exit_with_launcher()
+    refuse_bad_overrides()
     main()

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
-from pathlib import Path
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, List, Optional
 
@@ -16,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from longctx.data import DataConfig
-from longctx.data.sharegpt import sharegpt_v3_path
+from longctx.data.sharegpt import PROJECT_ROOT, sharegpt_v3_path
 from longctx.model import ModelConfig
 
 if TYPE_CHECKING:
@@ -105,7 +106,26 @@ class ConfigError(ValueError):
     """A config that cannot run; its message names the key and the fix."""
 
 
-REPO_ROOT = str(Path(__file__).resolve().parents[2])
+REPO_ROOT = str(PROJECT_ROOT)   # the checkout, or the copy of configs/ and data/ inside an installed wheel
+
+
+def command_line_overrides(argv: list[str]) -> list:
+    """The overrides of a command line as Hydra parses them (Hydra's `Override` objects); raises
+    HydraException on a syntax error."""
+    from hydra._internal.utils import get_args_parser   # the parser hydra.main uses on argv
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    args, _ = get_args_parser().parse_known_args(argv)
+    return OverridesParser.create().parse_overrides(args.overrides)
+
+
+def sweep_job_folder(number, task_overrides, max_length: int = 150) -> str:
+    """A sweep job's run folder name: its number, then the values it takes of the swept keys
+    (`3-optim.lr=0.003,train.seed=1`), cut to a length any file system takes; the number alone
+    keeps names unique, and the run's config.yaml holds everything."""
+    swept = {o.key_or_group for o in command_line_overrides(sys.argv[1:]) if o.is_sweep_override()}
+    chosen = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept]
+    name = f"{number}-{','.join(chosen)}".replace("/", "_")
+    return name if len(name) <= max_length else name[:max_length - 3] + "..."
 
 
 def register_configs() -> None:
@@ -113,11 +133,63 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     if not OmegaConf.has_resolver("sharegpt_v3_path"):
         OmegaConf.register_new_resolver("sharegpt_v3_path", sharegpt_v3_path)
+    if not OmegaConf.has_resolver("sweep_job_folder"):
+        OmegaConf.register_new_resolver("sweep_job_folder", sweep_job_folder)
 
 
 def _choice(value: str, allowed: tuple, key: str) -> None:
     if value not in allowed:
         raise ValueError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+
+
+def _in_range(key: str, value: float, low: float, high: float = math.inf, low_open: bool = False,
+              high_open: bool = False) -> None:
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):
+        bounds = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf else
+                  f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+        raise ValueError(f"{key}={value} must be {bounds}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Numbers that type checks let through but the optimizer, scheduler or loop cannot use."""
+    o = cfg.optim
+    _in_range("optim.lr", o.lr, 0, low_open=True)
+    if len(o.betas) != 2:
+        raise ValueError(f"optim.betas={list(o.betas)} must be two numbers, e.g. optim.betas=[0.9,0.95]")
+    for i, beta in enumerate(o.betas):
+        _in_range(f"optim.betas[{i}]", beta, 0, 1, high_open=True)
+    _in_range("optim.eps", o.eps, 0, low_open=True)
+    _in_range("optim.weight_decay", o.weight_decay, 0)
+    _in_range("optim.warmup_steps", o.warmup_steps, 0)
+    _in_range("optim.min_lr_ratio", o.min_lr_ratio, 0, 1)
+    _in_range("optim.grad_clip", o.grad_clip, 0)
+    for key in ("seq_len", "micro_batch", "grad_accum", "steps"):
+        _in_range(f"train.{key}", getattr(cfg.train, key), 1)
+    _in_range("train.threads", cfg.train.threads, 0)
+    _in_range("checkpoint.every", cfg.checkpoint.every, 0)
+    _in_range("checkpoint.keep", cfg.checkpoint.keep, 0)
+    _in_range("logging.every", cfg.logging.every, 1)
+    _in_range("logging.comm_every", cfg.logging.comm_every, 0)
+
+
+def check_tokenizer_fits(cfg: Config, max_token_id: int) -> None:
+    """The model must have an embedding row for every token id the data holds (else an IndexError
+    on a CPU, a device assert on a GPU, at the first step). Ids the tokenizer has but the data never
+    uses (the shipped Llama-3 tokenizer's <|image|>, 128256) do no harm."""
+    m = cfg.model
+    if m.pretrained:
+        from longctx.model.hf import load_hf_config
+        vocab_size = load_hf_config(m.pretrained).vocab_size
+        if max_token_id >= vocab_size:
+            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} gives token id {max_token_id} but "
+                              f"model.pretrained={m.pretrained} has {vocab_size} embeddings: use the "
+                              f"tokenizer the model was trained with (data.tokenizer={m.pretrained})")
+    elif max_token_id >= m.vocab_size:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} gives token id {max_token_id} but "
+                          f"model.vocab_size={m.vocab_size}: set model.vocab_size={max_token_id + 1} "
+                          f"or more, or use a smaller tokenizer")
 
 
 def validate(cfg: Config, world_size: int) -> "ParallelDims":
@@ -144,11 +216,7 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     _choice(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
     _choice(cfg.parallel.lasp_variant, ("ring", "allgather"), "parallel.lasp_variant")
     _choice(cfg.logging.wandb, ("disabled", "offline", "online"), "logging.wandb")
-    for key in ("seq_len", "micro_batch", "grad_accum", "steps"):
-        if getattr(t, key) < 1:
-            raise ValueError(f"train.{key}={getattr(t, key)} must be at least 1")
-    if cfg.logging.comm_every < 0:
-        raise ValueError(f"logging.comm_every={cfg.logging.comm_every} must be >= 0 (0: never profile a step)")
+    _check_ranges(cfg)
     if t.device == "cuda":
         import torch
         if not torch.cuda.is_available():

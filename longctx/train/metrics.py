@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from .console import progress_bar_wanted
+
 # dense bf16 peak TFLOP/s by device name (no sparsity)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "H800": 989.0, "B200": 2250.0, "L40S": 362.0}
 
@@ -48,7 +50,7 @@ class MetricsLogger:
         self.cfg = cfg
         self.file = open(Path(run_dir) / "metrics.jsonl", "a")
         self.bar = None
-        if cfg.progress_bar:
+        if progress_bar_wanted(cfg.progress_bar):
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         self.last_comm = None   # (step, comm_frac) of the latest profiled step

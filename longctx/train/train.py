@@ -18,6 +18,8 @@ from omegaconf import OmegaConf
 
 from longctx import plan
 from longctx.data import build_loader
+from longctx.data.sharegpt import resolve_path
+from longctx.data.template import export_tokenizer, stop_token_ids
 from longctx.model import Llama, ModelConfig, load_hf, save_hf
 from longctx.model.hf import check_state_dict, load_hf_config, load_hf_state_dict
 from longctx.model.attention import with_host_bounds
@@ -30,7 +32,8 @@ from longctx.parallel.sequence import split_sequence
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
-from .config import Config, model_fields, validate
+from .config import Config, check_tokenizer_fits, model_fields, validate
+from .console import closing_summary, quiet_libraries
 from .metrics import MetricsLogger, peak_tflops, training_flops
 
 
@@ -203,13 +206,19 @@ class StopSignal:
 def train(cfg: Config) -> Path:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dims = validate(cfg, world_size)               # every config error surfaces here, before any work
+    quiet_libraries()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = init_distributed(cfg.train.device)
     mesh = dims.build_mesh(device.type)
+    t = cfg.train
+    # data and tokenizer are checked before the run folder exists: a run that cannot start leaves none
+    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+    loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch, dp_rank=dp_rank,
+                          dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed)
+    check_tokenizer_fits(cfg, loader.max_token_id)
     run_dir = decide_run_dir(cfg)
     is_main = rank() == 0
-    t = cfg.train
     if t.precision == "auto":
         t.precision = "bf16_autocast" if device.type == "cuda" else "fp32"
     if device.type == "cuda":   # the memory plan, before any GPU work; auto checkpointing picks by it
@@ -221,9 +230,6 @@ def train(cfg: Config) -> Path:
         t.activation_checkpoint = "none"   # on a CPU there is no device memory to plan for
     torch.manual_seed(t.seed)
 
-    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-    loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch, dp_rank=dp_rank,
-                          dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed)
     model, train_model, optimizer, scheduler = build_train_model(cfg, dims, mesh, device)
     model_config = model.config
 
@@ -239,9 +245,9 @@ def train(cfg: Config) -> Path:
         if is_main:
             print(f"resumed from {resume_from} at step {start}")
 
-    def save(step):
-        checkpointer.save(step, train_model, optimizer, shared={"scheduler": scheduler.state_dict()},
-                          per_rank={"loader": loader.state_dict(), "rng": rng_state()})
+    def save(step) -> Path:
+        return checkpointer.save(step, train_model, optimizer, shared={"scheduler": scheduler.state_dict()},
+                                 per_rank={"loader": loader.state_dict(), "rng": rng_state()})
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16_autocast"
                 else nullcontext())
@@ -253,7 +259,7 @@ def train(cfg: Config) -> Path:
     stop = StopSignal()
     data = iter(loader)
     train_model.train()
-    step = start
+    step, checkpoint, export_dir, final_loss, loop_start = start, None, None, None, time.perf_counter()
     for step in range(start + 1, t.steps + 1):
         step_start = time.perf_counter()
         comm.start(step)                               # profiles one step in logging.comm_every
@@ -283,9 +289,10 @@ def train(cfg: Config) -> Path:
                        "mfu": step_flops / (step_s * dims.world_size * peak * 1e12) if peak else None,
                        **comm_metrics}
             logger.log(step, metrics)
+            final_loss = metrics["loss"]
         preempted = stop.agreed(device)
         if preempted or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            save(step)
+            checkpoint = save(step)
         if preempted:
             if is_main:
                 print(f"SIGTERM: saved a checkpoint at step {step} in {run_dir}; resume with "
@@ -293,11 +300,14 @@ def train(cfg: Config) -> Path:
             break
     else:
         if cfg.checkpoint.at_end and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            save(step)
+            checkpoint = save(step)
         if cfg.checkpoint.export_hf and model_config.layer_types is None:
-            export(train_model, model, run_dir / "hf")
+            export_dir = run_dir / "hf"
+            export(train_model, model, export_dir, cfg.data)
     if logger is not None:
         logger.close()
+        print(closing_summary(start + 1, step, tokens_per_step * (step - start), time.perf_counter() - loop_start,
+                              final_loss, checkpoint, export_dir), flush=True)
     return run_dir
 
 
@@ -320,9 +330,12 @@ def forward_backward(train_model, micro_batches: list[dict], world_size: int, au
     return all_reduce(loss_sum) / global_tokens
 
 
-def export(train_model, model, folder: Path) -> None:
-    """Gather the full state (a collective) and write a Hugging Face folder from rank 0."""
+def export(train_model, model, folder: Path, data_cfg) -> None:
+    """Gather the full state (a collective) and write a Hugging Face folder from rank 0, with the
+    tokenizer and chat template the model was trained with."""
     state = data_parallel.full_state_dict(train_model)
     if rank() == 0:
-        save_hf(model, folder, state=state)
-        print(f"exported a Hugging Face checkpoint to {folder}")
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(data_cfg.tokenizer, "data.tokenizer")))
+        tokenizer = export_tokenizer(tokenizer, data_cfg.chat_template)
+        save_hf(model, folder, state=state, tokenizer=tokenizer, stop_token_ids=stop_token_ids(tokenizer))

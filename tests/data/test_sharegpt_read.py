@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from longctx.data import DataConfig, prepare, read_sharegpt
+from longctx.data import DataConfig, DataError, prepare, read_sharegpt
 
 SAMPLE = "data/sharegpt_sample.json"
 
@@ -123,7 +123,7 @@ def test_empty_file_and_missing_path(tmp_path):
     empty.write_text("")
     conversations, report = read_sharegpt(empty)
     assert conversations == [] and report["records"] == 0 and report["empty_files"] == [str(empty)]
-    with pytest.raises(ValueError, match="no usable conversation.*empty.json"):
+    with pytest.raises(DataError, match="data.path=.*empty.json is empty"):
         prepare(DataConfig(path=str(empty), cache_dir=str(tmp_path / "cache")))
 
     missing = tmp_path / "nowhere" / "sharegpt.json"
