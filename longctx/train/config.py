@@ -67,13 +67,16 @@ class TrainSection:
     seed: int = 0
     device: str = "auto"                   # auto | cpu | cuda
     on_nonfinite: str = "stop"             # stop | skip: what a NaN/inf loss or gradient norm does
-    resume: str = "auto"                   # auto (latest checkpoint of run_dir, if any) | none | a checkpoint folder
+    resume: str = "auto"                   # auto (newest intact checkpoint of run_dir, if any) | none | a checkpoint folder
+    resume_force: bool = False             # resume even if model, data, optimizer, seq_len, seed, precision or
+                                           # global batch differ from the checkpoint's
     threads: int = 0                       # CPU threads per process (0: torch's default)
 
 
 @dataclass
 class CheckpointSection:
     every: int = 0                         # save every k steps (0: only at the end)
+    every_minutes: float = 30.0            # and when this long has passed since the last save (0: never)
     keep: int = 2                          # keep the last n
     at_end: bool = True
     export_hf: bool = True                 # write a Hugging Face folder at the end
@@ -147,6 +150,8 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     for key in ("seq_len", "micro_batch", "grad_accum", "steps"):
         if getattr(t, key) < 1:
             raise ValueError(f"train.{key}={getattr(t, key)} must be at least 1")
+    if cfg.checkpoint.every_minutes < 0:
+        raise ValueError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes} must be >= 0 (0: no saves by time)")
     if cfg.logging.comm_every < 0:
         raise ValueError(f"logging.comm_every={cfg.logging.comm_every} must be >= 0 (0: never profile a step)")
     if t.device == "cuda":
