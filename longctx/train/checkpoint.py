@@ -264,6 +264,7 @@ class Checkpointer:
             if not (path / ".metadata").is_file():
                 raise CheckpointError(f"{path} holds no DCP checkpoint: it was saved by parallel.dp_backend="
                                       "deepspeed; resume with that backend")
+            read_dcp_metadata(path / ".metadata")   # refused here in one line, not wrapped in DCP's errors
             model_state, optim_state = get_state_dict(model, optimizer)
             state = {"model": model_state, "optim": optim_state}
             dcp.load(state, storage_reader=_SafeReader(path))
