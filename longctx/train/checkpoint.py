@@ -111,6 +111,25 @@ class _SafeReader(dcp.FileSystemReader):
         return metadata
 
 
+def _deepspeed_load(engine, path: Path):
+    """DeepSpeed's engine reads each of its files through its checkpoint engine, with
+    weights_only=False: for this load those reads go through safe_load, which admits the plain-data
+    classes of DeepSpeed that its ZeRO optimizer files hold (loss scalers, the ZeRO stage, fragment
+    addresses), and nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    reader = engine.checkpoint_engine
+    reader.load = lambda file, map_location=None: safe_load(Path(file), map_location)
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+    finally:
+        del reader.load   # the instance attribute: the class's own method shows again
+    return loaded
+
+
 class Checkpointer:
     def __init__(self, folder: str | os.PathLike, keep: int = 2):
         self.folder = Path(folder)
@@ -257,7 +276,7 @@ class Checkpointer:
             if not any(path.glob("*model_states.pt")):
                 raise CheckpointError(f"{path} holds no DeepSpeed checkpoint: it was saved by another "
                                       "parallel.dp_backend; resume with that backend")
-            loaded, _ = model.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+            loaded = _deepspeed_load(model, path)
             if loaded is None:
                 raise CheckpointError(f"DeepSpeed could not load {path}")
         else:

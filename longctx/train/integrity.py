@@ -14,6 +14,7 @@ import enum
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -88,12 +89,13 @@ def check_file(folder: Path, name: str, size: int, digest: str) -> str | None:
     return None
 
 
-def safe_load(path: Path):
+def safe_load(path: Path, map_location="cpu"):
     """torch.load that runs no code: a file that would (a crafted or foreign pickle) fails with one line."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0]
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))   # torch's message is a page long: its gist
+        reason = f"it names {named.group(1)}" if named else str(error).strip().splitlines()[0]
         raise CheckpointError(f"{path} holds objects that would run code when loaded ({reason}); it was not "
                               "written by longctx: load only checkpoints you trust") from None
 

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from distributed import run_distributed
 from longctx.train.checkpoint import KILL_AT, KILLED_EXIT, Checkpointer, rng_state, set_rng_state
 from longctx.train.integrity import CheckpointError, hash_file
 
@@ -197,3 +200,48 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), random.random(), np.random.rand(3))
     assert torch.equal(expected[0], again[0]) and expected[1] == again[1] and (expected[2] == again[2]).all()
+
+
+def deepspeed_worker(rank, world_size, folder):
+    """A ZeRO-2 engine saved through the Checkpointer, loaded back into a fresh one, then crafted
+    optimizer files (checksums matching) refused."""
+    from longctx.parallel import data_parallel
+    folder = Path(folder)
+
+    def engine(seed):
+        model = model_of(seed, layers=2, width=16)
+        config = data_parallel.deepspeed_config(2, micro_batch=1, grad_accum=1, precision="fp32", grad_clip=1.0)
+        return data_parallel.build_deepspeed(model, torch.optim.AdamW(model.parameters(), lr=0.1), config)
+    saved = engine(1)
+    saved.backward(saved(torch.ones(4, 16)).square().sum())
+    saved.step()
+    checkpointer = Checkpointer(folder)
+    checkpointer.save(1, saved, saved.optimizer, shared={}, per_rank={"rank": rank})
+    manifest = json.loads((folder / "step_00000001" / "manifest.json").read_text())["files"]
+    loaded = engine(2)
+    shared, mine = Checkpointer(folder).load(checkpointer.resume_point("auto"), loaded, loaded.optimizer)
+    same = all(torch.equal(a, b) for a, b in zip(saved.module.parameters(), loaded.module.parameters()))
+    dist.barrier()
+    if rank == 0:   # every rank's optimizer file: each rank reads its own
+        for crafted in (folder / "step_00000001").glob("*optim_states.pt"):
+            state = torch.load(crafted, weights_only=False)
+            state["payload"] = RunsCode()
+            torch.save(state, crafted)
+            rewrite_manifest(crafted.parent, crafted.name)
+    dist.barrier()
+    try:
+        Checkpointer(folder).load(folder / "step_00000001", engine(3), None)
+        refusal = None
+    except CheckpointError as error:
+        refusal = str(error)
+    return {"files": sorted(manifest), "step": shared["step"], "mine": mine, "same": same, "refusal": refusal}
+
+
+def test_deepspeed_checkpoints_get_a_manifest_and_load_without_running_code(tmp_path):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    results = run_distributed(deepspeed_worker, 2, str(tmp_path))
+    files = results[0]["files"]
+    assert any(f.endswith("optim_states.pt") for f in files) and any(f.endswith("model_states.pt") for f in files)
+    for rank, result in enumerate(results):
+        assert result["step"] == 1 and result["mine"] == {"rank": rank} and result["same"]
+        assert "optim_states.pt holds objects that would run code" in result["refusal"]
