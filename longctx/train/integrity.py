@@ -33,11 +33,12 @@ class CheckpointError(ConfigError):
 def hash_file(path: Path, sync: bool = False) -> tuple[int, str]:
     """Size and xxh3-64 of a file; with sync, also fsync it (a file just written: one pass does both)."""
     digest = xxhash.xxh3_64()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
+    size, buffer = 0, bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while count := f.readinto(buffer):   # one buffer, reused: no allocation per chunk
+            digest.update(view[:count])
+            size += count
         if sync:
             os.fsync(f.fileno())
     return size, digest.hexdigest()
