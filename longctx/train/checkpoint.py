@@ -194,8 +194,8 @@ class Checkpointer:
     def _prune(self, step: int) -> None:
         """Keep the `keep` newest checkpoints up to `step`. Newer ones belong to the history that the
         resume went back on; leftovers of killed saves and prunes (.tmp, .replaced, .deleting) go too."""
-        complete = [path for s, path in self.step_folders() if s <= step and not path.suffix]
-        kept = set(complete[:self.keep] if self.keep > 0 else complete)
+        in_place = [path for s, path in self.step_folders() if s <= step and not path.suffix]
+        kept = set(in_place[:self.keep] if self.keep > 0 else in_place)
         for path in sorted(self.folder.glob("step_*")):
             if not path.is_dir() or path in kept:
                 continue

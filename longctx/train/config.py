@@ -67,7 +67,7 @@ class TrainSection:
     seed: int = 0
     device: str = "auto"                   # auto | cpu | cuda
     on_nonfinite: str = "stop"             # stop | skip: what a NaN/inf loss or gradient norm does
-    resume: str = "auto"                   # auto (newest intact checkpoint of run_dir, if any) | none | a checkpoint folder
+    resume: str = "auto"                   # auto (newest intact checkpoint of run_dir, if any) | none | a folder
     resume_force: bool = False             # resume even if model, data, optimizer, seq_len, seed, precision or
                                            # global batch differ from the checkpoint's
     threads: int = 0                       # CPU threads per process (0: torch's default)
@@ -151,7 +151,8 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
         if getattr(t, key) < 1:
             raise ValueError(f"train.{key}={getattr(t, key)} must be at least 1")
     if cfg.checkpoint.every_minutes < 0:
-        raise ValueError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes} must be >= 0 (0: no saves by time)")
+        raise ValueError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes} must be >= 0 "
+                         "(0: no saves by time)")
     if cfg.logging.comm_every < 0:
         raise ValueError(f"logging.comm_every={cfg.logging.comm_every} must be >= 0 (0: never profile a step)")
     if t.device == "cuda":

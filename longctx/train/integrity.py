@@ -102,7 +102,8 @@ def safe_load(path: Path, map_location="cpu"):
 
 
 class MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's `.metadata` (dataclasses and enums of DCP, torch sizes, dtypes and layouts, paths) and nothing else."""
+    """Unpickles DCP's `.metadata` (dataclasses and enums of DCP, torch sizes, dtypes and layouts,
+    paths) and nothing else."""
 
     _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 

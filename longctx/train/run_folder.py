@@ -18,6 +18,7 @@ import socket
 import time
 from pathlib import Path
 
+import torch.distributed as dist
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
@@ -79,7 +80,8 @@ def math_settings(cfg: Config, dp: int) -> dict:
                 settings[f"{section}.{key}"] = value
     t = cfg.train
     settings.update({"train.seq_len": t.seq_len, "train.seed": t.seed, "train.precision": t.precision,
-                     "global batch (parallel.dp x train.micro_batch x train.grad_accum)": dp * t.micro_batch * t.grad_accum})
+                     "global batch (parallel.dp x train.micro_batch x train.grad_accum)":
+                         dp * t.micro_batch * t.grad_accum})
     return json.loads(json.dumps(settings))   # tuples and the like as the plain types a checkpoint loads back
 
 
@@ -92,5 +94,6 @@ def check_resume_settings(saved: dict, current: dict, checkpoint: Path, force: b
     if not force:
         raise ConfigError(f"{checkpoint} was saved with other settings: {'; '.join(changed)}; resume with the "
                           "saved ones, choose another run_dir, or set train.resume_force=true")
-    print(f"warning: train.resume_force=true: resuming {checkpoint} with changed settings: {'; '.join(changed)}",
-          flush=True)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"warning: train.resume_force=true: resuming {checkpoint} with changed settings: "
+              f"{'; '.join(changed)}", flush=True)
