@@ -1,20 +1,23 @@
 """The distributed, resumable loader of packed sequences.
 
-    loader = build_loader(cfg, seq_len=2048, micro_batch=1, dp_rank=0, dp_size=1, pad_multiple=1, seed=0)
+    loader = build_loader(cfg, seq_len=2048, micro_batch=1, dp_rank=0, dp_size=1, pad_multiple=1, seed=0,
+                          grad_accum=1)
     batch = next(iter(loader))   # input_ids, labels, position_ids [micro_batch, seq_len] int64;
                                  # cu_seqlens int32 over the flattened micro_batch * seq_len tokens
 
 Epoch e packs the pieces anew, shuffled by a generator seeded with (seed, e), into a list of
-sequences that is the same on every rank. Step s of the epoch takes the sequences
-[s * G, (s + 1) * G), G = dp_size * micro_batch, and data-parallel rank r takes the r-th run of
-micro_batch of them: the shares of the ranks are disjoint, the sequence-parallel ranks of one group
-(same dp_rank) get the same sequences, and the last len % G sequences of an epoch are left over
-(every rank must take the same number of steps). The loader is endless.
+sequences that is the same on every rank. Step s of the epoch (its global batch) takes the
+sequences [s * G, (s + 1) * G), G = dp_size * micro_batch * grad_accum; its micro-batch i on
+data-parallel rank r is the run of micro_batch sequences starting at s * G + (i * dp_size + r) *
+micro_batch: the shares of the ranks are disjoint, the sequence-parallel ranks of one group (same
+dp_rank) get the same sequences, and the last len % G sequences of an epoch are left over (every
+rank must take the same number of steps). The loader is endless.
 
-The state is the epoch and the number of sequences of it consumed, the same on every rank, so
-`state_dict()` of any rank resumes all of them; after a restart the next batch is exactly the one
-the uninterrupted run would have produced. A different dp_size or micro_batch resumes from the
-same point of the same epoch.
+The state is global: the epoch and the number of its sequences consumed, the same on every rank,
+taken between steps. So `state_dict()` of any rank resumes all of them, on any number of ranks:
+after a restart with the same global batch (dp_size x micro_batch x grad_accum, in any split) the
+next step's global batch is exactly the one the uninterrupted run would have taken; other sizes
+go on from the same point of the same epoch.
 
 cu_seqlens: one entry per document start over the flattened rows, then the total. The padding at
 the end of a row is documents of its own (pad ids, labels -100, positions from 0, none longer than
@@ -36,10 +39,10 @@ class PackedLoader:
     def __init__(self, store: TokenStore, seq_len: int, micro_batch: int = 1, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, packing: str = "best_fit", overlong: str = "split",
                  pad_id: int = 0, pad_multiple: int = 1, key: str = "", report: dict | None = None,
-                 max_token_id: int | None = None):
-        if seq_len < 1 or micro_batch < 1 or dp_size < 1 or pad_multiple < 1:
-            raise ValueError(f"seq_len={seq_len}, micro_batch={micro_batch}, dp_size={dp_size} and "
-                             f"pad_multiple={pad_multiple} must all be positive")
+                 max_token_id: int | None = None, grad_accum: int = 1):
+        if seq_len < 1 or micro_batch < 1 or dp_size < 1 or pad_multiple < 1 or grad_accum < 1:
+            raise ValueError(f"seq_len={seq_len}, micro_batch={micro_batch}, dp_size={dp_size}, grad_accum="
+                             f"{grad_accum} and pad_multiple={pad_multiple} must all be positive")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if seq_len % pad_multiple:
@@ -48,6 +51,7 @@ class PackedLoader:
                              f"{-(-seq_len // pad_multiple) * pad_multiple}")
         self.store, self.seq_len, self.micro_batch = store, seq_len, micro_batch
         self.dp_rank, self.dp_size, self.seed, self.packing = dp_rank, dp_size, seed, packing
+        self.grad_accum, self._micro_step = grad_accum, 0   # micro-batches taken of the current step
         self.pad_id, self.key, self.max_token_id = pad_id, key, max_token_id
         self.pieces, overlong_counts = cut_documents(store, seq_len, overlong)
         if len(self.pieces) == 0:
@@ -64,12 +68,12 @@ class PackedLoader:
             "dropped_sequences": len(sequences) % self.sequences_per_step, "overlong": overlong_counts}
         if self.steps_per_epoch == 0:
             raise DataError(f"the data packs into {len(sequences)} sequences of {seq_len} tokens, fewer "
-                            f"than one step needs (dp_size {dp_size} x micro_batch {micro_batch}); use "
-                            f"more data, a shorter seq_len or fewer ranks")
+                            f"than one step needs (dp_size {dp_size} x micro_batch {micro_batch} x grad_accum "
+                            f"{grad_accum}); use more data, a shorter seq_len or fewer ranks")
 
     @property
     def sequences_per_step(self) -> int:
-        return self.dp_size * self.micro_batch
+        return self.dp_size * self.micro_batch * self.grad_accum
 
     @property
     def steps_per_epoch(self) -> int:
@@ -97,7 +101,8 @@ class PackedLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         sequences = self._sequences(self.epoch)
-        if self.consumed + self.sequences_per_step > len(sequences):
+        # a step's global batch never spans two epochs, whatever its split into micro-batches
+        if self._micro_step == 0 and self.consumed + self.sequences_per_step > len(sequences):
             self.epoch, self.consumed = self.epoch + 1, 0
             sequences = self._sequences(self.epoch)
             if len(sequences) < self.sequences_per_step:  # packing differs by epoch; barely ever this much
@@ -105,7 +110,8 @@ class PackedLoader:
                                    f"one step needs ({self.sequences_per_step}); use more data")
         first = self.consumed + self.dp_rank * self.micro_batch
         batch = self.batch_of(sequences[first:first + self.micro_batch])
-        self.consumed += self.sequences_per_step
+        self.consumed += self.dp_size * self.micro_batch
+        self._micro_step = (self._micro_step + 1) % self.grad_accum
         return batch
 
     def state_dict(self) -> dict:
@@ -119,11 +125,11 @@ class PackedLoader:
                 raise ValueError(f"cannot resume the data exactly: the checkpoint's {name} is "
                                  f"{state.get(name)!r}, this run's is {mine[name]!r}; resume with the "
                                  f"same data, tokenizer and data settings, seq_len and seed")
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.epoch, self.consumed, self._micro_step = int(state["epoch"]), int(state["consumed"]), 0
 
 
 def build_loader(cfg: DataConfig, seq_len: int, micro_batch: int = 1, dp_rank: int = 0, dp_size: int = 1,
-                 pad_multiple: int = 1, seed: int = 0) -> PackedLoader:
+                 pad_multiple: int = 1, seed: int = 0, grad_accum: int = 1) -> PackedLoader:
     """Prepare (or load the cached) data of `cfg` and return this rank's endless loader.
 
     Call it on every rank; in a distributed run one process per node tokenizes while the others
@@ -135,7 +141,7 @@ def build_loader(cfg: DataConfig, seq_len: int, micro_batch: int = 1, dp_rank: i
     prepared = prepare(cfg)
     loader = PackedLoader(prepared.store, seq_len, micro_batch, dp_rank, dp_size, seed, cfg.packing,
                           cfg.overlong, prepared.pad_id, pad_multiple, prepared.key, prepared.report,
-                          prepared.max_token_id)
+                          max_token_id=prepared.max_token_id, grad_accum=grad_accum)
     if cfg.verbose and _rank()[0] == 0:
         print(format_report(loader.report), flush=True)
     return loader

@@ -68,13 +68,16 @@ class TrainSection:
     seed: int = 0
     device: str = "auto"                   # auto | cpu | cuda
     on_nonfinite: str = "stop"             # stop | skip: what a NaN/inf loss or gradient norm does
-    resume: str = "auto"                   # auto (latest checkpoint of run_dir, if any) | none | a checkpoint folder
+    resume: str = "auto"                   # auto (newest intact checkpoint of run_dir, if any) | none | a folder
+    resume_force: bool = False             # resume even if model, data, optimizer, seq_len, seed, precision or
+                                           # global batch differ from the checkpoint's
     threads: int = 0                       # CPU threads per process (0: torch's default)
 
 
 @dataclass
 class CheckpointSection:
     every: int = 0                         # save every k steps (0: only at the end)
+    every_minutes: float = 30.0            # and when this long has passed since the last save (0: never)
     keep: int = 2                          # keep the last n
     at_end: bool = True
     export_hf: bool = True                 # write a Hugging Face folder at the end
@@ -170,6 +173,7 @@ def _check_ranges(cfg: Config) -> None:
     _in_range("train.threads", cfg.train.threads, 0)
     _in_range("checkpoint.every", cfg.checkpoint.every, 0)
     _in_range("checkpoint.keep", cfg.checkpoint.keep, 0)
+    _in_range("checkpoint.every_minutes", cfg.checkpoint.every_minutes, 0)
     _in_range("logging.every", cfg.logging.every, 1)
     _in_range("logging.comm_every", cfg.logging.comm_every, 0)
 

@@ -40,6 +40,24 @@ def peak_tflops(device: torch.device) -> Optional[float]:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+def keep_steps_up_to(path: Path, step: int) -> None:
+    """Drop the rows past `step` (logged by a run that died before its next checkpoint, which a resume
+    from `step` computes again), so that each step appears once, with the values of the run that
+    counts; a row cut short by a kill goes too. Replaced atomically: a kill now loses nothing."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Rank 0 only: a tqdm bar, a line every `every` steps, metrics.jsonl, and wandb if enabled.
 
@@ -48,7 +66,9 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, cfg, total_steps: int, start_step: int, resolved_config: dict):
         self.cfg = cfg
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a")
+        path = Path(run_dir) / "metrics.jsonl"
+        keep_steps_up_to(path, start_step)
+        self.file = open(path, "a")
         self.bar = None
         if progress_bar_wanted(cfg.progress_bar):
             from tqdm import tqdm

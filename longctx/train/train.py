@@ -32,9 +32,10 @@ from longctx.parallel.sequence import split_sequence
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
-from .config import Config, check_tokenizer_fits, model_fields, validate
+from .config import Config, ConfigError, check_tokenizer_fits, model_fields, validate
 from .console import closing_summary, quiet_libraries
 from .metrics import MetricsLogger, peak_tflops, training_flops
+from .run_folder import RunLock, check_resume_settings, math_settings, write_config
 
 
 def init_distributed(device_choice: str) -> torch.device:
@@ -60,12 +61,14 @@ def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
     return x
 
 
-def decide_run_dir(cfg: Config) -> Path:
-    """Rank 0 decides (ranks started a second apart must not make two folders); the others receive it.
+def decide_run_dir(cfg: Config) -> tuple[Path, RunLock | None]:
+    """Rank 0 decides (ranks started a second apart must not make two folders) and locks the folder
+    for the run's lifetime (its lock, returned, is None on the other ranks); the others receive the
+    folder, or the one-line error when another run holds it.
 
     Without `run_dir` a new folder runs/<time> is made, never an existing one (two runs started in
     the same second, as the jobs of a sweep can be, would otherwise resume each other)."""
-    choice = [cfg.run_dir]
+    choice, lock = [cfg.run_dir, None], None
     if rank() == 0:
         if choice[0] is None:
             stamp, suffix = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S")), 0
@@ -77,10 +80,16 @@ def decide_run_dir(cfg: Config) -> Path:
                 except FileExistsError:
                     suffix += 1
         Path(choice[0]).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), Path(choice[0]) / "config.yaml")
+        lock = RunLock(choice[0])
+        try:
+            lock.acquire()
+        except ConfigError as error:
+            lock, choice[1] = None, str(error)
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0])
+    if choice[1] is not None:
+        raise ConfigError(choice[1])
+    return Path(choice[0]), lock
 
 
 def build_model(cfg: Config, device: torch.device, on_meta: bool = False, zero3_config: dict | None = None) -> Llama:
@@ -197,10 +206,12 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def agreed(self, device) -> bool:
-        # every rank must stop at the same step, so the flag is reduced across ranks
-        flag = torch.tensor(float(self.requested), device=device)
-        return bool(all_reduce(flag, dist.ReduceOp.MAX).item())
+
+def on_any_rank(device, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any rank: every rank must save or stop at the same step
+    (one collective for all the flags)."""
+    values = torch.tensor([float(flag) for flag in flags], device=device)
+    return [bool(v) for v in all_reduce(values, dist.ReduceOp.MAX).tolist()]
 
 
 def train(cfg: Config) -> Path:
@@ -215,10 +226,19 @@ def train(cfg: Config) -> Path:
     # data and tokenizer are checked before the run folder exists: a run that cannot start leaves none
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch, dp_rank=dp_rank,
-                          dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed)
+                          dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed, grad_accum=t.grad_accum)
     check_tokenizer_fits(cfg, loader.max_token_id)
-    run_dir = decide_run_dir(cfg)
-    is_main = rank() == 0
+    run_dir, lock = decide_run_dir(cfg)
+    try:
+        return run(cfg, world_size, dims, device, mesh, run_dir, loader)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir: Path, loader) -> Path:
+    """The run in its locked folder: resume point, model, steps, checkpoints."""
+    is_main, t = rank() == 0, cfg.train
     if t.precision == "auto":
         t.precision = "bf16_autocast" if device.type == "cuda" else "fp32"
     if device.type == "cuda":   # the memory plan, before any GPU work; auto checkpointing picks by it
@@ -230,24 +250,39 @@ def train(cfg: Config) -> Path:
         t.activation_checkpoint = "none"   # on a CPU there is no device memory to plan for
     torch.manual_seed(t.seed)
 
+    # where to resume, checked (files against their manifest, settings against the saved ones)
+    # before any heavy work
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+    resume_from = checkpointer.resume_point(t.resume)
+    settings = math_settings(cfg, dims.dp)
+    start = 0
+    if resume_from is not None:
+        saved = checkpointer.read_meta(resume_from)
+        check_resume_settings(saved["settings"], settings, resume_from, force=t.resume_force)
+        start = saved["step"]
+    if is_main:
+        write_config(run_dir, cfg, start)
+
     model, train_model, optimizer, scheduler = build_train_model(cfg, dims, mesh, device)
     model_config = model.config
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
-    start = 0
-    resume_from = checkpointer.latest() if t.resume == "auto" else (None if t.resume == "none" else Path(t.resume))
     if resume_from is not None:
         shared, mine = checkpointer.load(resume_from, train_model, optimizer)
         scheduler.load_state_dict(shared["scheduler"])
-        loader.load_state_dict(mine["loader"])
-        set_rng_state(mine["rng"])
-        start = shared["step"]
+        loader.load_state_dict(shared["loader"])   # the global data position: any number of ranks resumes it
+        if mine is not None:   # saved by as many ranks: each goes on with its own RNG streams
+            set_rng_state(mine["rng"])
         if is_main:
-            print(f"resumed from {resume_from} at step {start}")
+            print(f"resumed from {resume_from} at step {start}", flush=True)
+    elif is_main:
+        print(f"no checkpoint in {checkpointer.folder}: starting at step 1" if t.resume == "auto"
+              else "train.resume=none: starting at step 1", flush=True)
 
     def save(step) -> Path:
-        return checkpointer.save(step, train_model, optimizer, shared={"scheduler": scheduler.state_dict()},
-                                 per_rank={"loader": loader.state_dict(), "rng": rng_state()})
+        return checkpointer.save(step, train_model, optimizer,
+                                 shared={"scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
+                                         "settings": settings},
+                                 per_rank={"rng": rng_state()})
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16_autocast"
                 else nullcontext())
@@ -259,7 +294,9 @@ def train(cfg: Config) -> Path:
     stop = StopSignal()
     data = iter(loader)
     train_model.train()
-    step, checkpoint, export_dir, final_loss, loop_start = start, None, None, None, time.perf_counter()
+    step = saved_at = start
+    saved_time = time.monotonic()
+    checkpoint, export_dir, final_loss, loop_start = None, None, None, time.perf_counter()
     for step in range(start + 1, t.steps + 1):
         step_start = time.perf_counter()
         comm.start(step)                               # profiles one step in logging.comm_every
@@ -290,16 +327,19 @@ def train(cfg: Config) -> Path:
                        **comm_metrics}
             logger.log(step, metrics)
             final_loss = metrics["loss"]
-        preempted = stop.agreed(device)
-        if preempted or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        minutes = cfg.checkpoint.every_minutes
+        preempted, time_due = on_any_rank(device, stop.requested,
+                                          minutes > 0 and time.monotonic() - saved_time >= minutes * 60)
+        if preempted or time_due or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             checkpoint = save(step)
+            saved_at, saved_time = step, time.monotonic()
         if preempted:
             if is_main:
                 print(f"SIGTERM: saved a checkpoint at step {step} in {run_dir}; resume with "
                       f"run_dir={run_dir} train.resume=auto")
             break
     else:
-        if cfg.checkpoint.at_end and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        if cfg.checkpoint.at_end and saved_at != step:
             checkpoint = save(step)
         if cfg.checkpoint.export_hf and model_config.layer_types is None:
             export_dir = run_dir / "hf"

@@ -195,3 +195,22 @@ def test_waiting_ranks_stop_on_the_builders_failure_or_a_timeout(tmp_path, monke
     target.with_name(target.name + ".failed").write_text("ValueError: no usable conversation")
     with pytest.raises(RuntimeError, match="no usable conversation"):
         prepare(cfg)
+
+
+def test_the_global_batch_is_the_same_in_any_split_across_epochs_and_resumes(cfg):
+    """dp_size x micro_batch x grad_accum sequences a step, however split: 2 ranks x 1 micro-batch and
+    1 rank x 2 accumulated micro-batches take the same sequences every step, also where an epoch ends
+    (a step never spans two), and a state saved by either resumes the other."""
+    def steps(loaders, grad_accum, count):
+        return [sorted(row for loader in loaders for _ in range(grad_accum) for row in rows(next(loader)))
+                for _ in range(count)]
+    two = [build_loader(cfg, seq_len=16384, dp_rank=r, dp_size=2, seed=7) for r in range(2)]
+    one = build_loader(cfg, seq_len=16384, seed=7, grad_accum=2)
+    assert one.steps_per_epoch == two[0].steps_per_epoch
+    assert len(one._sequences(0)) % 2 == 1, "the sample should leave one sequence over: what this test is about"
+    count = one.steps_per_epoch + 3
+    assert steps(two, 1, count) == steps([one], 2, count)
+    assert one.epoch == 1 and one.state_dict() == two[0].state_dict()
+    resumed = build_loader(cfg, seq_len=16384, seed=7, grad_accum=2)
+    resumed.load_state_dict(two[1].state_dict())
+    assert steps(two, 1, 2) == steps([resumed], 2, 2)

@@ -155,6 +155,7 @@ def test_runs_without_run_dir_get_folders_of_their_own(tmp_path, monkeypatch):
     from longctx.train.train import decide_run_dir
     monkeypatch.chdir(tmp_path)
     cfg = compose_config([])
-    first, second = decide_run_dir(cfg), decide_run_dir(cfg)
+    (first, first_lock), (second, second_lock) = decide_run_dir(cfg), decide_run_dir(cfg)
     assert first != second and first.parent == second.parent == Path("runs")
-    assert (first / "config.yaml").is_file() and (second / "config.yaml").is_file()
+    assert (first / ".lock.owner").is_file() and (second / ".lock.owner").is_file()   # each run holds its own
+    first_lock.release(), second_lock.release()
