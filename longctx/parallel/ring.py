@@ -20,22 +20,23 @@ sequence) cut these blocks further: a pair of different chunks shares at most on
 sub-block), and the local causal block is one varlen call over the local documents.
 
 The block math dispatches: the Triton kernel (`longctx.ops.attention`) on CUDA, the plain-PyTorch
-`ring_blocks` on CPU. Registered as the model's `ring` token mixer.
+block functions of `ops/attention/naive.py` on CPU. Registered as the model's `ring` token mixer
+and as the sequence-parallel method `ring` (its record at the end).
 """
 from __future__ import annotations
 
 import bisect
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from longctx.model.attention import document_bounds, register_attention
+from longctx.model.attention import document_bounds, per_step, register_attention
+from longctx.ops.attention import naive
 
-from . import ring_blocks
-from .sequence import get_sequence_group
+from .registry import SequenceMethod, register_method
+from .sequence import layout_over_sp
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ def _block_functions(device: torch.device):
     if impl == "triton":
         from longctx.ops.attention import attention_backward, attention_forward
         return attention_forward, attention_backward
-    return ring_blocks.attention_forward, ring_blocks.attention_backward
+    return naive.attention_forward, naive.attention_backward
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -399,22 +400,12 @@ def ring_backward(ring: RingComm, plan, dout, q, k, v, out, lse, scale):
     return dq.to(q.dtype), own[0].to(k.dtype, copy=True), own[1].to(v.dtype, copy=True)
 
 
-# Every layer of a step gets the same cu_seqlens tensor: plan once per tensor (reading it costs a
-# device sync), keyed on the tensor itself (a weak reference, so a new batch never hits a stale plan).
-_PLAN_CACHE: dict = {"tensor": None}
-
-
 def _cached_plan(ring, local_len, causal, batch, cu_seqlens, device):
-    key = (ring.rank, ring.world_size, local_len, causal, batch, str(device))
+    """The ring plan, made once per step's `cu_seqlens` (reading it may cost a device sync)."""
+    make = lambda: ring_plan(ring.rank, ring.world_size, local_len, causal, batch, cu_seqlens, device)  # noqa: E731
     if cu_seqlens is None:
-        return ring_plan(ring.rank, ring.world_size, local_len, causal, batch, None, device)
-    cached = _PLAN_CACHE["tensor"]
-    if (cached is not None and cached() is cu_seqlens and _PLAN_CACHE["version"] == cu_seqlens._version
-            and _PLAN_CACHE["key"] == key):
-        return _PLAN_CACHE["plan"]
-    plan = ring_plan(ring.rank, ring.world_size, local_len, causal, batch, cu_seqlens, device)
-    _PLAN_CACHE.update(tensor=weakref.ref(cu_seqlens), version=cu_seqlens._version, key=key, plan=plan)
-    return plan
+        return make()
+    return per_step(cu_seqlens, ("ring", ring.rank, ring.world_size, local_len, causal, batch, str(device)), make)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -449,7 +440,34 @@ def ring_attn_func(q, k, v, group=None, causal: bool = True, softmax_scale: floa
 
 
 @register_attention("ring")
-def ring_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
-    """The model's `ring` token mixer: causal ring attention over `get_sequence_group()`."""
-    return ring_attn_func(q, k, v, get_sequence_group(), causal=True, softmax_scale=softmax_scale,
-                          cu_seqlens=cu_seqlens)
+def ring_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+    """The model's `ring` token mixer: causal ring attention over `group` (None: the default group)."""
+    return ring_attn_func(q, k, v, group, causal=True, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens)
+
+
+# ------------------------------------------------------------------------------------------------
+# the method's record
+# ------------------------------------------------------------------------------------------------
+def ring_bytes_per_layer(m, seqlen, a, dims, kind) -> float:
+    """Forward: this rank's K and V go N - 1 hops; backward: again, and the fp32 dK, dV N hops."""
+    n = dims.sp
+    kv = seqlen / n * 2 * m.num_key_value_heads * m.head_dim
+    return 2 * (n - 1) * kv * a + n * kv * 4
+
+
+def ring_memory(m, tokens, a, dims) -> dict:
+    """K and V in a double buffer, the travelling fp32 dK and dV (double buffered), the fp32 dQ."""
+    kv = tokens * m.num_key_value_heads * m.head_dim
+    return {"ring buffers": 2 * 2 * kv * a + 2 * 2 * kv * 4 + tokens * m.num_attention_heads * m.head_dim * 4}
+
+
+def _init_ring(dims):
+    init_ring(dims.sp_group)   # communicators made and warmed up now, not in the first layer
+    return dims.sp_group
+
+
+_split, _gather, _divisor = layout_over_sp("zigzag")
+register_method(SequenceMethod(
+    name="ring", summary="ring attention: K, V go round the sp group (zigzag shares balance the causal work)",
+    softmax="ring", linear=None, split=_split, gather=_gather, divisor=_divisor, groups=_init_ring,
+    bytes_per_layer=ring_bytes_per_layer, memory=ring_memory))

@@ -13,19 +13,6 @@ import torch.distributed as dist
 
 LAYOUTS = ("zigzag", "contiguous")
 
-# The sequence-parallel group the registered mixers ("ring", "lasp") run over. Set by the code that
-# parallelises the model (the train step); None means the default group.
-_SEQUENCE_GROUP = None
-
-
-def set_sequence_group(group) -> None:
-    global _SEQUENCE_GROUP
-    _SEQUENCE_GROUP = group
-
-
-def get_sequence_group():
-    return _SEQUENCE_GROUP
-
 
 def _group_info(group) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
@@ -76,3 +63,12 @@ def gather_sequence(local: torch.Tensor, group=None, dim: int = 1, layout: str =
         first, second = zigzag_chunk_ids(r, world)
         chunks[first], chunks[second] = share.chunk(2, dim=dim)
     return torch.cat(chunks, dim=dim)
+
+
+def layout_over_sp(layout: str):
+    """(split, gather, divisor) of `layout` over a ParallelDims' sp group, as a method record
+    takes them."""
+    sequence_divisor(1, layout)
+    return (lambda x, dims, dim: split_sequence(x, dims.sp_group, dim=dim, layout=layout),
+            lambda local, dims, dim: gather_sequence(local, dims.sp_group, dim=dim, layout=layout),
+            lambda dims: sequence_divisor(dims.sp, layout))

@@ -1,5 +1,5 @@
-"""Sequence-parallel evaluation on 2 gloo processes (ring or LASP prefill, distributed cache) against
-one process: the same logits after the prompt and at every decode step, the same greedy tokens,
+"""Sequence-parallel evaluation on 2 gloo processes (prefill under each registered method, distributed
+cache) against one process: the same logits after the prompt and at every decode step, the same greedy tokens,
 the same loss by position. Prompt lengths that divide by 2 x ranks and that need padding."""
 import torch
 
@@ -30,19 +30,20 @@ def evaluate(model, prompts, forced):
 
 
 HYBRID = dict(layer_types=["linear", "softmax", "linear"], num_hidden_layers=3)
-# mixers on one process -> on the sequence group
-LAYOUTS = {"ring": (dict(attention="sdpa"), dict(attention="ring")),
-           "lasp": (dict(HYBRID, attention="sdpa", linear_attention="lightning"),
-                    dict(HYBRID, attention="allgather_kv", linear_attention="lasp"))}
+# method -> the model it evaluates (one process: sdpa and lightning)
+LAYOUTS = {"ring": dict(attention="sdpa"),
+           "lasp": dict(HYBRID, attention="sdpa", linear_attention="lightning"),
+           "lasp_allgather": dict(HYBRID, attention="sdpa", linear_attention="lightning")}
 
 
 def _worker(rank, world_size, cases):
-    from longctx.parallel.sequence import set_sequence_group
-    set_sequence_group(None)
+    from longctx.parallel.mesh import sequence_dims
+    from longctx.parallel.parallelize import apply_sequence_parallel
     results = {}
     for name, (state, prompts, forced) in cases.items():
-        model = Llama(ModelConfig(**{**CONFIG, **LAYOUTS[name][1]})).double().eval()
+        model = Llama(ModelConfig(**{**CONFIG, **LAYOUTS[name]})).double().eval()
         model.load_state_dict(state)
+        apply_sequence_parallel(model, sequence_dims(name))
         results[name] = evaluate(model, prompts, forced)
     return results
 
@@ -51,7 +52,7 @@ def test_sequence_parallel_prefill_and_decoding_match_one_process():
     """Ring (zigzag shares) on a softmax model; LASP + allgather_kv (contiguous) on a hybrid."""
     gen = torch.Generator().manual_seed(torch.seed() % 2 ** 31)   # fresh prompts and weights every run
     cases, expected = {}, {}
-    for name, (one, _) in LAYOUTS.items():
+    for name, one in LAYOUTS.items():
         torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
         model = Llama(ModelConfig(**{**CONFIG, **one})).double().eval()
         prompts = [torch.randint(2, CONFIG["vocab_size"], (1, n), generator=gen) for n in LENGTHS]

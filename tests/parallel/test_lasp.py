@@ -18,6 +18,7 @@ from longctx.model.llama import positions_from_cu_seqlens, shift_labels
 from longctx.ops.cross_entropy import IGNORE_INDEX
 from longctx.ops.linear import lightning_attn_func
 from longctx.ops.linear.naive import lightning_attn_recurrent
+from longctx.parallel.allgather_kv import allgather_kv_attention
 from longctx.parallel.sequence import split_sequence
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -71,7 +72,7 @@ def _lasp_worker(rank, world, seed):
         for packed in (True, False):
             q, k, v, dout, _, cu = _softmax_case(seed, world, packed)
             local = [split_sequence(x, None, dim=1, layout="contiguous").requires_grad_(True) for x in (q, k, v)]
-            out = lasp.allgather_kv_attention(*local, cu_seqlens=cu)
+            out = allgather_kv_attention(*local, cu_seqlens=cu)
             out.backward(split_sequence(dout, None, dim=1, layout="contiguous"))
             results[packed, "allgather_kv"] = [out.detach()] + [x.grad for x in local]
     if world == 4:  # a 2-D mesh: two sequence groups {0, 1} and {2, 3} side by side, on different data

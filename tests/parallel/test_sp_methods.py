@@ -1,0 +1,102 @@
+"""Every registered sequence-parallel method, end to end through its record: one training step of
+`longctx.check` (the trainer's own build, split, forward-backward and optimizer step against the
+plain model on one process: loss, gradient norm and update), the memory planner's term and bytes
+per layer, and the one-line config errors for layouts a method cannot run."""
+import os
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from longctx.parallel.registry import methods
+from longctx.train.config import REPO_ROOT, ConfigError, register_configs, validate
+
+SOFTMAX = ["model.layer_types=null"]
+HYBRID = ["model.layer_types=[linear,softmax]"]
+# method -> (overrides on 4 processes); hybrids where the method runs linear layers too
+CASES = {
+    "ring": ["parallel.sp=2"] + SOFTMAX,
+    "lasp": ["parallel.sp=4"] + HYBRID,
+    "lasp_allgather": ["parallel.sp=2"] + HYBRID,
+}
+COMMON = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
+          "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.attention=sdpa",
+          "train.seq_len=64", "train.grad_accum=2", "train.precision=fp32", "train.device=cpu",
+          "train.threads=1", "parallel.dp_backend=ddp", "logging.progress_bar=false"]
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.join(REPO_ROOT, "configs"), version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose("config", overrides=overrides))
+
+
+def method_config(name):
+    return compose(COMMON + CASES[name] + [f"parallel.sp_method={name}"])
+
+
+def test_every_registered_method_is_tested_here():
+    assert set(CASES) == set(methods())
+
+
+def _check_worker(rank, world, configs):
+    from longctx.check import check
+    return {name: check(cfg) for name, cfg in configs.items()}
+
+
+def test_a_training_step_of_each_method_matches_one_process(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the PyTorch paths; the kernels are tested apiece
+    configs = {name: method_config(name) for name in CASES}
+    reports = run_distributed(_check_worker, 4, configs)[0]
+    for name, report in reports.items():
+        assert report["sp_method"] == name
+        assert report["layout"] == f"dp={4 // configs[name].parallel.sp} x sp={configs[name].parallel.sp}"
+        assert not report["missing_params"], name
+        assert report["ok"], (name, report)
+        # fp32 round-off, far inside the check's own bound
+        assert report["loss_rel_diff"] < 1e-5 and report["grad_norm_rel_diff"] < 1e-5, (name, report)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_planner_counts_each_method_and_its_traffic(name):
+    from longctx.plan import estimate, report
+    cfg = compose(["model=llama3.2-1b", "train.seq_len=131072", "train.activation_checkpoint=full"]
+                  + CASES[name][:1] + [f"parallel.sp_method={name}"])
+    method, sp = methods()[name], cfg.parallel.sp
+    e = estimate(cfg, sp)
+    for part, value in method.memory(cfg.model, cfg.train.seq_len // sp, 2, cfg.parallel).items():
+        assert e.parts[part] == value > 0
+    assert f"sp {sp} {name}" in report(cfg, sp, 141)
+    # traffic grows with the sequence, and a longer sequence per rank never costs less
+    for kind in ("softmax", "linear"):
+        if method.mixer_for(kind):
+            small, large = (method.bytes_per_layer(cfg.model, n, 2, cfg.parallel, kind) for n in (65536, 131072))
+            assert 0 < small <= large
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.sp=2", "parallel.sp_method=tree"], 2, "parallel.sp_method='tree': choose one of none, "),
+    (["parallel.sp=2", "parallel.sp_method=ring", "model.layer_types=[linear,softmax]", "model.num_hidden_layers=2"],
+     2, "parallel.sp_method=ring cannot run the model's linear attention layers: use one of lasp, lasp_allgather"),
+    (["parallel.sp=2", "parallel.sp_method=ring", "train.seq_len=1002"], 2,
+     "train.seq_len=1002 is not a multiple of 4, which ring over sp=2 needs; use train.seq_len=1004"),
+    (["parallel.sp=2", "parallel.sp_method=lasp", "train.seq_len=1001"], 2,
+     "train.seq_len=1001 is not a multiple of 2, which lasp over sp=2 needs"),
+    (["parallel.lasp_variant=allgather"], 1, "set parallel.sp_method=lasp .* or lasp_allgather"),
+])
+def test_impossible_layouts_are_one_line_errors(overrides, world, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        validate(compose(overrides), world)
+    assert "\n" not in str(error.value)
+
+
+def test_the_bytes_table_script_reads_the_registry():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "sp_bytes.py"), "--gpus", "8"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    assert out.returncode == 0, out.stderr
+    for name in CASES:
+        assert f"| {name}" in out.stdout, out.stdout
