@@ -25,9 +25,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from longctx.model.attention import document_bounds
+from longctx.model.attention import document_bounds, register_attention, register_linear_attention
 from longctx.ops.attention import flash_attn_func, flash_attn_varlen_func
 from longctx.ops.linear import lightning_attn_func
+
+from .registry import SequenceMethod, register_method
+from .sequence import layout_over_sp
 
 __all__ = ["ulysses_attn_func", "ulysses_lightning_func", "check_heads", "ulysses_bytes_per_layer",
            "sequence_to_heads", "heads_to_sequence"]
@@ -243,3 +246,56 @@ def ulysses_bytes_per_layer(seqlen: int, heads: int, kv_heads: int, head_dim: in
     kv_sent = max(kv_heads, ulysses)  # replicated KV heads travel once per rank that reads them
     qkv, out = shard * (heads + 2 * kv_sent), shard * heads
     return 2 * (qkv + out) * element_bytes * (ulysses - 1) // ulysses
+
+
+# ------------------------------------------------------------------------------------------------
+# the model's mixers and the method's record (longctx/parallel/registry.py)
+# ------------------------------------------------------------------------------------------------
+@register_attention("ulysses")
+def ulysses_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+    """The model's `ulysses` token mixer: causal Ulysses attention over `group`."""
+    return ulysses_attn_func(q, k, v, group, causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                             softmax_scale=softmax_scale)
+
+
+@register_linear_attention("ulysses_lightning")
+def ulysses_lightning(q, k, v, decay, *, group=None, cu_seqlens=None):
+    """The model's `ulysses_lightning` linear mixer: heads split over `group`, no state passed."""
+    return ulysses_lightning_func(q, k, v, decay, group, cu_seqlens=cu_seqlens)
+
+
+def heads_check(size_of):
+    """A record's head check for a Ulysses group of `size_of(dims)` ranks (one line, naming the key)."""
+    def check(dims, model_config):
+        if model_config is None:
+            return
+        try:
+            check_heads(model_config.num_attention_heads, model_config.num_key_value_heads, size_of(dims))
+        except ValueError as error:
+            raise ValueError(f"parallel.sp_method={dims.sp_method} over {size_of(dims)} Ulysses ranks: {error}") from None
+    return check
+
+
+def heads_exchange_memory(ulysses: int, m, tokens: int, a: int) -> dict:
+    """The all-to-all's send and receive buffers of q, k, v (one layer at a time), and the KV heads
+    that replication adds to what every layer keeps for its backward."""
+    kv_sent = max(m.num_key_value_heads, ulysses)
+    parts = {"all-to-all buffers": 2 * tokens * (m.num_attention_heads + 2 * kv_sent) * m.head_dim * a}
+    if kv_sent > m.num_key_value_heads:
+        parts["replicated KV heads"] = (m.num_hidden_layers * tokens * 2 * (kv_sent - m.num_key_value_heads)
+                                        * m.head_dim * a)
+    return parts
+
+
+def _bytes(m, seqlen, a, dims, kind) -> float:
+    # a linear layer exchanges the same q, k, v and output as a softmax layer of its shape
+    return ulysses_bytes_per_layer(seqlen, m.num_attention_heads, m.num_key_value_heads, m.head_dim, dims.sp, a)
+
+
+_split, _gather, _divisor = layout_over_sp("contiguous")
+register_method(SequenceMethod(
+    name="ulysses", summary="Ulysses: all-to-all from sequence to head shards, the whole sequence per rank "
+                            "for H/U heads (softmax and linear layers)",
+    softmax="ulysses", linear="ulysses_lightning", split=_split, gather=_gather, divisor=_divisor,
+    groups=lambda dims: dims.sp_group, bytes_per_layer=_bytes, check=heads_check(lambda dims: dims.sp),
+    memory=lambda m, tokens, a, dims: heads_exchange_memory(dims.sp, m, tokens, a)))

@@ -18,7 +18,11 @@ CASES = {
     "ring": ["parallel.sp=2"] + SOFTMAX,
     "lasp": ["parallel.sp=4"] + HYBRID,
     "lasp_allgather": ["parallel.sp=2"] + HYBRID,
+    # 4 query heads, 2 KV heads over 4 ranks: each KV head replicated to two ranks
+    "ulysses": ["parallel.sp=4"] + HYBRID,
 }
+# Ulysses runs the flash kernel over the whole sequence: under the Triton interpreter on a CPU
+NEEDS_KERNEL = {"ulysses", "usp"}
 COMMON = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
           "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.attention=sdpa",
           "train.seq_len=64", "train.grad_accum=2", "train.precision=fp32", "train.device=cpu",
@@ -46,10 +50,15 @@ def _check_worker(rank, world, configs):
     return {name: check(cfg) for name, cfg in configs.items()}
 
 
-def test_a_training_step_of_each_method_matches_one_process(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the PyTorch paths; the kernels are tested apiece
-    configs = {name: method_config(name) for name in CASES}
+@pytest.mark.parametrize("kernel", [False, True], ids=["pytorch-paths", "kernel-paths"])
+def test_a_training_step_of_each_method_matches_one_process(monkeypatch, kernel):
+    """ring and LASP on their PyTorch paths (their kernels are tested apiece); Ulysses and USP with
+    the flash kernel (interpreted on a CPU)."""
+    if not kernel:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    configs = {name: method_config(name) for name in CASES if (name in NEEDS_KERNEL) == kernel}
     reports = run_distributed(_check_worker, 4, configs)[0]
+    assert set(reports) == set(configs)
     for name, report in reports.items():
         assert report["sp_method"] == name
         assert report["layout"] == f"dp={4 // configs[name].parallel.sp} x sp={configs[name].parallel.sp}"
