@@ -448,14 +448,14 @@ def ring_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, sof
 # ------------------------------------------------------------------------------------------------
 # the method's record
 # ------------------------------------------------------------------------------------------------
-def ring_bytes_per_layer(m, seqlen, a, dims, kind) -> float:
+def _bytes_per_layer(m, seqlen, a, dims, kind) -> float:
     """Forward: this rank's K and V go N - 1 hops; backward: again, and the fp32 dK, dV N hops."""
     n = dims.sp
     kv = seqlen / n * 2 * m.num_key_value_heads * m.head_dim
     return 2 * (n - 1) * kv * a + n * kv * 4
 
 
-def ring_memory(m, tokens, a, dims) -> dict:
+def _memory(m, tokens, a, dims) -> dict:
     """K and V in a double buffer, the travelling fp32 dK and dV (double buffered), the fp32 dQ."""
     kv = tokens * m.num_key_value_heads * m.head_dim
     return {"ring buffers": 2 * 2 * kv * a + 2 * 2 * kv * 4 + tokens * m.num_attention_heads * m.head_dim * 4}
@@ -470,4 +470,4 @@ _split, _gather, _divisor = layout_over_sp("zigzag")
 register_method(SequenceMethod(
     name="ring", summary="ring attention: K, V go round the sp group (zigzag shares balance the causal work)",
     softmax="ring", linear=None, split=_split, gather=_gather, divisor=_divisor, groups=_init_ring,
-    bytes_per_layer=ring_bytes_per_layer, memory=ring_memory))
+    bytes_per_layer=_bytes_per_layer, memory=_memory))
