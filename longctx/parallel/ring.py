@@ -125,6 +125,16 @@ def _wait(works: list) -> None:
         work.wait()
 
 
+def ring_bytes_per_layer(seqlen: int, kv_heads: int, head_dim: int, world_size: int,
+                         element_bytes: int = 2, batch: int = 1) -> int:
+    """Bytes one rank sends in one layer's forward and backward: its K, V share N - 1 hops in each
+    ring, and the fp32 dK, dV accumulators N hops (see ring_backward)."""
+    if world_size == 1:
+        return 0
+    kv_share = 2 * batch * (seqlen // world_size) * kv_heads * head_dim  # K and V, elements
+    return kv_share * (2 * (world_size - 1) * element_bytes + world_size * max(element_bytes, 4))
+
+
 # ------------------------------------------------------------------------------------------------
 # the plan: which block pairs each step computes
 # ------------------------------------------------------------------------------------------------

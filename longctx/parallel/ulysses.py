@@ -73,7 +73,7 @@ def _all_to_all(send: torch.Tensor, group) -> torch.Tensor:
     return recv
 
 
-def sequence_to_heads(parts: list[torch.Tensor], group) -> list[torch.Tensor]:
+def _sequence_to_heads(parts: list[torch.Tensor], group) -> list[torch.Tensor]:
     """This rank's sequence shard of each part, [B, S/U, H_i, D_i], to the whole sequence for its
     head shard, [B, S, H_i/U, D_i]: rank r gets heads [r H_i/U, (r+1) H_i/U). One all-to-all for all
     parts. The results are views of one buffer (the head dim stays contiguous)."""
@@ -91,8 +91,8 @@ def sequence_to_heads(parts: list[torch.Tensor], group) -> list[torch.Tensor]:
     return out
 
 
-def heads_to_sequence(parts: list[torch.Tensor], group) -> list[torch.Tensor]:
-    """The inverse of `sequence_to_heads`: each part's whole sequence for this rank's head shard,
+def _heads_to_sequence(parts: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """The inverse of `_sequence_to_heads`: each part's whole sequence for this rank's head shard,
     [B, S, h_i, D_i], to this rank's sequence shard with every rank's heads, [B, S/U, U h_i, D_i]."""
     world = _world_size(group)
     batch, seqlen = parts[0].shape[:2]
@@ -117,11 +117,11 @@ class _SequenceToHeads(torch.autograd.Function):
         ctx.group, ctx.replicas = group, replicas
         if replicas > 1:
             k, v = k.repeat_interleave(replicas, dim=2), v.repeat_interleave(replicas, dim=2)
-        return tuple(sequence_to_heads([q, k, v], group))
+        return tuple(_sequence_to_heads([q, k, v], group))
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        dq, dk, dv = heads_to_sequence([dq, dk, dv], ctx.group)
+        dq, dk, dv = _heads_to_sequence([dq, dk, dv], ctx.group)
         if ctx.replicas > 1:
             dk, dv = (x.unflatten(2, (-1, ctx.replicas)).sum(3) for x in (dk, dv))
         return dq, dk, dv, None, None
@@ -131,15 +131,16 @@ class _HeadsToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, group):
         ctx.group = group
-        return heads_to_sequence([out], group)[0]
+        return _heads_to_sequence([out], group)[0]
 
     @staticmethod
     def backward(ctx, dout):
-        return sequence_to_heads([dout], ctx.group)[0], None
+        return _sequence_to_heads([dout], ctx.group)[0], None
 
 
-def _to_heads(q, k, v, group):
-    """(q, k, v) for this rank's heads over the whole sequence, [B, S, H/U, D] (differentiable)."""
+def sequence_to_heads(q, k, v, group):
+    """This rank's sequence shards of q, k, v, [B, S/U, H|Hkv, D], to the whole sequence for its head
+    shard, [B, S, H/U, D] (KV heads: Hkv/U, or 1 replicated): one all-to-all, differentiable."""
     world = _world_size(group)
     check_heads(q.shape[2], k.shape[2], world)
     if world == 1:
@@ -147,15 +148,18 @@ def _to_heads(q, k, v, group):
     return _SequenceToHeads.apply(q, k, v, group, _kv_replicas(k.shape[2], world))
 
 
-def _to_sequence(out, group):
+def heads_to_sequence(out, group):
+    """The output of this rank's heads over the whole sequence back to its sequence shard with
+    every head, [B, S/U, H, D]: one all-to-all, differentiable."""
     return out if _world_size(group) == 1 else _HeadsToSequence.apply(out, group)
 
 
 # ------------------------------------------------------------------------------------------------
 # the public functions
 # ------------------------------------------------------------------------------------------------
-def _check_shards(q, k, v, what: str) -> bool:
-    """Validate the shapes; True when the input is packed (T/U, H, D)."""
+def check_shards(q, k, v, what: str) -> bool:
+    """Raise a one-line ValueError for shards that do not fit together; True when they are packed
+    (T/U, H, D), False for (B, S/U, H, D)."""
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
         raise ValueError(f"{what} takes q, k, v as (batch, seqlen/U, heads, head_dim) or packed "
                          f"(tokens/U, heads, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -201,12 +205,12 @@ def ulysses_attn_func(q, k, v, group=None, causal: bool = True, cu_seqlens: torc
     group size U, and Hkv divisible by U or dividing it (see `check_heads`). Returns this rank's
     output shard, q's shape. Differentiable in q, k, v.
     """
-    packed = _check_shards(q, k, v, "ulysses attention")
+    packed = check_shards(q, k, v, "ulysses attention")
     if packed:
         q, k, v = q[None], k[None], v[None]
-    q_heads, k_heads, v_heads = _to_heads(q, k, v, group)
+    q_heads, k_heads, v_heads = sequence_to_heads(q, k, v, group)
     out = _attend_whole(q_heads, k_heads, v_heads, causal, cu_seqlens, max_seqlen, softmax_scale)
-    out = _to_sequence(out, group)
+    out = heads_to_sequence(out, group)
     return out[0] if packed else out
 
 
@@ -223,17 +227,17 @@ def ulysses_lightning_func(q, k, v, decay: torch.Tensor, group=None,
     if q.dim() != 4:
         raise ValueError(f"ulysses lightning attention takes q, k, v as (batch, seqlen/U, heads, head_dim); "
                          f"got {tuple(q.shape)}")
-    _check_shards(q, k, v, "ulysses lightning attention")
+    check_shards(q, k, v, "ulysses lightning attention")
     if decay.shape != (q.shape[2],):
         raise ValueError(f"decay must have one value per query head ({q.shape[2]},); got {tuple(decay.shape)}")
-    q_heads, k_heads, v_heads = _to_heads(q, k, v, group)
+    q_heads, k_heads, v_heads = sequence_to_heads(q, k, v, group)
     if cu_seqlens is not None:
         _check_documents(cu_seqlens, q_heads.shape[0] * q_heads.shape[1], "ulysses lightning attention")
     heads = q_heads.shape[2]
     rank = dist.get_rank(group) if _world_size(group) > 1 else 0
     out, _ = lightning_attn_func(q_heads, k_heads, v_heads, decay[rank * heads:(rank + 1) * heads],
                                  cu_seqlens=cu_seqlens)
-    return _to_sequence(out, group)
+    return heads_to_sequence(out, group)
 
 
 def ulysses_bytes_per_layer(seqlen: int, heads: int, kv_heads: int, head_dim: int, ulysses: int,

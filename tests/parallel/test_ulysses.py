@@ -18,9 +18,12 @@ from distributed import run_distributed
 from longctx.ops.attention import flash_attn_func, flash_attn_varlen_func
 from longctx.ops.linear import lightning_attn_func
 from longctx.ops.linear.naive import lightning_attn_recurrent
-from longctx.parallel.sequence import split_sequence
-from longctx.parallel.ulysses import check_heads, ulysses_attn_func, ulysses_lightning_func, ulysses_bytes_per_layer
-from test_ring import reference, rel_err
+import longctx.parallel.ring as ring_module
+from longctx.parallel.sequence import gather_sequence_usp, split_sequence, split_sequence_usp
+from longctx.parallel.ulysses import check_heads, ulysses_attn_func, ulysses_bytes_per_layer, ulysses_lightning_func
+from longctx.parallel.ring import ring_bytes_per_layer
+from longctx.parallel.usp import build_usp_groups, usp_attn_func, usp_bytes_per_layer
+from test_ring import reference, rel_err, zigzag_share
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -90,6 +93,17 @@ def _ulysses_case(case, group):
     return [out.detach(), q.grad, k.grad, v.grad]
 
 
+def _usp_case(case, ulysses_group, ring_group):
+    ring_module.BLOCK_IMPL = case.get("ring_impl")  # None: PyTorch blocks on the CPU
+    local = {n: split_sequence_usp(case[n], ulysses_group, ring_group) for n in ("q", "k", "v", "dout")}
+    if case.get("packed"):
+        local = {n: x[0] for n, x in local.items()}
+    q, k, v = (local[n].requires_grad_() for n in ("q", "k", "v"))
+    out = usp_attn_func(q, k, v, ulysses_group, ring_group, causal=case["causal"], cu_seqlens=case["cu_seqlens"])
+    out.backward(local["dout"])
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
 def _error_of(fn) -> str | None:
     try:
         fn()
@@ -106,6 +120,17 @@ def _worker(rank, world, ulysses_cases, usp_cases=None):
     odd = x[:, :, :3 * world // 2]
     results["error_heads"] = _error_of(lambda: ulysses_attn_func(odd, odd, odd))
     results["error_kv_heads"] = _error_of(lambda: ulysses_attn_func(x, odd, odd))
+    if usp_cases:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "sp"))
+        ulysses_group, ring_group = build_usp_groups(USP_ULYSSES, mesh)
+        for name, case in usp_cases.items():
+            results[name] = _usp_case(case, ulysses_group, ring_group)
+        x = torch.arange(2 * 16).view(2, 16)
+        results["usp_split"] = split_sequence_usp(x, ulysses_group, ring_group)
+        results["usp_round_trip"] = gather_sequence_usp(results["usp_split"], ulysses_group, ring_group)
+        results["usp_error_length"] = _error_of(lambda: split_sequence_usp(x[:, :6], ulysses_group, ring_group))
+        results["usp_error_ulysses"] = _error_of(lambda: build_usp_groups(3, mesh))
     return results
 
 
@@ -130,13 +155,23 @@ def _assert_shares(name, results, world, truth, single, packed=False, share=_loc
                                         f"{tolerance:.2e} (single process {rel_err(s, t):.1e} relative)")
 
 
-def _check(results, cases, world):
+USP_ULYSSES = 2  # the 4-process USP cases: 2 (Ulysses) x 2 (ring)
+
+
+def _usp_share(x, rank, world, packed):
+    """Rank p's USP share: ring rank p div U's zigzag share, Ulysses rank p mod U's piece of it."""
+    ring = world // USP_ULYSSES
+    share = zigzag_share(x, rank // USP_ULYSSES, ring).chunk(USP_ULYSSES, dim=1)[rank % USP_ULYSSES]
+    return share[0] if packed else share
+
+
+def _check(results, cases, world, share=_local_share):
     for name, case in cases.items():
         if "decay" in case:
             single, truth = lightning_reference(case)
         else:
             single, truth = kernel_reference(case), reference(case)
-        _assert_shares(name, results, world, truth, single, case.get("packed", False))
+        _assert_shares(name, results, world, truth, single, case.get("packed", False), share)
     for rank in range(world):
         heads, kv_heads = results[rank]["error_heads"], results[rank]["error_kv_heads"]
         assert heads is not None and "must divide the query heads" in heads and "\n" not in heads, heads
@@ -170,7 +205,30 @@ def test_ulysses_four_processes():
         "packed": softmax_case(1, 24, 4, 2, cu_seqlens=[0, 1, 7, 14, 23, 24], packed=True),
         "lightning_replicated": lightning_case(32, 4, 2, cu_seqlens=[0, 11, 12, 32]),
     }
-    _check(run_distributed(_worker, 4, cases), cases, 4)
+    # 2 x 2: zigzag chunks of 8 tokens (ring rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2), each
+    # share cut in two over the Ulysses pair
+    usp_cases = {
+        "usp_mha": softmax_case(1, 16, 4, 4),
+        "usp_gqa": softmax_case(2, 16, 4, 2),
+        "usp_mqa": softmax_case(1, 16, 4, 1),             # one KV head replicated over the Ulysses pair
+        "usp_full": softmax_case(1, 16, 2, 2, causal=False),
+        # [4, 13) and [13, 27) cross chunks and shards; [3, 4) is one token
+        "usp_packed": softmax_case(1, 32, 4, 2, cu_seqlens=[0, 3, 4, 13, 27, 32], packed=True),
+        "usp_docs_batch": softmax_case(2, 16, 2, 1, cu_seqlens=[0, 7, 8, 16, 21, 32]),
+        # the ring's blocks through the Triton kernel's low level, as on a GPU
+        "usp_triton": dict(softmax_case(1, 32, 4, 2, cu_seqlens=[0, 5, 6, 20, 32]), ring_impl="triton"),
+    }
+    results = run_distributed(_worker, 4, cases, usp_cases)
+    _check(results, cases, 4)
+    _check(results, usp_cases, 4, share=_usp_share)
+    whole = torch.arange(2 * 16).view(2, 16)
+    for rank in range(4):
+        assert torch.equal(results[rank]["usp_round_trip"], whole)
+        assert torch.equal(results[rank]["usp_split"], _usp_share(whole, rank, 4, False))
+        message = results[rank]["usp_error_length"]
+        assert message is not None and "multiple of 4" in message, message
+        message = results[rank]["usp_error_ulysses"]
+        assert message is not None and "parallel.ulysses=3 must divide" in message, message
 
 
 @pytest.mark.parametrize("heads, kv_heads, ulysses, fits", [
@@ -190,3 +248,13 @@ def test_bytes_per_layer():
     # 2 KV heads on 4 ranks: each of the 4 ranks receives one (replicated) KV head
     assert ulysses_bytes_per_layer(1024, 8, 2, 128, 4) == ulysses_bytes_per_layer(1024, 8, 4, 128, 4)
     assert ulysses_bytes_per_layer(1024, 8, 8, 128, 1) == 0
+
+
+def test_ring_and_usp_bytes_per_layer():
+    # 2 ranks, 1K tokens, 8 KV heads of 128, bf16: a 512-token K, V share goes one hop in each ring
+    # (2 bytes) and the fp32 dK, dV two hops
+    kv_share = 2 * 512 * 8 * 128
+    assert ring_bytes_per_layer(1024, 8, 128, 2) == kv_share * (2 * 2 + 2 * 4)
+    # 2 x 2 USP: the all-to-alls on a ring share of 512 tokens, the ring on 4 of the 8 KV heads
+    usp = usp_bytes_per_layer(1024, 8, 8, 128, ulysses=2, ring=2)
+    assert usp == {"ulysses": ulysses_bytes_per_layer(512, 8, 8, 128, 2), "ring": ring_bytes_per_layer(1024, 4, 128, 2)}

@@ -1,0 +1,85 @@
+"""USP (unified sequence parallelism): Ulysses over adjacent ranks, ring attention across them.
+
+A sequence-parallel group of U x R ranks is laid out as in yunchang's `set_seq_parallel_pg`
+(Ulysses innermost): sp rank p is Ulysses rank p mod U of the Ulysses group of the U adjacent ranks
+{R_i U, ..., R_i U + U - 1}, and ring rank p div U of the ring of the strided ranks {u, u + U, ...}.
+Adjacent ranks sit on one node, so the all-to-all, whose traffic grows with U, stays on the fast
+links and only the ring, which moves K and V shares and overlaps them with compute, crosses nodes.
+
+The sequence: ring rank r holds the zigzag share of the ring (chunks r and 2R-1-r of 2R), cut
+contiguously over its Ulysses group (`sequence.split_sequence_usp`). The Ulysses all-to-all turns a
+rank's piece into the whole zigzag share for its H/U heads, which zigzag ring attention
+(`ring.ring_attn_func`, over the ring group) runs on: causal work balanced round the ring, equal
+over the Ulysses ranks (the same tokens, as many heads each), packed documents exact through the
+ring's plan on the global `cu_seqlens`. A second all-to-all brings the output back.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .ring import ring_attn_func, ring_bytes_per_layer
+from .ulysses import check_shards, heads_to_sequence, sequence_to_heads, ulysses_bytes_per_layer
+
+__all__ = ["usp_attn_func", "build_usp_groups", "usp_bytes_per_layer"]
+
+
+def usp_attn_func(q, k, v, ulysses_group, ring_group, causal: bool = True,
+                  cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                  softmax_scale: float | None = None) -> torch.Tensor:
+    """Softmax attention of this rank's USP share over the whole sequence.
+
+    q (B, S/(U R), H, D), k, v (B, S/(U R), Hkv, D): this rank's share of
+    `split_sequence_usp(x, ulysses_group, ring_group, dim=1)`; or packed q (T/(U R), H, D), k, v
+    (T/(U R), Hkv, D). `cu_seqlens` (int32): the documents of the whole flattened sequence (every
+    batch row starting one, as ring attention needs). H must be divisible by U and Hkv fit it as in
+    `ulysses.check_heads`. `max_seqlen` is accepted for the common signature; the ring plans its
+    blocks from `cu_seqlens`. Returns this rank's output share, q's shape; differentiable in q, k, v.
+    """
+    packed = check_shards(q, k, v, "USP attention")
+    if packed:
+        q, k, v = q[None], k[None], v[None]
+    q_heads, k_heads, v_heads = sequence_to_heads(q, k, v, ulysses_group)  # the ring's zigzag share
+    out = ring_attn_func(q_heads, k_heads, v_heads, ring_group, causal=causal, softmax_scale=softmax_scale,
+                         cu_seqlens=cu_seqlens)
+    out = heads_to_sequence(out, ulysses_group)
+    return out[0] if packed else out
+
+
+def build_usp_groups(ulysses: int, mesh=None, dim: str = "sp"):
+    """(Ulysses group, ring group) of this rank, for every sequence-parallel group at once.
+
+    `mesh`: a DeviceMesh with a dimension `dim` (the sp groups are its slices along it; None: the
+    whole world is one sp group). Each sp group of U x R ranks gets R Ulysses groups of U adjacent
+    ranks and U ring groups of R ranks U apart. Every rank of the world must call this, in the same
+    order (it creates process groups).
+    """
+    if mesh is None:
+        sp_rows = [list(range(dist.get_world_size()))]
+    else:
+        if dim not in (mesh.mesh_dim_names or ()):
+            raise ValueError(f"the device mesh has no {dim!r} dimension (it has {mesh.mesh_dim_names}): "
+                             f"pass the name of its sequence-parallel dimension as dim=")
+        ranks = mesh.mesh.movedim(mesh.mesh_dim_names.index(dim), -1)
+        sp_rows = ranks.reshape(-1, ranks.shape[-1]).tolist()
+    sp = len(sp_rows[0])
+    if ulysses < 1 or sp % ulysses:
+        raise ValueError(f"parallel.ulysses={ulysses} must divide the sequence-parallel size {sp} "
+                         f"(sp = ulysses x ring); choose one of "
+                         f"{[d for d in range(1, sp + 1) if sp % d == 0]}")
+    ulysses_groups = [row[i:i + ulysses] for row in sp_rows for i in range(0, sp, ulysses)]
+    ring_groups = [row[u::ulysses] for row in sp_rows for u in range(ulysses)]
+    ulysses_group, _ = dist.new_subgroups_by_enumeration(ulysses_groups)
+    ring_group, _ = dist.new_subgroups_by_enumeration(ring_groups)
+    return ulysses_group, ring_group
+
+
+def usp_bytes_per_layer(seqlen: int, heads: int, kv_heads: int, head_dim: int, ulysses: int, ring: int,
+                        element_bytes: int = 2, batch: int = 1) -> dict:
+    """Bytes one rank sends in one softmax layer's forward and backward, by link: the all-to-alls
+    inside the Ulysses group (on the ring share of S/R tokens) and the ring's K, V and dK, dV shares
+    (H/U query heads, max(Hkv, U)/U KV heads)."""
+    kv_per_rank = max(kv_heads, ulysses) // ulysses
+    return {"ulysses": ulysses_bytes_per_layer(seqlen // ring, heads, kv_heads, head_dim, ulysses,
+                                               element_bytes, batch),
+            "ring": ring_bytes_per_layer(seqlen, kv_per_rank, head_dim, ring, element_bytes, batch)}
