@@ -5,8 +5,8 @@
 Prints a Markdown table (the one in the README) for the Llama-3.2-1B and Llama-3-8B shapes: per
 method, the MiB one GPU sends in one layer's forward and backward (bf16 activations), for softmax
 layers and, where the method runs them, linear-attention layers of the same shape. USP is laid out
-as Ulysses over `--ulysses` GPUs (default: the KV heads, the most that need no replication, capped
-by the GPU count) times a ring over the rest. Counts, not timings: what a link must carry.
+as Ulysses over `--ulysses` GPUs (default: the KV heads, the most that need no replication, and
+at most half the GPUs, so that a ring remains) times a ring over the rest. Counts, not timings: what a link must carry.
 """
 from __future__ import annotations
 
@@ -45,10 +45,11 @@ def table(gpus: int, seqlens: list[int], ulysses: int | None, a: int = 2) -> str
             cells = []
             for label, n in columns:
                 m = shapes[label]
-                u = ulysses or min(m.num_key_value_heads, gpus)
+                u = ulysses or min(m.num_key_value_heads, gpus // 2)
                 dims = SimpleNamespace(sp=gpus, ulysses=u if name == "usp" else 1)
                 cells.append(f"{method.bytes_per_layer(m, n, a, dims, kind) / MIB:,.0f}")
-            lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
+            label = f"{name} ({ulysses or 'KV heads, <= sp/2'} x ring)" if name == "usp" else name
+            lines.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -459,16 +459,17 @@ def ring_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, sof
 # the method's record
 # ------------------------------------------------------------------------------------------------
 def _bytes_per_layer(m, seqlen, a, dims, kind) -> float:
-    """Forward: this rank's K and V go N - 1 hops; backward: again, and the fp32 dK, dV N hops."""
-    n = dims.sp
-    kv = seqlen / n * 2 * m.num_key_value_heads * m.head_dim
-    return 2 * (n - 1) * kv * a + n * kv * 4
+    return ring_bytes_per_layer(seqlen, m.num_key_value_heads, m.head_dim, dims.sp, a)
+
+
+def ring_buffers(tokens: int, heads: int, kv_heads: int, head_dim: int, a: int) -> int:
+    """K and V in a double buffer, the travelling fp32 dK and dV (double buffered), the fp32 dQ."""
+    kv = tokens * kv_heads * head_dim
+    return 2 * 2 * kv * a + 2 * 2 * kv * 4 + tokens * heads * head_dim * 4
 
 
 def _memory(m, tokens, a, dims) -> dict:
-    """K and V in a double buffer, the travelling fp32 dK and dV (double buffered), the fp32 dQ."""
-    kv = tokens * m.num_key_value_heads * m.head_dim
-    return {"ring buffers": 2 * 2 * kv * a + 2 * 2 * kv * 4 + tokens * m.num_attention_heads * m.head_dim * 4}
+    return {"ring buffers": ring_buffers(tokens, m.num_attention_heads, m.num_key_value_heads, m.head_dim, a)}
 
 
 def _init_ring(dims):

@@ -18,8 +18,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .ring import ring_attn_func, ring_bytes_per_layer
-from .ulysses import check_shards, heads_to_sequence, sequence_to_heads, ulysses_bytes_per_layer
+from longctx.model.attention import register_attention
+
+from .registry import SequenceMethod, register_method
+from .ring import init_ring, ring_attn_func, ring_buffers, ring_bytes_per_layer
+from .sequence import gather_sequence_usp, split_sequence_usp, usp_sequence_divisor
+from .ulysses import (check_shards, heads_check, heads_exchange_memory, heads_to_sequence, sequence_to_heads,
+                      ulysses_bytes_per_layer)
 
 __all__ = ["usp_attn_func", "build_usp_groups", "usp_bytes_per_layer"]
 
@@ -83,3 +88,57 @@ def usp_bytes_per_layer(seqlen: int, heads: int, kv_heads: int, head_dim: int, u
     return {"ulysses": ulysses_bytes_per_layer(seqlen // ring, heads, kv_heads, head_dim, ulysses,
                                                element_bytes, batch),
             "ring": ring_bytes_per_layer(seqlen, kv_per_rank, head_dim, ring, element_bytes, batch)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the model's mixer and the method's record (longctx/parallel/registry.py)
+# ------------------------------------------------------------------------------------------------
+@register_attention("usp")
+def usp_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+    """The model's `usp` token mixer; `group` is the pair (Ulysses group, ring group)."""
+    ulysses_group, ring_group = group
+    return usp_attn_func(q, k, v, ulysses_group, ring_group, causal=True, cu_seqlens=cu_seqlens,
+                         softmax_scale=softmax_scale)
+
+
+def _ring_size(dims) -> int:
+    return dims.sp // dims.ulysses
+
+
+def _check(dims, model_config) -> None:
+    if dims.ulysses < 2 or dims.sp % dims.ulysses or dims.sp == dims.ulysses:
+        raise ValueError(f"parallel.sp_method=usp needs parallel.ulysses (now {dims.ulysses}) between 2 and "
+                         f"sp/2 dividing parallel.sp={dims.sp} (sp = ulysses x ring); for ulysses = sp use "
+                         f"sp_method=ulysses, for ulysses = 1 sp_method=ring")
+    heads_check(lambda d: d.ulysses)(dims, model_config)
+
+
+def _groups(dims):
+    """(Ulysses group, ring group) from the mesh's sp dimension (the whole world without a mesh)."""
+    ulysses_group, ring_group = build_usp_groups(dims.ulysses, dims.mesh)
+    init_ring(ring_group)   # the ring's communicators made and warmed up now, not in the first layer
+    return ulysses_group, ring_group
+
+
+def _memory(m, tokens, a, dims) -> dict:
+    """The Ulysses exchange's buffers, and the ring's over the ring share (U x the rank's tokens)
+    for this rank's H/U query heads and max(Hkv, U)/U KV heads."""
+    u = dims.ulysses
+    parts = heads_exchange_memory(u, m, tokens, a)
+    parts["ring buffers"] = ring_buffers(tokens * u, m.num_attention_heads // u,
+                                         max(m.num_key_value_heads, u) // u, m.head_dim, a)
+    return parts
+
+
+def _bytes(m, seqlen, a, dims, kind) -> float:
+    return sum(usp_bytes_per_layer(seqlen, m.num_attention_heads, m.num_key_value_heads, m.head_dim,
+                                   dims.ulysses, _ring_size(dims), a).values())
+
+
+register_method(SequenceMethod(
+    name="usp", summary="USP: Ulysses over parallel.ulysses adjacent ranks (a node) x zigzag ring across them",
+    softmax="usp", linear=None,
+    split=lambda x, dims, dim: split_sequence_usp(x, *dims.mixer_group, dim=dim),
+    gather=lambda local, dims, dim: gather_sequence_usp(local, *dims.mixer_group, dim=dim),
+    divisor=lambda dims: usp_sequence_divisor(dims.ulysses, _ring_size(dims)),
+    groups=_groups, bytes_per_layer=_bytes, check=_check, memory=_memory))

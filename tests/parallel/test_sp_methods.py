@@ -20,9 +20,11 @@ CASES = {
     "lasp_allgather": ["parallel.sp=2"] + HYBRID,
     # 4 query heads, 2 KV heads over 4 ranks: each KV head replicated to two ranks
     "ulysses": ["parallel.sp=4"] + HYBRID,
+    # Ulysses over pairs of adjacent ranks x a ring of 2
+    "usp": ["parallel.sp=4", "parallel.ulysses=2"] + SOFTMAX,
 }
 # Ulysses runs the flash kernel over the whole sequence: under the Triton interpreter on a CPU
-NEEDS_KERNEL = {"ulysses", "usp"}
+NEEDS_KERNEL = {"ulysses"}
 COMMON = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
           "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.attention=sdpa",
           "train.seq_len=64", "train.grad_accum=2", "train.precision=fp32", "train.device=cpu",
@@ -52,8 +54,8 @@ def _check_worker(rank, world, configs):
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["pytorch-paths", "kernel-paths"])
 def test_a_training_step_of_each_method_matches_one_process(monkeypatch, kernel):
-    """ring and LASP on their PyTorch paths (their kernels are tested apiece); Ulysses and USP with
-    the flash kernel (interpreted on a CPU)."""
+    """ring, LASP and USP on their PyTorch paths (their kernels are tested apiece); Ulysses with the
+    flash kernel (interpreted on a CPU)."""
     if not kernel:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     configs = {name: method_config(name) for name in CASES if (name in NEEDS_KERNEL) == kernel}
@@ -72,7 +74,7 @@ def test_a_training_step_of_each_method_matches_one_process(monkeypatch, kernel)
 def test_planner_counts_each_method_and_its_traffic(name):
     from longctx.plan import estimate, report
     cfg = compose(["model=llama3.2-1b", "train.seq_len=131072", "train.activation_checkpoint=full"]
-                  + CASES[name][:1] + [f"parallel.sp_method={name}"])
+                  + [o for o in CASES[name] if o.startswith("parallel.")] + [f"parallel.sp_method={name}"])
     method, sp = methods()[name], cfg.parallel.sp
     e = estimate(cfg, sp)
     for part, value in method.memory(cfg.model, cfg.train.seq_len // sp, 2, cfg.parallel).items():
@@ -94,6 +96,15 @@ def test_planner_counts_each_method_and_its_traffic(name):
     (["parallel.sp=2", "parallel.sp_method=lasp", "train.seq_len=1001"], 2,
      "train.seq_len=1001 is not a multiple of 2, which lasp over sp=2 needs"),
     (["parallel.lasp_variant=allgather"], 1, "set parallel.sp_method=lasp .* or lasp_allgather"),
+    (["parallel.sp=4", "parallel.sp_method=ulysses", "model.num_attention_heads=6", "model.num_key_value_heads=2",
+      "model.hidden_size=48"], 4, "parallel.sp_method=ulysses over 4 Ulysses ranks: Ulysses splits the 6 query "
+                                  "heads over 4 ranks"),
+    (["parallel.sp=4", "parallel.sp_method=usp", "parallel.ulysses=3"], 4,
+     "parallel.sp_method=usp needs parallel.ulysses \\(now 3\\) between 2 and sp/2 dividing parallel.sp=4"),
+    (["parallel.sp=4", "parallel.sp_method=usp", "parallel.ulysses=4"], 4, "for ulysses = sp use sp_method=ulysses"),
+    (["parallel.sp=4", "parallel.sp_method=usp", "parallel.ulysses=2", "model.layer_types=[linear,softmax]",
+      "model.num_hidden_layers=2"], 4, "parallel.sp_method=usp cannot run the model's linear attention layers: "
+                                       "use one of lasp, lasp_allgather, ulysses"),
 ])
 def test_impossible_layouts_are_one_line_errors(overrides, world, message):
     with pytest.raises(ConfigError, match=message) as error:
