@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from longctx.model.attention import document_ranges, per_step, register_attention
-from longctx.ops.linear import forward as kernel
+from longctx.ops.dispatch import use_kernel
 
 from .lasp import ShardDocuments, _expand_heads, _group_info, kernel_bounds, shard_documents
 
@@ -165,18 +165,20 @@ def _sdpa_bottom_right(q, k, v, scale):
 
 
 @register_attention("allgather_kv")
-def allgather_kv_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+def allgather_kv_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None,
+                           kernel: bool | None = None):
     """Causal softmax attention for contiguous shards over `group`: K and V are
     all-gathered (GQA keeps them small) and this rank's queries attend to the keys up to its
     shard's end. `cu_seqlens` describes the whole sequence, as for `lasp`. With the flash kernels
-    (GPU, or the Triton interpreter) the gather overlaps the shard's own causal block; otherwise
+    (on CUDA, or kernel=True under the Triton interpreter) the gather overlaps the shard's own causal block; otherwise
     PyTorch's SDPA runs each document piece on the gathered keys."""
     rank, world = _group_info(group)
     batch, length = q.shape[:2]
     if cu_seqlens is not None and batch != 1:
         raise ValueError(f"packed documents (cu_seqlens) need batch size 1 under sequence parallelism, got {batch}")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    if kernel.use_triton(q) and q.dtype != torch.float64:
+    supported = q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if use_kernel("all-gather-KV attention", q.device, supported, kernel, f"fp16/bf16/fp32, got {q.dtype}"):
         docs = shard_documents(cu_seqlens, rank, world, length)
         return _AllGatherKVAttention.apply(q, k, v, group, docs, scale)
     if world > 1:

@@ -9,12 +9,12 @@ needs from the earlier shards only their d x d state per head, and the state's s
 
 where out0, S0 are the shard's results from a zero state. So the work that does not need S_in runs
 first, with no communication, and only a small step waits for it. Two implementations:
-- with the Triton kernel (GPU, or the interpreter): its own phases with the exchange in between.
+- with the Triton kernel (GPU, or kernel=True under the interpreter): its own phases with the exchange in between.
   (1) each segment's state from zero (a pass over k, v); (2) S_in arrives, the scan over segments
   (a tiny kernel) gives the segment start states and S_out, which goes on at once; (3) the outputs.
   No extra pass over the sequence: the incoming state enters through the segment start states,
   which the backward reuses (LASP's state caching) instead of receiving the state again.
-- otherwise (`lightning_attn_func`'s PyTorch path, e.g. CPU tests without the interpreter): the
+- otherwise (`lightning_attn_func`'s PyTorch path: a CPU, float64, or kernel=False): the
   kernel from a zero state, then the formulas above as separate corrections.
 The communication is one fp32 state per rank (B*H*Dk*Dv*4 bytes: 1 MiB at 16 heads of 128) and
 never stands in front of work that does not need it: no barrier, no host sync, no blocking
@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 from longctx.model.attention import document_ranges, per_step, register_linear_attention
 from longctx.ops.linear import forward as kernel
-from longctx.ops.linear import lightning_attn_func
+from longctx.ops.linear import lightning_attn_func, uses_kernel
 
 from .registry import SequenceMethod, register_method
 from .sequence import layout_over_sp
@@ -226,7 +226,7 @@ class _LaspGeneric(torch.autograd.Function):
         bounds = kernel_bounds(docs, q.device)
         leaves = [x.detach().requires_grad_(needs_grad and x.requires_grad) for x in (q, k, v)]
         with torch.set_grad_enabled(needs_grad):
-            out, state0 = lightning_attn_func(*leaves, decay, initial_state=None, cu_seqlens=bounds)
+            out, state0 = lightning_attn_func(*leaves, decay, initial_state=None, cu_seqlens=bounds, kernel=False)
         state0 = state0.detach().float()
 
         send = None
@@ -323,12 +323,6 @@ def kernel_bounds(docs: ShardDocuments, device) -> Optional[torch.Tensor]:
     if docs.kernel_bounds is None:
         return None
     return torch.tensor(docs.kernel_bounds, dtype=torch.int32, device=device)
-
-
-def _uses_triton(q, v) -> bool:
-    """The rule `lightning_attn_func` follows for its Triton path."""
-    return (kernel.use_triton(q) and q.dtype != torch.float64
-            and max(q.shape[-1], v.shape[-1]) <= kernel.MAX_HEAD_DIM and q.shape[1] > 0)
 
 
 def _plan(q, v, bounds):
@@ -430,13 +424,15 @@ class _LaspPhased(torch.autograd.Function):
 
 
 def lasp_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, group=None, *,
-                   cu_seqlens: Optional[torch.Tensor] = None, variant: str = "ring") -> torch.Tensor:
+                   cu_seqlens: Optional[torch.Tensor] = None, variant: str = "ring",
+                   kernel: Optional[bool] = None) -> torch.Tensor:
     """Lightning attention over a sequence split contiguously across `group` (None: the default group).
 
     q, k (B, L, H, Dk) (k may have fewer, grouped heads), v (B, L, Hkv, Dv): this rank's shard, every
     rank's of the same length L (layout "contiguous" of `split_sequence`). decay (H,) >= 0, fixed.
     `cu_seqlens` (int32): document bounds of the whole sequence of world * L tokens (B = 1).
     Returns this rank's output (B, L, H, Dv), equal to the single-device output's shard.
+    `kernel`: the Triton kernels' phases or the PyTorch form, chosen as `lightning_attn_func` does.
     """
     if variant not in VARIANTS:
         raise ValueError(f"LASP variant {variant!r} is unknown; choose one of {VARIANTS}")
@@ -454,7 +450,7 @@ def lasp_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: tor
                          f"batch into one row")
     docs = shard_documents(cu_seqlens, rank, world, q.shape[1])
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if _uses_triton(q, v):
+    if uses_kernel(q, v, kernel):
         return _LaspPhased.apply(q, k, v, decay, group, docs, variant)
     return _LaspGeneric.apply(q, k, v, decay, group, docs, variant, needs_grad)
 
