@@ -66,6 +66,12 @@ def check_config(cfg: DictConfig) -> None:
         raise EvalConfigError(f"depths must lie in [0, 1], got {list(cfg.depths)}")
     if cfg.wandb not in ("disabled", "offline", "online"):
         raise EvalConfigError(f"wandb={cfg.wandb!r}: choose disabled, offline or online")
+    if cfg.sp_method != "none":
+        from longctx.parallel.registry import get_method
+        try:
+            get_method(cfg.sp_method)
+        except ValueError as error:
+            raise EvalConfigError(str(error).replace("parallel.", "")) from None
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

@@ -120,3 +120,42 @@ def test_the_bytes_table_script_reads_the_registry():
     assert out.returncode == 0, out.stderr
     for name in CASES:
         assert f"| {name}" in out.stdout, out.stdout
+
+
+def test_one_per_step_cache_serves_every_layer(monkeypatch):
+    """The ring plan is made once per cu_seqlens tensor, however many layers read it (one cache,
+    `model.attention.per_step`, as for LASP's shard view and the host bounds); a new tensor (the
+    next step) or an in-place change makes it again."""
+    from longctx.model import Llama, ModelConfig
+    from longctx.model.attention import with_host_bounds
+    import longctx.parallel.ring as ring
+    made, real = [], ring.ring_plan
+    monkeypatch.setattr(ring, "ring_plan", lambda *a: made.append(a) or real(*a))
+    model = Llama(ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                              num_attention_heads=2, num_key_value_heads=1, attention="ring"))
+    ids = torch.randint(0, 32, (1, 12))
+    cu = with_host_bounds(torch.tensor([0, 5, 12], dtype=torch.int32), "cpu")
+    model(ids, cu_seqlens=cu)
+    model(ids, cu_seqlens=cu)
+    assert len(made) == 1
+    following = with_host_bounds(torch.tensor([0, 7, 12], dtype=torch.int32), "cpu")
+    model(ids, cu_seqlens=following)
+    assert len(made) == 2
+    following[1] = 6
+    model(ids, cu_seqlens=following)
+    assert len(made) == 3
+
+
+def test_check_runs_the_trainers_step(monkeypatch, tmp_path):
+    """`longctx.check` runs the trainer's forward_backward and autocast for both sides: the layout's
+    and, with sums that stay on one process, the reference's."""
+    from longctx import check as check_module
+    import longctx.train.train as T
+    calls, real = [], T.forward_backward
+    monkeypatch.setattr(T, "forward_backward", lambda *a, **k: calls.append((a[3], k)) or real(*a, **k))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = compose(COMMON + ["train.precision=bf16_autocast", "train.grad_accum=1"])
+    report = check_module.check(cfg)
+    assert report["ok"], report
+    assert len(calls) == 2 and all(isinstance(autocast, torch.autocast) for autocast, _ in calls)
+    assert "reduce" not in calls[0][1] and calls[1][1]["reduce"](torch.ones(())) == 1
