@@ -47,6 +47,10 @@ class ParallelDims:
                              f"to one of {', '.join(sorted(methods()))}")
         if self.sp == 1:
             self.sp_method = "none"
+        if self.ulysses != 1 and (self.method is None or "ulysses" not in self.method.reads):
+            readers = sorted(name for name, method in methods().items() if "ulysses" in method.reads)
+            raise ValueError(f"parallel.ulysses={self.ulysses} is read by sp_method={' or '.join(readers)} only "
+                             f"(now {self.sp_method}): set the method, or drop parallel.ulysses")
         if self.method is not None:
             self.method.check(self, None)
 
@@ -103,5 +107,5 @@ def sequence_dims(sp_method: str, group=None, ulysses: int = 1) -> ParallelDims:
     `sp_method`, for evaluation (no data parallelism, no gradients)."""
     size = dist.get_world_size(group) if dist.is_initialized() else 1
     dims = ParallelDims(world_size=size, dp=1, sp=size, sp_method=sp_method if size > 1 else "none",
-                        dp_backend="none", ulysses=ulysses)
+                        dp_backend="none", ulysses=ulysses if size > 1 else 1)
     return dims.sequence_only(group) if size > 1 else dims

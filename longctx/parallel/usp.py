@@ -141,4 +141,4 @@ register_method(SequenceMethod(
     split=lambda x, dims, dim: split_sequence_usp(x, *dims.mixer_group, dim=dim),
     gather=lambda local, dims, dim: gather_sequence_usp(local, *dims.mixer_group, dim=dim),
     divisor=lambda dims: usp_sequence_divisor(dims.ulysses, _ring_size(dims)),
-    groups=_groups, bytes_per_layer=_bytes, check=_check, memory=_memory))
+    groups=_groups, bytes_per_layer=_bytes, check=_check, memory=_memory, reads=("ulysses",)))

@@ -102,6 +102,8 @@ def test_planner_counts_each_method_and_its_traffic(name):
     (["parallel.sp=4", "parallel.sp_method=usp", "parallel.ulysses=3"], 4,
      "parallel.sp_method=usp needs parallel.ulysses \\(now 3\\) between 2 and sp/2 dividing parallel.sp=4"),
     (["parallel.sp=4", "parallel.sp_method=usp", "parallel.ulysses=4"], 4, "for ulysses = sp use sp_method=ulysses"),
+    (["parallel.sp=4", "parallel.sp_method=ring", "parallel.ulysses=2"], 4,
+     "parallel.ulysses=2 is read by sp_method=usp only \\(now ring\\): set the method, or drop parallel.ulysses"),
     (["parallel.sp=4", "parallel.sp_method=usp", "parallel.ulysses=2", "model.layer_types=[linear,softmax]",
       "model.num_hidden_layers=2"], 4, "parallel.sp_method=usp cannot run the model's linear attention layers: "
                                        "use one of lasp, lasp_allgather, ulysses"),
