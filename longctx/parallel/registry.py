@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 _METHODS: dict[str, "SequenceMethod"] = {}
+_DISCOVERED: list[bool] = []   # non-empty once the package's modules have been imported
 
 
 def _no_check(dims, model_config) -> None:
@@ -66,9 +67,11 @@ def register_method(method: SequenceMethod) -> SequenceMethod:
 def methods() -> dict[str, SequenceMethod]:
     """Every registered method by name, after importing the modules of `longctx.parallel` (each
     method's module registers its record when imported)."""
-    import longctx.parallel as package
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{info.name}")
+    if not _DISCOVERED:
+        import longctx.parallel as package
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+        _DISCOVERED.append(True)
     return dict(_METHODS)
 
 
