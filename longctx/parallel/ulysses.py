@@ -22,6 +22,8 @@ each rank runs lightning attention over the whole sequence for its heads, with n
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -33,10 +35,28 @@ __all__ = ["ulysses_attn_func", "ulysses_lightning_func", "check_heads", "ulysse
            "sequence_to_heads", "heads_to_sequence"]
 
 
+@dataclass(frozen=True)
+class LoopbackGroup:
+    """One process standing in for rank `rank` of a group of `world_size`: every piece an
+    all-to-all "receives" is a copy of the one it sent. Does one rank's computation (the kernel on
+    the whole sequence for its heads, the exchanges' copies) without communication, for timing
+    (scripts/bench_ulysses.py); its results are not attention over any sequence."""
+    world_size: int
+    rank: int = 0
+
+
 def _world_size(group) -> int:
+    if isinstance(group, LoopbackGroup):
+        return group.world_size
     if not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    if isinstance(group, LoopbackGroup):
+        return group.rank
+    return dist.get_rank(group) if _world_size(group) > 1 else 0
 
 
 def check_heads(heads: int, kv_heads: int, ulysses: int) -> None:
@@ -65,6 +85,8 @@ def _kv_replicas(kv_heads: int, ulysses: int) -> int:
 # ------------------------------------------------------------------------------------------------
 def _all_to_all(send: torch.Tensor, group) -> torch.Tensor:
     """send [U, ...]: piece j goes to rank j; returns [U, ...] where piece j came from rank j."""
+    if isinstance(group, LoopbackGroup):
+        return send.clone()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     return recv
@@ -231,7 +253,7 @@ def ulysses_lightning_func(q, k, v, decay: torch.Tensor, group=None,
     if cu_seqlens is not None:
         _check_documents(cu_seqlens, q_heads.shape[0] * q_heads.shape[1], "ulysses lightning attention")
     heads = q_heads.shape[2]
-    rank = dist.get_rank(group) if _world_size(group) > 1 else 0
+    rank = _rank(group)
     out, _ = lightning_attn_func(q_heads, k_heads, v_heads, decay[rank * heads:(rank + 1) * heads],
                                  cu_seqlens=cu_seqlens)
     return heads_to_sequence(out, group)
