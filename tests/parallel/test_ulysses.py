@@ -120,6 +120,9 @@ def _worker(rank, world, ulysses_cases, usp_cases=None):
     odd = x[:, :, :3 * world // 2]
     results["error_heads"] = _error_of(lambda: ulysses_attn_func(odd, odd, odd))
     results["error_kv_heads"] = _error_of(lambda: ulysses_attn_func(x, odd, odd))
+    local_documents = torch.tensor([0, 3, 4], dtype=torch.int32)  # of this rank's 4 tokens, not the whole
+    results["error_cu_seqlens"] = _error_of(lambda: ulysses_attn_func(x[:, :, :4], x[:, :, :4], x[:, :, :4],
+                                                                      cu_seqlens=local_documents))
     if usp_cases:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "sp"))
@@ -176,6 +179,8 @@ def _check(results, cases, world, share=_local_share):
         heads, kv_heads = results[rank]["error_heads"], results[rank]["error_kv_heads"]
         assert heads is not None and "must divide the query heads" in heads and "\n" not in heads, heads
         assert kv_heads is not None and "key/value heads" in kv_heads and "\n" not in kv_heads, kv_heads
+        documents = results[rank]["error_cu_seqlens"]
+        assert documents is not None and f"sequence, {4 * world}" in documents, documents
 
 
 # ------------------------------------------------------------------------------------------------
