@@ -22,7 +22,7 @@ import longctx.parallel.ring as ring_module
 from longctx.parallel.sequence import gather_sequence_usp, split_sequence, split_sequence_usp
 from longctx.parallel.ulysses import check_heads, ulysses_attn_func, ulysses_bytes_per_layer, ulysses_lightning_func
 from longctx.parallel.ring import ring_bytes_per_layer
-from longctx.parallel.usp import build_usp_groups, usp_attn_func, usp_bytes_per_layer
+from longctx.parallel.usp import build_usp_groups, usp_attn_func, usp_bytes_per_layer, usp_group_ranks
 from test_ring import reference, rel_err, zigzag_share
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -263,3 +263,13 @@ def test_ring_and_usp_bytes_per_layer():
     # 2 x 2 USP: the all-to-alls on a ring share of 512 tokens, the ring on 4 of the 8 KV heads
     usp = usp_bytes_per_layer(1024, 8, 8, 128, ulysses=2, ring=2)
     assert usp == {"ulysses": ulysses_bytes_per_layer(512, 8, 8, 128, 2), "ring": ring_bytes_per_layer(1024, 4, 128, 2)}
+
+
+def test_usp_group_ranks_follow_the_mesh():
+    """dp 2 x sp 8 with Ulysses 2: Ulysses pairs of adjacent ranks, rings of ranks 2 apart, inside
+    each data-parallel replica's sp group (yunchang's set_seq_parallel_pg with Ulysses low)."""
+    ulysses_groups, ring_groups = usp_group_ranks([list(range(8)), list(range(8, 16))], 2)
+    assert ulysses_groups == [[r, r + 1] for r in range(0, 16, 2)]
+    assert ring_groups == [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]]
+    with pytest.raises(ValueError, match="parallel.ulysses=3 must divide the sequence-parallel size 8"):
+        usp_group_ranks([list(range(8))], 3)
