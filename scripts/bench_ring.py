@@ -25,6 +25,7 @@ hidden_frac = 1 - exposed_comm_ms / comm_ms. Imports nothing beyond torch, trito
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -38,11 +39,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from longctx.ops.attention import flash_attn_func  # noqa: E402
 from longctx.parallel import ring as ring_module  # noqa: E402
-from longctx.parallel.ring import LoopbackComm, init_ring, ring_attn_func, ring_backward, ring_bytes_per_layer  # noqa: E402
-from longctx.parallel.ring import ring_forward, ring_plan  # noqa: E402
+from longctx.parallel.ring import LoopbackComm, init_ring, ring_attn_func, ring_backward, ring_forward, ring_plan  # noqa: E402
 from longctx.parallel.sequence import split_sequence  # noqa: E402
 from longctx.parallel.ulysses import LoopbackGroup, check_heads, heads_to_sequence, sequence_to_heads  # noqa: E402
-from longctx.parallel.ulysses import ulysses_attn_func, ulysses_bytes_per_layer  # noqa: E402
+from longctx.parallel.ulysses import ulysses_attn_func  # noqa: E402
 from longctx.parallel.usp import usp_bytes_per_layer  # noqa: E402
 from benchlib import result_head  # noqa: E402
 
@@ -256,32 +256,33 @@ MODEL_SHAPES = (("llama3.2-1b", 32, 8, 64), ("llama3-8b", 32, 8, 128))
 
 
 def bytes_rows(seqlens, gpu_counts=(2, 4, 8), element_bytes=2):
-    """Bytes one rank sends per softmax layer, forward and backward, bf16, by method and link."""
+    """Bytes one rank sends per softmax layer, forward and backward, bf16, by method and link:
+    every U x R layout whose heads fit (U = 1: ring attention; R = 1: Ulysses; else USP)."""
     rows = []
     for model, heads, kv_heads, head_dim in MODEL_SHAPES:
-        for seqlen in seqlens:
-            for gpus in gpu_counts:
-                shape = dict(bench="bytes_per_layer", impl="longctx", model=model, seqlen=seqlen, heads=heads,
-                             kv_heads=kv_heads, head_dim=head_dim, causal=True, mode="fwd_bwd", gpus=gpus)
-                sent = {("ring", 1, gpus): {"ring": ring_bytes_per_layer(seqlen, kv_heads, head_dim, gpus, element_bytes)}}
-                for ulysses in (u for u in range(2, gpus + 1) if gpus % u == 0):
-                    try:
-                        check_heads(heads, kv_heads, ulysses)
-                    except ValueError:
-                        continue
-                    ring = gpus // ulysses
-                    sent["ulysses" if ring == 1 else "usp", ulysses, ring] = (
-                        {"ulysses": ulysses_bytes_per_layer(seqlen, heads, kv_heads, head_dim, ulysses, element_bytes)}
-                        if ring == 1 else usp_bytes_per_layer(seqlen, heads, kv_heads, head_dim, ulysses, ring, element_bytes))
-                for (method, ulysses, ring), parts in sent.items():
-                    rows.append(dict(shape, method=method, ulysses=ulysses, ring=ring,
-                                     bytes=sum(parts.values()), **{f"bytes_{link}": b for link, b in parts.items()}))
+        for seqlen, gpus in itertools.product(seqlens, gpu_counts):
+            for ulysses in (u for u in range(1, gpus + 1) if gpus % u == 0 and heads_fit(heads, kv_heads, u)):
+                ring = gpus // ulysses
+                parts = usp_bytes_per_layer(seqlen, heads, kv_heads, head_dim, ulysses, ring, element_bytes)
+                rows.append(dict(bench="bytes_per_layer", impl="longctx", model=model, seqlen=seqlen, heads=heads,
+                                 kv_heads=kv_heads, head_dim=head_dim, causal=True, mode="fwd_bwd", gpus=gpus,
+                                 method="ring" if ulysses == 1 else "ulysses" if ring == 1 else "usp",
+                                 ulysses=ulysses, ring=ring, bytes=sum(parts.values()),
+                                 **{f"bytes_{link}": b for link, b in parts.items()}))
     print(f"{'model':12s} {'seqlen':>7s} {'gpus':>4s} {'method':8s} {'U x R':>6s} {'MiB/layer/rank':>14s} "
           f"{'all-to-all':>10s} {'ring':>8s}")
     for r in rows:
-        print(f"{r['model']:12s} {r['seqlen'] // K:6d}K {r['gpus']:4d} {r['method']:8s} {r['ulysses']:>2d} x {r['ring']:<2d} "
-              f"{r['bytes'] / 2**20:14.1f} {r.get('bytes_ulysses', 0) / 2**20:10.1f} {r.get('bytes_ring', 0) / 2**20:8.1f}")
+        print(f"{r['model']:12s} {r['seqlen'] // K:6d}K {r['gpus']:4d} {r['method']:8s} {r['ulysses']:>2d} x "
+              f"{r['ring']:<2d} {r['bytes'] / 2**20:14.1f} {r['bytes_ulysses'] / 2**20:10.1f} {r['bytes_ring'] / 2**20:8.1f}")
     return rows
+
+
+def heads_fit(heads, kv_heads, ulysses):
+    try:
+        check_heads(heads, kv_heads, ulysses)
+    except ValueError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------

@@ -57,8 +57,8 @@ def kernel_reference(case):
 def lightning_case(seqlen, heads, kv_heads, cu_seqlens=None):
     gen = torch.Generator().manual_seed(int(torch.randint(2**31, ()).item()))
     dk, dv = 8, 12  # different key and value head dims
-    case = dict(q=torch.randn(1, seqlen, heads, dk, generator=gen), k=torch.randn(1, seqlen, kv_heads, dk, generator=gen),
-                v=torch.randn(1, seqlen, kv_heads, dv, generator=gen), dout=torch.randn(1, seqlen, heads, dv, generator=gen))
+    shapes = dict(q=(heads, dk), k=(kv_heads, dk), v=(kv_heads, dv), dout=(heads, dv))
+    case = {n: torch.randn(1, seqlen, h, d, generator=gen) for n, (h, d) in shapes.items()}
     case["q"], case["k"] = case["q"] * dk ** -0.5, case["k"] * dk ** -0.5  # keep the sums of a few tokens O(1)
     case["decay"] = torch.rand(heads, generator=gen) * 0.5
     case["decay"][0] = 0.0  # a head whose state never fades
