@@ -22,6 +22,8 @@ each rank runs lightning attention over the whole sequence for its heads, with n
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -36,10 +38,28 @@ __all__ = ["ulysses_attn_func", "ulysses_lightning_func", "check_heads", "ulysse
            "sequence_to_heads", "heads_to_sequence"]
 
 
+@dataclass(frozen=True)
+class LoopbackGroup:
+    """One process standing in for rank `rank` of a group of `world_size`: every piece an
+    all-to-all "receives" is a copy of the one it sent. Does one rank's computation (the kernel on
+    the whole sequence for its heads, the exchanges' copies) without communication, for timing
+    (scripts/bench_ring.py --part ulysses); its results are not attention over any sequence."""
+    world_size: int
+    rank: int = 0
+
+
 def _world_size(group) -> int:
+    if isinstance(group, LoopbackGroup):
+        return group.world_size
     if not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    if isinstance(group, LoopbackGroup):
+        return group.rank
+    return dist.get_rank(group) if _world_size(group) > 1 else 0
 
 
 def check_heads(heads: int, kv_heads: int, ulysses: int) -> None:
@@ -68,6 +88,8 @@ def _kv_replicas(kv_heads: int, ulysses: int) -> int:
 # ------------------------------------------------------------------------------------------------
 def _all_to_all(send: torch.Tensor, group) -> torch.Tensor:
     """send [U, ...]: piece j goes to rank j; returns [U, ...] where piece j came from rank j."""
+    if isinstance(group, LoopbackGroup):
+        return send.clone()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     return recv
@@ -171,13 +193,15 @@ def check_shards(q, k, v, what: str) -> bool:
     return q.dim() == 3
 
 
-def _check_documents(cu_seqlens, tokens: int, what: str) -> list[int]:
+def _longest_document(cu_seqlens, tokens: int, what: str) -> int:
+    """Check that `cu_seqlens` spans the whole sequence of `tokens` (not a rank's share): read on
+    the host (remembered by `with_host_bounds`, else a sync), before any exchange."""
     bounds = document_bounds(cu_seqlens)
     if bounds[0] != 0 or bounds[-1] != tokens:
         raise ValueError(f"{what}: cu_seqlens must rise from 0 to the token count of the whole (unsplit) "
                          f"sequence, {tokens}; got {bounds[:4]}...{bounds[-1]}: pass the documents of the "
                          f"whole sequence, not of this rank's share")
-    return bounds
+    return max(b - a for a, b in zip(bounds, bounds[1:]))
 
 
 def _attend_whole(q, k, v, causal, cu_seqlens, max_seqlen, softmax_scale):
@@ -185,9 +209,6 @@ def _attend_whole(q, k, v, causal, cu_seqlens, max_seqlen, softmax_scale):
     if cu_seqlens is None:
         return flash_attn_func(q, k, v, causal=causal, softmax_scale=softmax_scale)
     batch, seqlen = q.shape[:2]
-    bounds = _check_documents(cu_seqlens, batch * seqlen, "ulysses attention")
-    if max_seqlen is None:
-        max_seqlen = max(b - a for a, b in zip(bounds, bounds[1:]))
     flat = [x.flatten(0, 1) for x in (q, k, v)]  # [B*S, h, D] views
     out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                  causal=causal, softmax_scale=softmax_scale)
@@ -208,6 +229,9 @@ def ulysses_attn_func(q, k, v, group=None, causal: bool = True, cu_seqlens: torc
     packed = check_shards(q, k, v, "ulysses attention")
     if packed:
         q, k, v = q[None], k[None], v[None]
+    if cu_seqlens is not None:
+        longest = _longest_document(cu_seqlens, q.shape[0] * q.shape[1] * _world_size(group), "ulysses attention")
+        max_seqlen = longest if max_seqlen is None else max_seqlen
     q_heads, k_heads, v_heads = sequence_to_heads(q, k, v, group)
     out = _attend_whole(q_heads, k_heads, v_heads, causal, cu_seqlens, max_seqlen, softmax_scale)
     out = heads_to_sequence(out, group)
@@ -230,11 +254,14 @@ def ulysses_lightning_func(q, k, v, decay: torch.Tensor, group=None,
     check_shards(q, k, v, "ulysses lightning attention")
     if decay.shape != (q.shape[2],):
         raise ValueError(f"decay must have one value per query head ({q.shape[2]},); got {tuple(decay.shape)}")
-    q_heads, k_heads, v_heads = sequence_to_heads(q, k, v, group)
     if cu_seqlens is not None:
-        _check_documents(cu_seqlens, q_heads.shape[0] * q_heads.shape[1], "ulysses lightning attention")
+        if q.shape[0] != 1:
+            raise ValueError(f"ulysses lightning attention: packed documents (cu_seqlens) need batch size 1, "
+                             f"got {q.shape[0]}: pack the batch into one row")
+        _longest_document(cu_seqlens, q.shape[1] * _world_size(group), "ulysses lightning attention")
+    q_heads, k_heads, v_heads = sequence_to_heads(q, k, v, group)
     heads = q_heads.shape[2]
-    rank = dist.get_rank(group) if _world_size(group) > 1 else 0
+    rank = _rank(group)
     out, _ = lightning_attn_func(q_heads, k_heads, v_heads, decay[rank * heads:(rank + 1) * heads],
                                  cu_seqlens=cu_seqlens)
     return heads_to_sequence(out, group)

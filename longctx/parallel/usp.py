@@ -26,7 +26,7 @@ from .sequence import gather_sequence_usp, split_sequence_usp, usp_sequence_divi
 from .ulysses import (check_shards, heads_check, heads_exchange_memory, heads_to_sequence, sequence_to_heads,
                       ulysses_bytes_per_layer)
 
-__all__ = ["usp_attn_func", "build_usp_groups", "usp_bytes_per_layer"]
+__all__ = ["usp_attn_func", "build_usp_groups", "usp_group_ranks", "usp_bytes_per_layer"]
 
 
 def usp_attn_func(q, k, v, ulysses_group, ring_group, causal: bool = True,
@@ -51,29 +51,34 @@ def usp_attn_func(q, k, v, ulysses_group, ring_group, causal: bool = True,
     return out[0] if packed else out
 
 
+def usp_group_ranks(sp_groups: list[list[int]], ulysses: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(Ulysses groups, ring groups) as lists of global ranks: each sp group of U x R ranks gives R
+    Ulysses groups of U adjacent ranks and U rings of R ranks U apart."""
+    sp = len(sp_groups[0])
+    if ulysses < 1 or sp % ulysses:
+        raise ValueError(f"parallel.ulysses={ulysses} must divide the sequence-parallel size {sp} "
+                         f"(sp = ulysses x ring); choose one of {[d for d in range(1, sp + 1) if sp % d == 0]}")
+    ulysses_groups = [ranks[i:i + ulysses] for ranks in sp_groups for i in range(0, sp, ulysses)]
+    ring_groups = [ranks[u::ulysses] for ranks in sp_groups for u in range(ulysses)]
+    return ulysses_groups, ring_groups
+
+
 def build_usp_groups(ulysses: int, mesh=None, dim: str = "sp"):
-    """(Ulysses group, ring group) of this rank, for every sequence-parallel group at once.
+    """(Ulysses group, ring group) of this rank, made for every sequence-parallel group at once.
 
     `mesh`: a DeviceMesh with a dimension `dim` (the sp groups are its slices along it; None: the
-    whole world is one sp group). Each sp group of U x R ranks gets R Ulysses groups of U adjacent
-    ranks and U ring groups of R ranks U apart. Every rank of the world must call this, in the same
-    order (it creates process groups).
+    whole world is one sp group). Every rank of the world must call this, in the same order (it
+    creates process groups).
     """
     if mesh is None:
-        sp_rows = [list(range(dist.get_world_size()))]
+        sp_groups = [list(range(dist.get_world_size()))]
     else:
         if dim not in (mesh.mesh_dim_names or ()):
             raise ValueError(f"the device mesh has no {dim!r} dimension (it has {mesh.mesh_dim_names}): "
                              f"pass the name of its sequence-parallel dimension as dim=")
         ranks = mesh.mesh.movedim(mesh.mesh_dim_names.index(dim), -1)
-        sp_rows = ranks.reshape(-1, ranks.shape[-1]).tolist()
-    sp = len(sp_rows[0])
-    if ulysses < 1 or sp % ulysses:
-        raise ValueError(f"parallel.ulysses={ulysses} must divide the sequence-parallel size {sp} "
-                         f"(sp = ulysses x ring); choose one of "
-                         f"{[d for d in range(1, sp + 1) if sp % d == 0]}")
-    ulysses_groups = [row[i:i + ulysses] for row in sp_rows for i in range(0, sp, ulysses)]
-    ring_groups = [row[u::ulysses] for row in sp_rows for u in range(ulysses)]
+        sp_groups = ranks.reshape(-1, ranks.shape[-1]).tolist()
+    ulysses_groups, ring_groups = usp_group_ranks(sp_groups, ulysses)
     ulysses_group, _ = dist.new_subgroups_by_enumeration(ulysses_groups)
     ring_group, _ = dist.new_subgroups_by_enumeration(ring_groups)
     return ulysses_group, ring_group

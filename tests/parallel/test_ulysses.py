@@ -22,7 +22,7 @@ import longctx.parallel.ring as ring_module
 from longctx.parallel.sequence import gather_sequence_usp, split_sequence, split_sequence_usp
 from longctx.parallel.ulysses import check_heads, ulysses_attn_func, ulysses_bytes_per_layer, ulysses_lightning_func
 from longctx.parallel.ring import ring_bytes_per_layer
-from longctx.parallel.usp import build_usp_groups, usp_attn_func, usp_bytes_per_layer
+from longctx.parallel.usp import build_usp_groups, usp_attn_func, usp_bytes_per_layer, usp_group_ranks
 from test_ring import reference, rel_err, zigzag_share
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -57,8 +57,8 @@ def kernel_reference(case):
 def lightning_case(seqlen, heads, kv_heads, cu_seqlens=None):
     gen = torch.Generator().manual_seed(int(torch.randint(2**31, ()).item()))
     dk, dv = 8, 12  # different key and value head dims
-    case = dict(q=torch.randn(1, seqlen, heads, dk, generator=gen), k=torch.randn(1, seqlen, kv_heads, dk, generator=gen),
-                v=torch.randn(1, seqlen, kv_heads, dv, generator=gen), dout=torch.randn(1, seqlen, heads, dv, generator=gen))
+    shapes = dict(q=(heads, dk), k=(kv_heads, dk), v=(kv_heads, dv), dout=(heads, dv))
+    case = {n: torch.randn(1, seqlen, h, d, generator=gen) for n, (h, d) in shapes.items()}
     case["q"], case["k"] = case["q"] * dk ** -0.5, case["k"] * dk ** -0.5  # keep the sums of a few tokens O(1)
     case["decay"] = torch.rand(heads, generator=gen) * 0.5
     case["decay"][0] = 0.0  # a head whose state never fades
@@ -120,6 +120,9 @@ def _worker(rank, world, ulysses_cases, usp_cases=None):
     odd = x[:, :, :3 * world // 2]
     results["error_heads"] = _error_of(lambda: ulysses_attn_func(odd, odd, odd))
     results["error_kv_heads"] = _error_of(lambda: ulysses_attn_func(x, odd, odd))
+    local_documents = torch.tensor([0, 3, 4], dtype=torch.int32)  # of this rank's 4 tokens, not the whole
+    results["error_cu_seqlens"] = _error_of(lambda: ulysses_attn_func(x[:, :, :4], x[:, :, :4], x[:, :, :4],
+                                                                      cu_seqlens=local_documents))
     if usp_cases:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "sp"))
@@ -176,6 +179,8 @@ def _check(results, cases, world, share=_local_share):
         heads, kv_heads = results[rank]["error_heads"], results[rank]["error_kv_heads"]
         assert heads is not None and "must divide the query heads" in heads and "\n" not in heads, heads
         assert kv_heads is not None and "key/value heads" in kv_heads and "\n" not in kv_heads, kv_heads
+        documents = results[rank]["error_cu_seqlens"]
+        assert documents is not None and f"sequence, {4 * world}" in documents, documents
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,3 +263,13 @@ def test_ring_and_usp_bytes_per_layer():
     # 2 x 2 USP: the all-to-alls on a ring share of 512 tokens, the ring on 4 of the 8 KV heads
     usp = usp_bytes_per_layer(1024, 8, 8, 128, ulysses=2, ring=2)
     assert usp == {"ulysses": ulysses_bytes_per_layer(512, 8, 8, 128, 2), "ring": ring_bytes_per_layer(1024, 4, 128, 2)}
+
+
+def test_usp_group_ranks_follow_the_mesh():
+    """dp 2 x sp 8 with Ulysses 2: Ulysses pairs of adjacent ranks, rings of ranks 2 apart, inside
+    each data-parallel replica's sp group (yunchang's set_seq_parallel_pg with Ulysses low)."""
+    ulysses_groups, ring_groups = usp_group_ranks([list(range(8)), list(range(8, 16))], 2)
+    assert ulysses_groups == [[r, r + 1] for r in range(0, 16, 2)]
+    assert ring_groups == [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]]
+    with pytest.raises(ValueError, match="parallel.ulysses=3 must divide the sequence-parallel size 8"):
+        usp_group_ranks([list(range(8))], 3)
