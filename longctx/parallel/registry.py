@@ -15,6 +15,8 @@ What a record says:
 - `groups(dims)`: the process group(s) its mixers take, made from the device mesh once.
 - `check(dims, model_config)`: head and size constraints, raising ValueError with one line.
 - `memory(m, tokens, a, dims)`: its own buffers for the memory planner, {name: bytes per rank}.
+- `needs_kernel`: it has no PyTorch path (Ulysses runs the flash kernel): a CPU run without
+  TRITON_INTERPRET=1 is a config error.
 - `reads`: the `parallel.*` sizes besides `sp` it takes (USP: "ulysses"); another method given one
   of them is a config error rather than a silently ignored key.
 - `bytes_per_layer(m, seqlen, a, dims, kind)`: bytes one rank sends per layer of `kind`
@@ -54,6 +56,7 @@ class SequenceMethod:
     check: Callable = _no_check        # check(dims, model_config) raises ValueError (one line)
     memory: Callable = _no_memory      # memory(m, tokens, a, dims) -> {part: bytes}
     reads: tuple = ()                  # the parallel.* sizes besides sp it reads (e.g. "ulysses")
+    needs_kernel: bool = False         # runs Triton kernels only (no PyTorch path): CUDA, or the interpreter
 
     def mixer_for(self, kind: str) -> Optional[str]:
         return self.softmax if kind == "softmax" else self.linear

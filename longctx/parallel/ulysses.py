@@ -329,4 +329,4 @@ register_method(SequenceMethod(
                             "for H/U heads (softmax and linear layers)",
     softmax="ulysses", linear="ulysses_lightning", split=_split, gather=_gather, divisor=_divisor,
     groups=lambda dims: dims.sp_group, bytes_per_layer=_bytes, check=heads_check(lambda dims: dims.sp),
-    memory=lambda m, tokens, a, dims: heads_exchange_memory(dims.sp, m, tokens, a)))
+    memory=lambda m, tokens, a, dims: heads_exchange_memory(dims.sp, m, tokens, a), needs_kernel=True))

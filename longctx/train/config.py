@@ -168,6 +168,12 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
                          f"{dims.sp_method} over sp={dims.sp} needs; use "
                          f"train.seq_len={(t.seq_len // dims.seq_divisor + 1) * dims.seq_divisor}")
     _check_data_parallel(cfg, dims)
+    if dims.method is not None and dims.method.needs_kernel:
+        import torch
+        from longctx.ops.dispatch import INTERPRETED
+        if not (t.device != "cpu" and torch.cuda.is_available()) and not INTERPRETED:
+            raise ValueError(f"parallel.sp_method={dims.sp_method} runs Triton kernels only: train on CUDA GPUs "
+                             "(train.device=auto or cuda), or set TRITON_INTERPRET=1 on a CPU (slow; tests)")
     m = cfg.model
     if m.pretrained is not None and not os.path.isfile(os.path.join(m.pretrained, "config.json")):
         raise ValueError(f"model.pretrained={m.pretrained}: no Hugging Face config.json there")

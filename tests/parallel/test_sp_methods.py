@@ -114,6 +114,15 @@ def test_impossible_layouts_are_one_line_errors(overrides, world, message):
     assert "\n" not in str(error.value)
 
 
+def test_a_kernel_only_method_on_a_cpu_is_a_one_line_error(monkeypatch):
+    import longctx.ops.dispatch as dispatch
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    with pytest.raises(ConfigError, match="parallel.sp_method=ulysses runs Triton kernels only: train on CUDA GPUs"):
+        validate(compose(["parallel.sp=2", "parallel.sp_method=ulysses", "train.device=cpu"]), 2)
+    validate(compose(["parallel.sp_method=usp", "parallel.sp=4", "parallel.ulysses=2",
+                      "train.device=cpu"]), 4)   # USP's ring has a PyTorch path
+
+
 def test_the_bytes_table_script_reads_the_registry():
     import subprocess
     import sys
