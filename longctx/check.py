@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -45,8 +44,7 @@ def check(cfg: Config) -> dict:
     device = T.init_distributed(cfg.train.device)
     mesh = dims.build_mesh(device.type)
     t = cfg.train
-    if t.precision == "auto":
-        t.precision = "bf16_autocast" if device.type == "cuda" else "fp32"
+    autocast = T.precision_context(t, device)
     is_main = T.rank() == 0
     torch.manual_seed(t.seed)
 
@@ -56,8 +54,7 @@ def check(cfg: Config) -> dict:
     loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch, dp_rank=dp_rank,
                           dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed)
     data = iter(loader)
-    micro_batches = [T.shard_batch(next(data), dims, mesh, device) for _ in range(t.grad_accum)]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision != "fp32" else nullcontext()
+    micro_batches = [T.shard_batch(next(data), dims, device) for _ in range(t.grad_accum)]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     train_model.train()
     loss = T.forward_backward(train_model, micro_batches, dims.world_size, autocast)
@@ -77,6 +74,7 @@ def _reference_step(cfg: Config, dims, start_state: dict, device, autocast, max_
     """One process, one device: the plain model, the whole global batch, the same step."""
     from longctx.data import build_loader
     from longctx.parallel import data_parallel
+    from longctx.parallel.mesh import ParallelDims
     from longctx.train import train as T
     t = cfg.train
     model = T.build_model(cfg, device)
@@ -86,9 +84,9 @@ def _reference_step(cfg: Config, dims, start_state: dict, device, autocast, max_
     loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch * dims.dp, dp_rank=0,
                           dp_size=1, pad_multiple=dims.seq_divisor, seed=t.seed)
     data = iter(loader)
-    one = type("Single", (), {"sp": 1})()
-    micro_batches = [T.shard_batch(next(data), one, None, device) for _ in range(t.grad_accum)]
-    loss = _local_forward_backward(model, micro_batches, autocast)
+    one = ParallelDims(world_size=1, dp=1, sp=1, dp_backend="none")
+    micro_batches = [T.shard_batch(next(data), one, device) for _ in range(t.grad_accum)]
+    loss = T.forward_backward(model, micro_batches, 1, autocast, reduce=lambda x: x).item()
     grad_norm, _ = data_parallel.optimizer_step(model, optimizer, max_norm)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"loss": loss, "grad_norm": float(grad_norm), "state": state}
@@ -100,21 +98,6 @@ def _load(model, state: dict) -> None:
         state.pop("lm_head.weight", None)
     model.load_state_dict({k: v.to(next(model.parameters()).dtype) for k, v in state.items()},
                           strict=not model.config.tie_word_embeddings)
-
-
-def _local_forward_backward(model, micro_batches, autocast) -> float:
-    """train.forward_backward on one process (no collective): the sum over the global batch's
-    valid tokens divided by their count."""
-    from longctx.ops.cross_entropy import IGNORE_INDEX
-    tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).float().clamp(min=1)
-    total = 0.0
-    for mb in micro_batches:
-        with autocast:
-            out = model(mb["input_ids"], position_ids=mb["position_ids"], cu_seqlens=mb["cu_seqlens"],
-                        labels=mb["labels"], labels_shifted=True, loss_reduction="sum")
-            (out.loss / tokens).backward()
-        total += out.loss.item()
-    return total / tokens.item()
 
 
 def _relative(a: float, b: float) -> float:

@@ -4,7 +4,7 @@
 
 Counts, per rank: parameters, gradients and optimizer state under the data-parallel backend and
 offload; activations under the checkpointing mode, blockwise MLP and sequence split; the chunked
-loss; ring attention's buffers; and the working memory of the largest op. Says whether it fits
+loss; the sequence-parallel method's buffers; and the working memory of the largest op. Says whether it fits
 and, if not, which change would make it fit. The figures are what PyTorch's caching allocator
 reports as allocated (`torch.cuda.max_memory_allocated`); the CUDA context (about 0.5-1 GiB) and
 fragmentation come on top, hence the headroom.
@@ -132,9 +132,10 @@ def estimate(cfg, world_size: int) -> Estimate:
               "optimizer step": step - activations}
     phase = max(phases, key=phases.get)
     e.parts[f"working set ({phase})"] = max(0, phases[phase])
-    # ring attention: K and V in a double buffer, dK and dV (fp32) travelling in the backward, fp32 dQ
-    if p.sp_method == "ring" and sp > 1:
-        e.parts["ring buffers"] = 2 * 2 * tokens * kv * d * a + 2 * 2 * tokens * kv * d * 4 + tokens * heads * d * 4
+    # the sequence-parallel method's own buffers, as its record counts them (longctx/parallel/registry.py)
+    if p.sp_method != "none" and sp > 1:
+        from longctx.parallel.registry import get_method
+        e.parts.update(get_method(p.sp_method).memory(m, tokens, a, p))
     return e
 
 

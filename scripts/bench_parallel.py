@@ -77,7 +77,7 @@ def run_case(args, cfg: Config, device: torch.device) -> dict:
     times = []
     for step in range(args.warmup + args.steps):
         batch = random_batch(cfg.train.seq_len, cfg.model.vocab_size, seed=step * dims.dp + dp_rank)
-        micro = [T.shard_batch(batch, dims, mesh, device)]
+        micro = [T.shard_batch(batch, dims, device)]
         if device.type == "cuda":
             torch.cuda.synchronize()
             if step == args.warmup:

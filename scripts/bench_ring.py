@@ -10,6 +10,9 @@ tokens. Three parts, run in one command (the one-GPU part is a plain process, th
     python scripts/bench_ring.py --part report --out DIR --json bench/results/ring_h200.json
     python scripts/bench_ring.py --part loopback --out DIR --gpus 2     # no N GPUs at hand: the
         # ring's computation per rank on one GPU (communication left out), a projection only
+    python scripts/bench_ring.py --part ulysses --out DIR --ulysses 2,4,8 --usp 2x2
+        # the same projection for U-way Ulysses and U x R USP, and the bytes each of ring, Ulysses
+        # and USP sends per layer for the 1B and 8B shapes
 
 The multi part first checks the ring's output and gradients against the one-GPU kernel at 32K.
 Rows: ms (median; the slowest rank's), tflops (per GPU), tok_s, peak_gib (max over GPUs),
@@ -22,6 +25,7 @@ hidden_frac = 1 - exposed_comm_ms / comm_ms. Imports nothing beyond torch, trito
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -37,6 +41,9 @@ from longctx.ops.attention import flash_attn_func  # noqa: E402
 from longctx.parallel import ring as ring_module  # noqa: E402
 from longctx.parallel.ring import LoopbackComm, init_ring, ring_attn_func, ring_backward, ring_forward, ring_plan  # noqa: E402
 from longctx.parallel.sequence import split_sequence  # noqa: E402
+from longctx.parallel.ulysses import LoopbackGroup, check_heads, heads_to_sequence, sequence_to_heads  # noqa: E402
+from longctx.parallel.ulysses import ulysses_attn_func  # noqa: E402
+from longctx.parallel.usp import usp_bytes_per_layer  # noqa: E402
 from benchlib import result_head  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 8, 128
@@ -186,6 +193,99 @@ def part_loopback(args):
 
 
 # ------------------------------------------------------------------------------------------------
+# one GPU as a rank of Ulysses and of USP; bytes per layer of each method
+# ------------------------------------------------------------------------------------------------
+def usp_step(q, k, v, dout, group, ring_rank, ring_size, scale):
+    """One rank of USP, forward and backward, as `usp_attn_func` runs it, with both exchanges
+    looped back: the Ulysses all-to-alls (autograd) around the ring's forward and backward."""
+    q_heads, k_heads, v_heads = sequence_to_heads(q, k, v, group)
+    plan, loopback = ring_plan(ring_rank, ring_size, q_heads.shape[1], True), LoopbackComm(ring_size, ring_rank)
+    with torch.no_grad():
+        out_heads, lse = ring_forward(loopback, plan, q_heads, k_heads, v_heads, scale)
+    out_heads.requires_grad_()
+    dout_heads, = torch.autograd.grad(heads_to_sequence(out_heads, group), out_heads, dout)
+    grads = ring_backward(loopback, plan, dout_heads, q_heads.detach(), k_heads.detach(), v_heads.detach(),
+                          out_heads.detach(), lse, scale)
+    torch.autograd.backward((q_heads, k_heads, v_heads), grads)
+
+
+def part_ulysses(args):
+    """One GPU as one rank of U-way Ulysses (every rank does the same work: the kernel over the
+    whole sequence for H/U heads) and as each rank of a U x R USP group in turn (the ring's ranks
+    differ; the slowest counts), each with its all-to-alls' local copies and a loopback in place of
+    the network. A projection, like --part loopback, not a measurement on U GPUs."""
+    rows, scale = [], HEAD_DIM ** -0.5
+    for seqlen in args.seqlens:
+        for ulysses in args.ulysses:
+            q, k, v = (randn(1, seqlen // ulysses, h, HEAD_DIM).requires_grad_() for h in (HEADS, KV_HEADS, KV_HEADS))
+            dout = randn(1, seqlen // ulysses, HEADS, HEAD_DIM)
+
+            def ulysses_step():
+                torch.autograd.backward(ulysses_attn_func(q, k, v, LoopbackGroup(ulysses), causal=True), dout)
+                q.grad = k.grad = v.grad = None
+            reset_peak()
+            ms = timed(ulysses_step, reps_for(seqlen))
+            rows.append(row("longctx", seqlen, ulysses, ms, peak_gib(), bench="ulysses_compute_only", ulysses=ulysses))
+            save(rows, args, "ulysses.json")
+            print(f"[ulysses] {seqlen // K:5d}K one rank of {ulysses}: {ms:.1f} ms", flush=True)
+            del q, k, v, dout
+        for ulysses, ring in args.usp:
+            shape = lambda h: (1, seqlen // (ulysses * ring), h, HEAD_DIM)  # noqa: E731
+            q, k, v = (randn(*shape(h)).requires_grad_() for h in (HEADS, KV_HEADS, KV_HEADS))
+            dout = randn(*shape(HEADS))
+            per_rank = []
+            for ring_rank in range(ring):
+                def step():
+                    usp_step(q, k, v, dout, LoopbackGroup(ulysses), ring_rank, ring, scale)
+                    q.grad = k.grad = v.grad = None
+                reset_peak()
+                per_rank.append(timed(step, reps_for(seqlen)))
+            rows.append(row("longctx", seqlen, ulysses * ring, max(per_rank), peak_gib(), bench="usp_compute_only",
+                            ulysses=ulysses, ring=ring, rank_ms=[round(t, 3) for t in per_rank]))
+            save(rows, args, "ulysses.json")
+            print(f"[ulysses] {seqlen // K:5d}K USP {ulysses}x{ring}, ring ranks: "
+                  f"{', '.join(f'{t:.1f}' for t in per_rank)} ms", flush=True)
+            del q, k, v, dout
+            ring_module.free_ring_buffers()
+    rows += bytes_rows(args.seqlens)
+    save(rows, args, "ulysses.json")
+
+
+# (name, heads, kv_heads, head_dim) of the attention of the model configs of the same names
+MODEL_SHAPES = (("llama3.2-1b", 32, 8, 64), ("llama3-8b", 32, 8, 128))
+
+
+def bytes_rows(seqlens, gpu_counts=(2, 4, 8), element_bytes=2):
+    """Bytes one rank sends per softmax layer, forward and backward, bf16, by method and link:
+    every U x R layout whose heads fit (U = 1: ring attention; R = 1: Ulysses; else USP)."""
+    rows = []
+    for model, heads, kv_heads, head_dim in MODEL_SHAPES:
+        for seqlen, gpus in itertools.product(seqlens, gpu_counts):
+            for ulysses in (u for u in range(1, gpus + 1) if gpus % u == 0 and heads_fit(heads, kv_heads, u)):
+                ring = gpus // ulysses
+                parts = usp_bytes_per_layer(seqlen, heads, kv_heads, head_dim, ulysses, ring, element_bytes)
+                rows.append(dict(bench="bytes_per_layer", impl="longctx", model=model, seqlen=seqlen, heads=heads,
+                                 kv_heads=kv_heads, head_dim=head_dim, causal=True, mode="fwd_bwd", gpus=gpus,
+                                 method="ring" if ulysses == 1 else "ulysses" if ring == 1 else "usp",
+                                 ulysses=ulysses, ring=ring, bytes=sum(parts.values()),
+                                 **{f"bytes_{link}": b for link, b in parts.items()}))
+    print(f"{'model':12s} {'seqlen':>7s} {'gpus':>4s} {'method':8s} {'U x R':>6s} {'MiB/layer/rank':>14s} "
+          f"{'all-to-all':>10s} {'ring':>8s}")
+    for r in rows:
+        print(f"{r['model']:12s} {r['seqlen'] // K:6d}K {r['gpus']:4d} {r['method']:8s} {r['ulysses']:>2d} x "
+              f"{r['ring']:<2d} {r['bytes'] / 2**20:14.1f} {r['bytes_ulysses'] / 2**20:10.1f} {r['bytes_ring'] / 2**20:8.1f}")
+    return rows
+
+
+def heads_fit(heads, kv_heads, ulysses):
+    try:
+        check_heads(heads, kv_heads, ulysses)
+    except ValueError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
 # N GPUs: our ring, PyTorch context parallelism
 # ------------------------------------------------------------------------------------------------
 def check_ring(group, seqlen):
@@ -324,7 +424,7 @@ def torch_cp(mesh, method, seqlen, world, reps, barrier, slowest, peak_all):
 # ------------------------------------------------------------------------------------------------
 def part_report(args):
     rows = []
-    for name in ("single.json", "multi.json", "loopback.json"):
+    for name in ("single.json", "multi.json", "loopback.json", "ulysses.json"):
         path = os.path.join(args.out, name)
         if os.path.exists(path):
             with open(path) as f:
@@ -337,7 +437,7 @@ def part_report(args):
         if r["impl"] == "torch_cp":
             best_cp[r["seqlen"]] = min(best_cp.get(r["seqlen"], float("inf")), r["ms"])
     for r in rows:
-        if r.get("bench") == "ring_compute_only" and ("longctx", r["seqlen"]) in one_gpu:
+        if r.get("bench", "").endswith("_compute_only") and ("longctx", r["seqlen"]) in one_gpu:
             r["projected_scaling_eff"] = round(one_gpu[("longctx", r["seqlen"])] / (r["gpus"] * r["ms"]), 3)
         if r.get("bench") != "ring_attention" or r["gpus"] == 1:
             continue
@@ -350,9 +450,12 @@ def part_report(args):
              f"{'eff':>6s} {'vs cp':>6s} {'hidden':>6s}"
     print(header)
     for r in rows:
-        if r.get("bench") == "ring_compute_only":
-            print(f"{'(compute only, one GPU as each rank in turn)':44s} {r['seqlen'] // K:6d}K {r['gpus']:4d} "
+        if r.get("bench", "").endswith("_compute_only"):
+            what = f"({r['bench'][:-len('_compute_only')]} compute only, one GPU as each rank in turn)"
+            print(f"{what:54s} {r['seqlen'] // K:6d}K {r['gpus']:4d} "
                   f"{r['ms']:10.1f} {r['tflops']:8.1f} {r['peak_gib']:8.1f} projected eff {r.get('projected_scaling_eff')}")
+            continue
+        if r.get("bench") == "bytes_per_layer":  # printed as a table by --part ulysses
             continue
         if r.get("bench") != "ring_attention":
             print({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -370,13 +473,17 @@ def part_report(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("single", "multi", "loopback", "report"), required=True)
+    parser.add_argument("--part", choices=("single", "multi", "loopback", "ulysses", "report"), required=True)
     parser.add_argument("--gpus", type=int, default=2, help="ring size that --part loopback stands in for")
     parser.add_argument("--out", required=True, help="folder for the parts' rows")
     parser.add_argument("--seqlens", type=lambda s: [int(x) * K for x in s.split(",")], default=[128 * K, 512 * K, 1024 * K],
                         help="in K tokens, comma separated (default 128,512,1024)")
     parser.add_argument("--sdpa-max", type=lambda s: int(s) * K, default=512 * K,
                         help="longest sequence (K tokens) for one-GPU SDPA flash (default 512)")
+    parser.add_argument("--ulysses", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8],
+                        help="Ulysses sizes that --part ulysses stands in for (default 2,4,8)")
+    parser.add_argument("--usp", type=lambda s: [tuple(int(n) for n in x.split("x")) for x in s.split(",")],
+                        default=[(2, 2)], help="USP layouts, ULYSSESxRING, comma separated (default 2x2)")
     parser.add_argument("--cp-methods", default="allgather,alltoall", type=lambda s: [m for m in s.split(",") if m])
     parser.add_argument("--json", default="bench/results/ring_h200.json")
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
@@ -389,10 +496,10 @@ def main():
         args.seqlens = [64, 128]
     if args.part == "report":
         return part_report(args)
-    if args.part in ("single", "loopback"):
+    if args.part in ("single", "loopback", "ulysses"):
         if not SMOKE:
             torch.cuda.set_device(0)
-        (part_single if args.part == "single" else part_loopback)(args)
+        {"single": part_single, "loopback": part_loopback, "ulysses": part_ulysses}[args.part](args)
         return
     local_rank = int(os.environ["LOCAL_RANK"])
     if SMOKE:

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 4 scripts/eval_long.py model.path=... lengths=[262144]
 
 Config: configs/eval/default.yaml. With several processes the prompt is split over all of them and
-prefilled through ring attention; answers are decoded against the distributed KV cache. Rank 0
+prefilled through the sequence-parallel method `sp_method` (ring by default; any registered method);
+answers are decoded against the distributed KV cache. Rank 0
 writes results.json, the figures (matplotlib, if installed) and, if enabled, a wandb run to the
 output folder.
 """
@@ -68,6 +69,12 @@ def check_config(cfg: DictConfig) -> None:
         raise EvalConfigError(f"depths must lie in [0, 1], got {list(cfg.depths)}")
     if cfg.wandb not in ("disabled", "offline", "online"):
         raise EvalConfigError(f"wandb={cfg.wandb!r}: choose disabled, offline or online")
+    if cfg.sp_method != "none":
+        from longctx.parallel.registry import get_method
+        try:
+            get_method(cfg.sp_method)
+        except ValueError as error:
+            raise EvalConfigError(str(error).replace("parallel.", "")) from None
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -81,14 +88,18 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
-def load_model(folder: Path, cfg: DictConfig, world: int, device: torch.device):
+def load_model(folder: Path, cfg: DictConfig, device: torch.device):
+    """The model, its mixers split over every process with `sp_method` when there are several."""
     from longctx.model import load_hf
-    from longctx.parallel.sequence import set_sequence_group
-    dtype = getattr(torch, cfg.model.dtype) if device.type == "cuda" else torch.float32
-    attention = "ring" if world > 1 else cfg.model.attention
-    model = load_hf(folder, attention=attention, dtype=dtype, device=device).eval()
-    if world > 1:
-        set_sequence_group(None)   # the whole world shares each sequence
+    from longctx.parallel.mesh import sequence_dims
+    from longctx.parallel.parallelize import apply_sequence_parallel
+    try:
+        dims = sequence_dims(cfg.sp_method, None, int(cfg.ulysses))   # a bad sp_method fails before loading
+        dtype = getattr(torch, cfg.model.dtype) if device.type == "cuda" else torch.float32
+        model = load_hf(folder, attention=cfg.model.attention, dtype=dtype, device=device).eval()
+        apply_sequence_parallel(model, dims)
+    except ValueError as error:
+        raise EvalConfigError(f"{folder}: {error}".replace("parallel.", "")) from None
     return model
 
 
@@ -112,11 +123,11 @@ def evaluate(cfg: DictConfig) -> Path | None:
     log = print if rank == 0 else (lambda *a, **k: None)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(cfg.output_dir) if cfg.output_dir else (run_dir / "eval" / stamp if run_dir else Path("eval_runs") / stamp)
-    model = load_model(folder, cfg, world, device)
+    model = load_model(folder, cfg, device)
     tokenizer = load_tokenizer(cfg, folder)
     eos = model.config.eos_token_id
     lengths, depths = [int(n) for n in cfg.lengths], [float(d) for d in cfg.depths]
-    log(f"evaluating {folder} on {world} process(es), {device}, attention {model.config.attention}; "
+    log(f"evaluating {folder} on {world} process(es) ({model.sequence_dims.sp_method}), {device}, attention {model.config.attention}; "
         f"tasks {list(cfg.tasks)}, lengths {lengths}")
     report: dict = {"model": str(folder), "processes": world,
                     "config": OmegaConf.to_container(cfg, resolve=True)}

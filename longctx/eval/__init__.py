@@ -5,8 +5,9 @@
     results = answer_samples(model, tokenizer, samples)      # greedy, KV-cached; scored
     accuracy_by(results, "length", "asked_depth")
 
-Sequence parallel: set `model.config.attention = "ring"` and `set_sequence_group(group)`, and call
-the same functions on every rank of the group with the same prompts. `scripts/eval_long.py` runs
+Sequence parallel: `apply_sequence_parallel(model, sequence_dims("ring"))` (longctx.parallel.parallelize
+and .mesh; any registered method), and call the same functions on every rank of the group with the
+same prompts. `scripts/eval_long.py` runs
 all of it from a config (configs/eval/default.yaml). Figures (`longctx.eval.plots`) need matplotlib.
 """
 from .decode import KVCache, decode_step, greedy_generate, prefill

@@ -1,16 +1,16 @@
 """Greedy decoding of short answers after a long prompt: prefill once, then one token at a time.
 
-Prefill runs the model's own forward over the prompt (with whatever softmax mixer the config
-names: `sdpa`, `flash`, or `ring` across a sequence-parallel group) while forward hooks on every
+Prefill runs the model's own forward over the prompt (with whatever mixers the model runs: `sdpa`,
+`flash`, or a sequence-parallel method's across a group) while forward hooks on every
 layer's `k_proj` / `v_proj` keep the keys and values: the KV cache. Each decoded token then costs
 one small step against the cache instead of a forward over the whole context.
 
 Linear-attention layers keep their recurrent state instead (S = sum_t exp(-decay (T-1-t)) k_t^T v_t,
 fp32), worked out from the same hooked keys and values; a decode step updates it in place.
 
-Sequence parallel (group from `set_sequence_group`): with the `ring` mixer the prompt is split
-zigzag over the group; with LASP (`linear_attention` `lasp` / `lasp_allgather`, softmax layers of a
-hybrid on `allgather_kv`) it is split in contiguous shares. Each rank caches the keys/values of its
+Sequence parallel (a model given to `longctx.parallel.parallelize.apply_sequence_parallel`, which
+leaves its `ParallelDims` on it as `model.sequence_dims`): the prompt is split as the method's record
+says (zigzag for ring, contiguous for LASP and Ulysses, ...). Each rank caches the keys/values of its
 own share and nobody holds the whole cache (a linear layer's state is summed over the ranks once,
 then kept by all). A decode step computes the new token's query on every rank (the layers
 are replicated), attends it to the local cache, and merges the ranks' partial outputs by their
@@ -32,13 +32,6 @@ import torch.nn.functional as F
 from longctx.model.llama import Attention, Llama
 from longctx.model.rotary import rotary_cos_sin
 from longctx.ops.rotary import apply_rotary
-from longctx.parallel import lasp as _lasp  # noqa: F401  registers `lasp`, `lasp_allgather`, `allgather_kv`
-from longctx.parallel import ring as _ring  # noqa: F401  registers the `ring` mixer
-from longctx.parallel.sequence import get_sequence_group, sequence_divisor, split_sequence
-
-# the sequence layout each sequence-parallel mixer reads; any other mixer runs on one process
-SOFTMAX_LAYOUTS = {"ring": "zigzag", "allgather_kv": "contiguous"}
-LINEAR_LAYOUTS = {"lasp": "contiguous", "lasp_allgather": "contiguous"}
 
 
 def group_info(group) -> tuple[int, int]:
@@ -47,29 +40,19 @@ def group_info(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def sequence_layout(model: Llama) -> str | None:
-    """How the model's mixers want a sequence split ("zigzag", "contiguous"), or None: one process."""
-    config = model.config
-    kinds = {config.layer_type(i) for i in range(config.num_hidden_layers)}
-    layouts = set()
-    if "softmax" in kinds:
-        layouts.add(SOFTMAX_LAYOUTS.get(config.attention))
-    if "linear" in kinds:
-        layouts.add(LINEAR_LAYOUTS.get(config.linear_attention))
-    if len(layouts) > 1:
-        raise ValueError(f"attention {config.attention!r} and linear_attention {config.linear_attention!r} "
-                         "do not split a sequence the same way: a LASP hybrid runs its softmax layers on "
-                         "'allgather_kv'; one process runs 'sdpa'/'flash' with 'lightning'")
-    return layouts.pop()
+def sequence_dims(model: Llama):
+    """The model's sequence-parallel dims (`model.sequence_dims`), or None: one process."""
+    dims = getattr(model, "sequence_dims", None)
+    return dims if dims is not None and dims.method is not None else None
 
 
 def sequence_group(model: Llama) -> tuple[object, int, int]:
-    """(group, rank, ranks) that share one sequence: the sequence group for sequence-parallel
-    mixers; otherwise each process works alone (rank 0 of 1), whatever else runs beside it."""
-    if sequence_layout(model) is None:
+    """(group, rank, ranks) that share one sequence: the sp group under sequence parallelism;
+    otherwise each process works alone (rank 0 of 1), whatever else runs beside it."""
+    dims = sequence_dims(model)
+    if dims is None:
         return None, 0, 1
-    group = get_sequence_group()
-    return (group, *group_info(group))
+    return (dims.sp_group, *group_info(dims.sp_group))
 
 
 @dataclass
@@ -80,8 +63,7 @@ class Shard:
     index: torch.Tensor            # [S_local] positions of these tokens in the padded sequence
     cu_seqlens: torch.Tensor | None
     length: int                    # real tokens (without the padding)
-    layout: str | None             # None: not split
-    group: object = None
+    dims: object = None            # the model's ParallelDims; None: not split
 
     @property
     def real(self) -> torch.Tensor:
@@ -90,19 +72,18 @@ class Shard:
 
 def shard_prompt(model: Llama, input_ids: torch.Tensor, extra: dict | None = None) -> tuple[Shard, dict]:
     """Split `input_ids` [B, S] (and any [B, S] tensors in `extra`, padded with -100) for the
-    model's mixer: whole on one process, zigzag over the sequence group for `ring`."""
+    model's mixers: whole on one process, as its sequence-parallel method splits otherwise."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
     extra = extra or {}
-    group, _, world = sequence_group(model)
+    dims = sequence_dims(model)
     length = input_ids.shape[1]
     device = input_ids.device
     positions = torch.arange(length, device=device)
-    if world == 1:
-        shard = Shard(input_ids, positions.expand_as(input_ids), positions, None, length, None, None)
+    if dims is None:
+        shard = Shard(input_ids, positions.expand_as(input_ids), positions, None, length)
         return shard, extra
-    layout = sequence_layout(model)
-    divisor = sequence_divisor(world, layout)
+    divisor = dims.seq_divisor
     padded = -(-length // divisor) * divisor
     pad = padded - length
     cu_seqlens = None
@@ -116,9 +97,9 @@ def shard_prompt(model: Llama, input_ids: torch.Tensor, extra: dict | None = Non
             raise ValueError("sequence-parallel prefill of a batch needs prompts whose length divides "
                              f"by {divisor}; evaluate one prompt at a time")
     index = torch.arange(padded, device=device)
-    split = lambda x: split_sequence(x, group, dim=1, layout=layout)  # noqa: E731
+    split = lambda x: dims.split(x, dim=1)  # noqa: E731
     shard = Shard(split(input_ids), split(positions.expand_as(input_ids)), split(index[None])[0],
-                  cu_seqlens, length, layout, group)
+                  cu_seqlens, length, dims)
     return shard, {k: split(v) for k, v in extra.items()}
 
 
@@ -212,21 +193,19 @@ def prefill(model: Llama, input_ids: torch.Tensor) -> tuple[torch.Tensor, KVCach
     last = shard.length - 1
     holder = (shard.index == last).nonzero()
     final = hidden[:, holder[0, 0]] if holder.numel() else torch.zeros_like(hidden[:, 0])
-    final = _owner_broadcast(final.contiguous(), _rank_holding(last, shard), group, world)
+    final = _owner_broadcast(final.contiguous(), _rank_holding(last, shard, group, world), group, world)
     return model.lm_head(final).float(), KVCache(keys, values, shard.length, states)
 
 
-def _rank_holding(index: int, shard: Shard) -> int:
-    """The group rank whose share holds position `index` of the padded sequence."""
-    if shard.layout is None:
+def _rank_holding(index: int, shard: Shard, group, world: int) -> int:
+    """The group rank whose share holds position `index` of the padded sequence (every rank
+    says whether it holds it: no layout arithmetic)."""
+    if world == 1:
         return 0
-    world = group_info(shard.group)[1]
-    padded = shard.index.numel() * world
-    if shard.layout == "contiguous":
-        return index // (padded // world)
-    chunk = padded // (2 * world)
-    piece = index // chunk
-    return piece if piece < world else 2 * world - 1 - piece
+    holder = torch.tensor([group_info(group)[0] if bool((shard.index == index).any()) else -1],
+                          device=shard.index.device)
+    dist.all_reduce(holder, op=dist.ReduceOp.MAX, group=group)
+    return int(holder)
 
 
 def attend_cached(q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]], scale: float, group=None,
@@ -320,8 +299,8 @@ def greedy_generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int, 
         logits, cache = prefill(model, input_ids)
     else:
         if world > 1:
-            raise ValueError("use_cache=False decodes on one process only: set model.config.attention "
-                             "to a one-process mixer ('sdpa', 'flash')")
+            raise ValueError("use_cache=False decodes on one process only: evaluate a model without "
+                             "sequence parallelism (no apply_sequence_parallel)")
         sequence = input_ids
         logits = model(sequence).logits[:, -1].float()
     new, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

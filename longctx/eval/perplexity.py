@@ -1,6 +1,6 @@
 """Loss by token position: does the loss keep falling past the context the model was trained on?
 
-Each held-out sequence is run once (sequence-parallel over ring when the model's mixer is `ring`);
+Each held-out sequence is run once (sequence-parallel when the model is);
 the loss of every token, as a function of how many tokens precede it, is summed into position
 buckets (log-spaced by default: 1, 2, 4, ... tokens of context) and averaged over the sequences.
 
@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from longctx.model.llama import Llama
-from longctx.parallel.sequence import gather_sequence
 
-from .decode import sequence_group, shard_prompt
+from .decode import shard_prompt
 
 IGNORE_INDEX = -100
 
@@ -44,8 +43,7 @@ def token_losses(model: Llama, input_ids: torch.Tensor, chunk_size: int = 4096) 
         losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
                                       reduction="none").view(target.shape))
     local = torch.cat(losses, dim=1)
-    group, _, world = sequence_group(model)
-    whole = local if world == 1 else gather_sequence(local, group, dim=1, layout=shard.layout)
+    whole = local if shard.dims is None else shard.dims.gather(local, dim=1)
     return whole[:, :shard.length - 1]
 
 

@@ -7,16 +7,17 @@ always causal (this is a decoder):
 
 `cu_seqlens` (int32, starts of documents plus the total) describes the packed documents of the
 whole flattened (B*S) sequence. A function that runs on a shard of the sequence (ring attention)
-knows its own layout; the model passes it the same arguments.
+knows its own layout; the model passes it the same arguments, and `group=` (the process group(s)
+it runs over, set on the layer by `longctx.parallel`).
 
 Linear attention functions (used by `LinearAttention` layers) take q, k (B, S, H, Dk), v (B, S, H, Dv)
 and a per-head decay (H,) >= 0:
 
-    fn(q, k, v, decay, *, cu_seqlens=None) -> out
+    fn(q, k, v, decay, *, cu_seqlens=None) -> out      (sequence-parallel ones: and group=)
 
-Implementations register themselves: the model registers `sdpa` and `naive` here and the ops it
-imports; `longctx.parallel` registers `ring` and `lasp` when imported, so the model never imports
-parallel code.
+Implementations register themselves: the model registers `sdpa`, `flash` and `lightning`; each
+sequence-parallel method of `longctx.parallel` registers its mixers when imported, so the model
+never imports parallel code.
 """
 from __future__ import annotations
 
@@ -28,8 +29,6 @@ import torch.nn.functional as F
 
 _SOFTMAX: dict[str, Callable] = {}
 _LINEAR: dict[str, Callable] = {}
-_WHERE = {"ring": "longctx.parallel.ring", "lasp": "longctx.parallel.lasp",
-          "lasp_allgather": "longctx.parallel.lasp", "allgather_kv": "longctx.parallel.lasp"}
 
 
 def register_attention(name: str, fn: Callable | None = None):
@@ -50,8 +49,9 @@ def register_linear_attention(name: str, fn: Callable | None = None):
 
 def _lookup(table: dict, name: str, kind: str) -> Callable:
     if name not in table:
-        hint = f"; import {_WHERE[name]} first (the trainer does)" if name in _WHERE else ""
-        raise KeyError(f"unknown {kind} attention {name!r}: registered are {sorted(table)}{hint}")
+        raise KeyError(f"unknown {kind} attention {name!r}: registered are {sorted(table)}; the sequence-"
+                       f"parallel ones come with longctx.parallel (set parallel.sp_method, or call "
+                       f"longctx.parallel.parallelize.apply_sequence_parallel)")
     return table[name]
 
 
@@ -63,27 +63,38 @@ def get_linear_attention(name: str) -> Callable:
     return _lookup(_LINEAR, name, "linear")
 
 
-# id(device tensor) -> (weak reference, version, its values): see with_host_bounds
-_HOST_BOUNDS: dict = {}
+# id(cu_seqlens tensor) -> (weak reference, version, {key: value}): see per_step
+_PER_STEP: dict = {}
+
+
+def per_step(cu_seqlens: torch.Tensor, key, compute: Callable):
+    """`compute()` once per `cu_seqlens` tensor and `key`: every layer of a step gets the same
+    tensor, so the values made from it (its host copy, the ring and LASP plans) are made once.
+    Entries go with the tensor (a weak reference); an in-place change of the tensor drops them."""
+    ident = id(cu_seqlens)
+    entry = _PER_STEP.get(ident)
+    if entry is None or entry[0]() is not cu_seqlens or entry[1] != cu_seqlens._version:
+        entry = _PER_STEP[ident] = (weakref.ref(cu_seqlens, lambda _: _PER_STEP.pop(ident, None)),
+                                    cu_seqlens._version, {})
+    values = entry[2]
+    if key not in values:
+        values[key] = compute()
+    return values[key]
 
 
 def with_host_bounds(cu_seqlens: torch.Tensor, device) -> torch.Tensor:
     """`cu_seqlens` (a CPU tensor) moved to `device`, its values remembered, so that the plans
     made from it (ring, LASP, per-document loops) read no device memory: no host sync mid-step."""
     moved = cu_seqlens.to(device, non_blocking=True)
-    key = id(moved)
-    _HOST_BOUNDS[key] = (weakref.ref(moved, lambda _: _HOST_BOUNDS.pop(key, None)), moved._version,
-                         [int(b) for b in cu_seqlens.tolist()])
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    per_step(moved, "bounds", lambda: bounds)
     return moved
 
 
 def document_bounds(cu_seqlens: torch.Tensor) -> list[int]:
-    """cu_seqlens as a list of ints: remembered by with_host_bounds, else read (a device sync
-    for a GPU tensor)."""
-    entry = _HOST_BOUNDS.get(id(cu_seqlens))
-    if entry is not None and entry[0]() is cu_seqlens and entry[1] == cu_seqlens._version:
-        return entry[2]
-    return [int(b) for b in cu_seqlens.tolist()]
+    """cu_seqlens as a list of ints: remembered by with_host_bounds, else read once per tensor
+    (a device sync for a GPU tensor)."""
+    return per_step(cu_seqlens, "bounds", lambda: [int(b) for b in cu_seqlens.tolist()])
 
 
 def document_ranges(cu_seqlens: torch.Tensor | None, total: int) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ stays fp32 when the model is cast to bf16. No rotary
 embedding: the decay already orders the tokens, so `position_ids` is accepted and unused.
 
 The attention function is picked by name (`config.linear_attention`): `lightning` (one device,
-registered here) or `lasp` / `lasp_allgather` (sequence parallel, registered by longctx.parallel.lasp).
+registered here) or a sequence-parallel one that `longctx.parallel` registers and points the layer at.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from longctx.ops.linear import lightning_attn_func
 
 from .attention import get_linear_attention, register_linear_attention
 from .config import ModelConfig
-from .llama import MixerProjections, RMSNorm
+from .layers import MixerProjections, RMSNorm
 
 
 @register_linear_attention("lightning")
@@ -74,7 +74,8 @@ class LinearAttention(MixerProjections):
         return q, k, v
 
     def mix(self, q, k, v, cu_seqlens=None, max_seqlen=None):
-        out = get_linear_attention(self.config.linear_attention)(q, k, v, self.decay, cu_seqlens=cu_seqlens)
+        mixer = get_linear_attention(self.config.linear_attention)
+        out = mixer(q, k, v, self.decay, cu_seqlens=cu_seqlens, **self.mixer_kwargs())
         return out.flatten(2)
 
     def output(self, out, x):

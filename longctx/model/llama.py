@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from longctx.ops.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
-from longctx.ops.rms_norm import rms_norm
 from longctx.ops.rotary import apply_rotary
 from longctx.ops.swiglu import silu_mul
 
 from .attention import document_bounds, get_attention
 from .config import ModelConfig
+from .layers import MixerProjections, RMSNorm
+from .linear_attention import LinearAttention
 from .rotary import rope_inv_freq, rotary_cos_sin
 
 
@@ -28,43 +29,6 @@ from .rotary import rope_inv_freq, rotary_cos_sin
 class CausalLMOutput:
     logits: Optional[torch.Tensor] = None   # (B, S, V) when no labels are given
     loss: Optional[torch.Tensor] = None     # with labels: mean (or sum) over labels != -100
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        # statistics in fp32; the output in the input's dtype (under autocast the fp32 weight
-        # must not promote the bf16 residual stream back to fp32); only x and a scale per row
-        # are kept for the backward
-        return rms_norm(x, self.weight, self.eps)
-
-
-class MixerProjections(nn.Module):
-    """The query, key, value and output projections of a token mixer, sized for grouped-query
-    attention (K and V have num_key_value_heads heads), named as in Hugging Face.
-
-    A mixer runs in three steps (selective checkpointing keeps only what `mix` saves):
-    `project(x, cos, sin, position_ids)` -> q, k, v; `mix(q, k, v, cu_seqlens, max_seqlen)` -> out;
-    `output(out, x)`, where x (the mixer's input) is read only if `gated_output`."""
-
-    gated_output = False
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        h, d = config.hidden_size, config.head_dim
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
-
-    def forward(self, x, cos=None, sin=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
-        return self.output(self.mix(*self.project(x, cos, sin, position_ids), cu_seqlens, max_seqlen), x)
 
 
 class Attention(MixerProjections):
@@ -80,7 +44,8 @@ class Attention(MixerProjections):
 
     def mix(self, q, k, v, cu_seqlens, max_seqlen):
         mixer = get_attention(resolve_attention(self.config.attention, q))
-        out = mixer(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, softmax_scale=self.config.head_dim ** -0.5)
+        out = mixer(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, softmax_scale=self.config.head_dim ** -0.5,
+                    **self.mixer_kwargs())
         return out.flatten(2)
 
     def output(self, out, x):
@@ -123,11 +88,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
-        if config.layer_type(index) == "linear":
-            from .linear_attention import LinearAttention
-            self.self_attn = LinearAttention(config)
-        else:
-            self.self_attn = Attention(config)
+        self.self_attn = LinearAttention(config) if config.layer_type(index) == "linear" else Attention(config)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

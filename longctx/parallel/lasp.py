@@ -9,12 +9,12 @@ needs from the earlier shards only their d x d state per head, and the state's s
 
 where out0, S0 are the shard's results from a zero state. So the work that does not need S_in runs
 first, with no communication, and only a small step waits for it. Two implementations:
-- with the Triton kernel (GPU, or the interpreter): its own phases with the exchange in between.
+- with the Triton kernel (GPU, or kernel=True under the interpreter): its own phases with the exchange in between.
   (1) each segment's state from zero (a pass over k, v); (2) S_in arrives, the scan over segments
   (a tiny kernel) gives the segment start states and S_out, which goes on at once; (3) the outputs.
   No extra pass over the sequence: the incoming state enters through the segment start states,
   which the backward reuses (LASP's state caching) instead of receiving the state again.
-- otherwise (`lightning_attn_func`'s PyTorch path, e.g. CPU tests without the interpreter): the
+- otherwise (`lightning_attn_func`'s PyTorch path: a CPU, float64, or kernel=False): the
   kernel from a zero state, then the formulas above as separate corrections.
 The communication is one fp32 state per rank (B*H*Dk*Dv*4 bytes: 1 MiB at 16 heads of 128) and
 never stands in front of work that does not need it: no barrier, no host sync, no blocking
@@ -35,34 +35,28 @@ this shard continues from the incoming state; a document that starts here resets
 local document bounds are worked out once per `cu_seqlens` tensor (a host read, shared by all layers
 of a step; none when `cu_seqlens` lives on the CPU).
 
-Hybrid models run their softmax layers on the same contiguous shards: `allgather_kv_attention`
-(registered as `allgather_kv`) gathers K and V (small with GQA) while the shard's own causal block
-runs, then attends the queries of the document that continues from earlier shards to its earlier
-keys and merges the two by their log-sum-exp; the backward returns those keys' gradients with a
-reduce-scatter that overlaps the diagonal block's backward. (Ring attention wants the zigzag
-layout, which the linear layers cannot use.)
+Hybrid models run their softmax layers on the same contiguous shards with `allgather_kv.py`.
+(Ring attention wants the zigzag layout, which the linear layers cannot use.) Registered as the
+sequence-parallel methods `lasp` and `lasp_allgather` (the records at the end).
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from longctx.model.attention import document_ranges, register_attention, register_linear_attention
+from longctx.model.attention import document_ranges, per_step, register_linear_attention
 from longctx.ops.linear import forward as kernel
-from longctx.ops.linear import lightning_attn_func
+from longctx.ops.linear import lightning_attn_func, uses_kernel
 
-from .sequence import get_sequence_group
+from .registry import SequenceMethod, register_method
+from .sequence import layout_over_sp
 
-__all__ = ["lasp_attn_func", "allgather_kv_attention", "VARIANTS", "CONTIGUOUS_SOFTMAX_ATTENTION"]
+__all__ = ["lasp_attn_func", "VARIANTS", "ShardDocuments", "shard_documents"]
 
 VARIANTS = ("ring", "allgather")
-# The softmax mixer for hybrid models under LASP (contiguous shards; ring attention wants zigzag).
-CONTIGUOUS_SOFTMAX_ATTENTION = "allgather_kv"
 # Tokens per slice of the state corrections: bounds their fp32 temporaries at long context.
 _CORRECTION_CHUNK = 16384
 
@@ -98,22 +92,6 @@ def _documents_of_shard(bounds: list[int], rank: int, world: int, length: int) -
                           past_start=max(earlier) if carry_end and earlier else rank * length)
 
 
-_CACHE: dict = {}
-
-
-def _per_step(cu_seqlens: torch.Tensor, key: tuple, compute):
-    """`compute()` once per `cu_seqlens` tensor and key: the layers of a step share one host read."""
-    full_key = (id(cu_seqlens), cu_seqlens._version) + key
-    hit = _CACHE.get(full_key)
-    if hit is not None and hit[0]() is cu_seqlens:
-        return hit[1]
-    if any(k[:2] != full_key[:2] for k in _CACHE):
-        _CACHE.clear()  # a new step's cu_seqlens: drop the last one's entries
-    value = compute()
-    _CACHE[full_key] = (weakref.ref(cu_seqlens), value)
-    return value
-
-
 def shard_documents(cu_seqlens: Optional[torch.Tensor], rank: int, world: int, length: int) -> ShardDocuments:
     """This shard's view of the global `cu_seqlens` (cached per tensor: one host read per step)."""
     if cu_seqlens is None:
@@ -123,7 +101,7 @@ def shard_documents(cu_seqlens: Optional[torch.Tensor], rank: int, world: int, l
         total = world * length
         bounds = [start for start, _ in document_ranges(cu_seqlens, total)] + [total]
         return _documents_of_shard(bounds, rank, world, length)
-    return _per_step(cu_seqlens, ("lasp", rank, world, length), compute)
+    return per_step(cu_seqlens, ("lasp", rank, world, length), compute)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,10 +223,10 @@ class _LaspGeneric(torch.autograd.Function):
         block_decay = torch.exp(-decay * length)[None, :, None, None]  # lam^L, [1, H, 1, 1]
 
         state_in, receive = _post_state_receive(variant, group, rank, state_shape, q.device)
-        bounds = _kernel_bounds(docs, q.device)
+        bounds = kernel_bounds(docs, q.device)
         leaves = [x.detach().requires_grad_(needs_grad and x.requires_grad) for x in (q, k, v)]
         with torch.set_grad_enabled(needs_grad):
-            out, state0 = lightning_attn_func(*leaves, decay, initial_state=None, cu_seqlens=bounds)
+            out, state0 = lightning_attn_func(*leaves, decay, initial_state=None, cu_seqlens=bounds, kernel=False)
         state0 = state0.detach().float()
 
         send = None
@@ -331,10 +309,20 @@ class _LaspGeneric(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _uses_triton(q, v) -> bool:
-    """The rule `lightning_attn_func` follows for its Triton path."""
-    return (kernel.use_triton(q) and q.dtype != torch.float64
-            and max(q.shape[-1], v.shape[-1]) <= kernel.MAX_HEAD_DIM and q.shape[1] > 0)
+def _post_state_receive(variant: str, group, rank: int, shape: tuple, device):
+    """The ring variant's receive of the previous rank's state, posted before any work so that it
+    completes while this shard's own kernel runs: (buffer, work), or (None, None)."""
+    if variant != "ring" or rank == 0:
+        return None, None
+    state_in = torch.empty(shape, dtype=torch.float32, device=device)
+    return state_in, dist.irecv(state_in, src=_global_rank(group, rank - 1), group=group)
+
+
+def kernel_bounds(docs: ShardDocuments, device) -> Optional[torch.Tensor]:
+    """This shard's document bounds for the kernels (int32), or None for one document."""
+    if docs.kernel_bounds is None:
+        return None
+    return torch.tensor(docs.kernel_bounds, dtype=torch.int32, device=device)
 
 
 def _plan(q, v, bounds):
@@ -361,7 +349,7 @@ class _LaspPhased(torch.autograd.Function):
         uses_incoming = rank > 0 and docs.carry_end > 0  # a document starting at token 0 ignores it
 
         state_in, receive = _post_state_receive(variant, group, rank, state_shape, q.device)
-        bounds = _kernel_bounds(docs, q.device)
+        bounds = kernel_bounds(docs, q.device)
         chunks, segments = _plan(q, v, bounds)
         states, mult = kernel.chunk_local_states(k, v, decay, chunks, segments, reverse=False)
 
@@ -436,13 +424,15 @@ class _LaspPhased(torch.autograd.Function):
 
 
 def lasp_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, group=None, *,
-                   cu_seqlens: Optional[torch.Tensor] = None, variant: str = "ring") -> torch.Tensor:
+                   cu_seqlens: Optional[torch.Tensor] = None, variant: str = "ring",
+                   kernel: Optional[bool] = None) -> torch.Tensor:
     """Lightning attention over a sequence split contiguously across `group` (None: the default group).
 
     q, k (B, L, H, Dk) (k may have fewer, grouped heads), v (B, L, Hkv, Dv): this rank's shard, every
     rank's of the same length L (layout "contiguous" of `split_sequence`). decay (H,) >= 0, fixed.
     `cu_seqlens` (int32): document bounds of the whole sequence of world * L tokens (B = 1).
     Returns this rank's output (B, L, H, Dv), equal to the single-device output's shard.
+    `kernel`: the Triton kernels' phases or the PyTorch form, chosen as `lightning_attn_func` does.
     """
     if variant not in VARIANTS:
         raise ValueError(f"LASP variant {variant!r} is unknown; choose one of {VARIANTS}")
@@ -460,208 +450,52 @@ def lasp_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: tor
                          f"batch into one row")
     docs = shard_documents(cu_seqlens, rank, world, q.shape[1])
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if _uses_triton(q, v):
+    if uses_kernel(q, v, kernel):
         return _LaspPhased.apply(q, k, v, decay, group, docs, variant)
     return _LaspGeneric.apply(q, k, v, decay, group, docs, variant, needs_grad)
 
 
 @register_linear_attention("lasp")
-def lasp_ring(q, k, v, decay, *, cu_seqlens=None):
-    """LASP with the state passed rank to rank, over `get_sequence_group()`."""
-    return lasp_attn_func(q, k, v, decay, get_sequence_group(), cu_seqlens=cu_seqlens, variant="ring")
+def lasp_ring(q, k, v, decay, *, group=None, cu_seqlens=None):
+    """LASP with the state passed rank to rank, over `group`."""
+    return lasp_attn_func(q, k, v, decay, group, cu_seqlens=cu_seqlens, variant="ring")
 
 
 @register_linear_attention("lasp_allgather")
-def lasp_allgather(q, k, v, decay, *, cu_seqlens=None):
-    """LASP-2 style: one all-gather of the zero-start states, over `get_sequence_group()`."""
-    return lasp_attn_func(q, k, v, decay, get_sequence_group(), cu_seqlens=cu_seqlens, variant="allgather")
+def lasp_allgather(q, k, v, decay, *, group=None, cu_seqlens=None):
+    """LASP-2 style: one all-gather of the zero-start states, over `group`."""
+    return lasp_attn_func(q, k, v, decay, group, cu_seqlens=cu_seqlens, variant="allgather")
 
 
 # ----------------------------------------------------------------------------------------------
-# Softmax attention on contiguous shards (the softmax layers of a hybrid model under LASP)
+# The records of the two variants (softmax layers of a hybrid run `allgather_kv`)
 
 
-class _GatherSequence(torch.autograd.Function):
-    """All-gather along the sequence (dim 1); the backward sums every rank's gradient of this shard.
-    (The PyTorch path of `allgather_kv_attention`.)"""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        rank, world = _group_info(group)
-        ctx.group, ctx.rank, ctx.world = group, rank, world
-        shares = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(shares, x.contiguous(), group=group)
-        return torch.cat(shares, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_rows(torch.stack(grad.chunk(ctx.world, dim=1)), ctx.group, ctx.rank), None
+def _lasp_bytes(variant: str):
+    def bytes_per_layer(m, seqlen, a, dims, kind) -> float:
+        """A linear layer moves one fp32 (H, Dk, Dv) state per rank each way (ring: to the next
+        rank; allgather: to the N - 1 others); a softmax layer all-gathers K and V in the forward
+        and reduce-scatters their gradients in the backward."""
+        n, d = dims.sp, m.head_dim
+        if kind == "softmax":
+            return 2 * (n - 1) * seqlen / n * 2 * m.num_key_value_heads * d * a
+        peers = 1 if variant == "ring" else n - 1
+        return 2 * peers * m.num_attention_heads * d * d * 4
+    return bytes_per_layer
 
 
-def _reduce_scatter_rows(rows: torch.Tensor, group, rank: int, async_op: bool = False):
-    """Sum `rows` (N, ...) over the group and keep row `rank`: reduce-scatter (NCCL), or all-reduce
-    and pick (gloo has no reduce-scatter). With `async_op`: (result, work or None)."""
-    if dist.get_backend(group) == "gloo":
-        rows = rows.contiguous()
-        work = dist.all_reduce(rows, group=group, async_op=async_op)
-        return (rows[rank], work) if async_op else rows[rank]
-    mine = torch.empty(rows.shape[1:], dtype=rows.dtype, device=rows.device)
-    work = dist.reduce_scatter_tensor(mine, rows.contiguous(), group=group, async_op=async_op)
-    return (mine, work) if async_op else mine
-
-
-def _post_state_receive(variant: str, group, rank: int, shape: tuple, device):
-    """The ring variant's receive of the previous rank's state, posted before any work so that it
-    completes while this shard's own kernel runs: (buffer, work), or (None, None)."""
-    if variant != "ring" or rank == 0:
-        return None, None
-    state_in = torch.empty(shape, dtype=torch.float32, device=device)
-    return state_in, dist.irecv(state_in, src=_global_rank(group, rank - 1), group=group)
-
-
-def _kernel_bounds(docs: ShardDocuments, device) -> Optional[torch.Tensor]:
-    """This shard's document bounds for the kernels (int32), or None for one document."""
-    if docs.kernel_bounds is None:
-        return None
-    return torch.tensor(docs.kernel_bounds, dtype=torch.int32, device=device)
-
-
-def _diagonal_args(docs: ShardDocuments, device) -> dict:
-    if docs.kernel_bounds is None:
+def _allgather_kv_memory(m, tokens, a, dims) -> dict:
+    """A hybrid's softmax layers gather every rank's K and V (one layer at a time)."""
+    if m.layer_types is None or "softmax" not in m.layer_types:
         return {}
-    bounds = _kernel_bounds(docs, device)
-    longest = max(b - a for a, b in zip(docs.kernel_bounds[:-1], docs.kernel_bounds[1:]))
-    return dict(cu_seqlens_q=bounds, cu_seqlens_k=bounds, max_seqlen_q=longest, max_seqlen_k=longest)
+    return {"gathered K, V": dims.sp * tokens * 2 * m.num_key_value_heads * m.head_dim * a}
 
 
-class _AllGatherKVAttention(torch.autograd.Function):
-    """Flash-attention kernels with the log-sum-exp: the shard's own causal (diagonal) block runs
-    while K and V are gathered; then the queries of the document that continues from earlier shards
-    attend to its earlier keys, and the two results are merged. The backward sends the earlier
-    keys' gradients back to their owners (reduce-scatter) while the diagonal block's backward runs."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, group, docs: ShardDocuments, scale):
-        from longctx.ops.attention import attention_forward
-        rank, world = _group_info(group)
-        batch, length = q.shape[:2]
-        dk = k.shape[-1]
-        kv = torch.cat([k, v], dim=-1).contiguous()  # one message: [B, L, Hkv, Dk + Dv]
-        gathered = [torch.empty_like(kv) for _ in range(world)]
-        work = dist.all_gather(gathered, kv, group=group, async_op=True) if world > 1 else None
-
-        diagonal = _diagonal_args(docs, q.device)
-        if diagonal:
-            out, lse = attention_forward(q[0], k[0], v[0], causal=True, softmax_scale=scale,
-                                         out_dtype=torch.float32, **diagonal)
-            out, lse = out[None], lse[None]  # [1, L, H, D], [1, H, L]
-        else:
-            out, lse = attention_forward(q, k, v, causal=True, softmax_scale=scale, out_dtype=torch.float32)
-        if work is not None:
-            work.wait()
-
-        seen = docs.carry_end if rank > 0 else 0  # queries that also see earlier shards' keys
-        past_k = past_v = None
-        if seen:
-            past = torch.cat(gathered[:rank], dim=1)[:, docs.past_start:]
-            past_k, past_v = past[..., :dk], past[..., dk:]
-            out_past, lse_past = attention_forward(q[:, :seen], past_k, past_v, causal=False, softmax_scale=scale,
-                                                   out_dtype=torch.float32)
-            merged = torch.logaddexp(lse[..., :seen], lse_past)                     # [B, H, seen]
-            keep = torch.exp(lse[..., :seen] - merged).transpose(1, 2)[..., None]   # [B, seen, H, 1]
-            add = torch.exp(lse_past - merged).transpose(1, 2)[..., None]
-            out[:, :seen] = out[:, :seen] * keep + out_past * add
-            lse[..., :seen] = merged
-        del gathered
-        out = out.to(q.dtype)
-        ctx.group, ctx.docs, ctx.scale, ctx.seen = group, docs, scale, seen
-        ctx.save_for_backward(q, k, v, out, lse, past_k, past_v)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        from longctx.ops.attention import attention_backward
-        q, k, v, out, lse, past_k, past_v = ctx.saved_tensors
-        group, docs, scale, seen = ctx.group, ctx.docs, ctx.scale, ctx.seen
-        rank, world = _group_info(group)
-        batch, length = q.shape[:2]
-        dk = k.shape[-1]
-        dout = dout.contiguous()
-
-        # earlier keys first: their gradients travel back while the diagonal block's backward runs
-        rows = torch.zeros(world, batch, length, k.shape[2], dk + v.shape[-1], dtype=k.dtype, device=k.device)
-        dq_past = None
-        if seen:
-            dq_past, dk_past, dv_past = attention_backward(
-                dout[:, :seen], q[:, :seen], past_k, past_v, out[:, :seen], lse[..., :seen].contiguous(),
-                causal=False, softmax_scale=scale, grad_dtype=torch.float32)
-            grad_past = torch.cat([dk_past, dv_past], dim=-1).to(k.dtype)  # [B, rank*L - past_start, Hkv, Dk+Dv]
-            if batch == 1:
-                rows.view(1, world * length, *rows.shape[3:])[:, docs.past_start:rank * length] = grad_past
-            else:  # no documents: the past is whole shards
-                rows[:rank] = grad_past.view(batch, rank, length, *rows.shape[3:]).transpose(0, 1)
-        share, work = _reduce_scatter_rows(rows, group, rank, async_op=True) if world > 1 else (rows[0], None)
-
-        diagonal = _diagonal_args(docs, q.device)
-        if diagonal:
-            dq, dk_local, dv_local = attention_backward(dout[0], q[0], k[0], v[0], out[0], lse[0], causal=True,
-                                                        softmax_scale=scale, grad_dtype=torch.float32, **diagonal)
-            dq, dk_local, dv_local = dq[None], dk_local[None], dv_local[None]
-        else:
-            dq, dk_local, dv_local = attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=scale,
-                                                        grad_dtype=torch.float32)
-        if dq_past is not None:
-            dq[:, :seen] += dq_past
-        if work is not None:
-            work.wait()
-        dk_local += share[..., :dk]
-        dv_local += share[..., dk:]
-        return dq.to(q.dtype), dk_local.to(k.dtype), dv_local.to(v.dtype), None, None, None
-
-
-def _segments(cu_seqlens, start, end, total):
-    """(q_start, q_end) local and (k_start, k_end) global of each document piece in [start, end)."""
-    if cu_seqlens is None:
-        return [(0, end - start, 0, end)]
-
-    def compute():
-        pieces = []
-        for doc_start, doc_end in document_ranges(cu_seqlens, total):
-            lo, hi = max(doc_start, start), min(doc_end, end)
-            if lo < hi:
-                pieces.append((lo - start, hi - start, doc_start, hi))
-        return pieces
-    return _per_step(cu_seqlens, ("allgather_kv", start, end, total), compute)
-
-
-def _sdpa_bottom_right(q, k, v, scale):
-    """Causal attention with the queries at the end of the keys: q (B, Sq, H, D), k/v (B, Sk, Hkv, D)."""
-    heads = q.shape[2]
-    qt, kt, vt = q.transpose(1, 2), _expand_heads(k, heads).transpose(1, 2), _expand_heads(v, heads).transpose(1, 2)
-    sq, sk = q.shape[1], k.shape[1]
-    mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale).transpose(1, 2)
-
-
-@register_attention("allgather_kv")
-def allgather_kv_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
-    """Causal softmax attention for contiguous shards over `get_sequence_group()`: K and V are
-    all-gathered (GQA keeps them small) and this rank's queries attend to the keys up to its
-    shard's end. `cu_seqlens` describes the whole sequence, as for `lasp`. With the flash kernels
-    (GPU, or the Triton interpreter) the gather overlaps the shard's own causal block; otherwise
-    PyTorch's SDPA runs each document piece on the gathered keys."""
-    group = get_sequence_group()
-    rank, world = _group_info(group)
-    batch, length = q.shape[:2]
-    if cu_seqlens is not None and batch != 1:
-        raise ValueError(f"packed documents (cu_seqlens) need batch size 1 under sequence parallelism, got {batch}")
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    if kernel.use_triton(q) and q.dtype != torch.float64:
-        docs = shard_documents(cu_seqlens, rank, world, length)
-        return _AllGatherKVAttention.apply(q, k, v, group, docs, scale)
-    if world > 1:
-        k, v = _GatherSequence.apply(k, group), _GatherSequence.apply(v, group)
-    start, end = rank * length, (rank + 1) * length
-    segments = _segments(cu_seqlens, start, end, world * length)
-    pieces = [_sdpa_bottom_right(q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], scale) for qs, qe, ks, ke in segments]
-    return torch.cat(pieces, dim=1)
+_split, _gather, _divisor = layout_over_sp("contiguous")
+for _name, _variant, _summary in (
+        ("lasp", "ring", "LASP: linear-attention layers pass a d x d state rank to rank (contiguous shares)"),
+        ("lasp_allgather", "allgather", "LASP-2: linear-attention layers all-gather the d x d states")):
+    register_method(SequenceMethod(
+        name=_name, summary=_summary, softmax="allgather_kv", linear=_name, split=_split, gather=_gather,
+        divisor=_divisor, groups=lambda dims: dims.sp_group, bytes_per_layer=_lasp_bytes(_variant),
+        memory=_allgather_kv_memory))

@@ -7,23 +7,24 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from .data_parallel import apply_ddp, apply_fsdp, world_mesh
 from .mesh import ParallelDims
 from .offload import ActivationOffloader
-from .sequence import set_sequence_group
+from .registry import check_model
 
 
-def apply_sequence_parallel(model, dims: ParallelDims, mesh, device, lasp_variant: str = "ring") -> None:
-    """Point the model's token mixers at the sequence-parallel methods over the mesh's sp group."""
-    if dims.sp_method == "none":
+def apply_sequence_parallel(model, dims: ParallelDims) -> None:
+    """Point the model's token mixers at the method's mixers, over the groups `dims` holds (made by
+    `dims.build_mesh`), and remember the dims on the model (`model.sequence_dims`) for the code
+    that feeds it a sequence (evaluation). As torchtitan's apply_cp: the model keeps its modules."""
+    method = dims.method
+    model.sequence_dims = dims
+    if method is None:
         return
-    group = mesh["sp"].get_group()
-    set_sequence_group(group)
-    if dims.sp_method == "ring":
-        from . import ring
-        ring.init_ring(group, device)  # communicators made and warmed up now, not in the first layer
-        model.config.attention = "ring"
-    elif dims.sp_method == "lasp":
-        from . import lasp
-        model.config.linear_attention = "lasp" if lasp_variant == "ring" else "lasp_allgather"
-        model.config.attention = lasp.CONTIGUOUS_SOFTMAX_ATTENTION
+    check_model(method, dims, model.config)
+    if method.softmax is not None:
+        model.config.attention = method.softmax
+    if method.linear is not None:
+        model.config.linear_attention = method.linear
+    for layer in model.layers:
+        layer.self_attn.mixer_group = dims.mixer_group
 
 
 def apply_activation_checkpointing(model, mode: str, offload: bool = False):
@@ -59,7 +60,7 @@ def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
     `data_parallel.materialize` it afterwards); DeepSpeed needs the optimizer, so the caller builds
     its engine afterwards with `data_parallel.build_deepspeed`.
     """
-    apply_sequence_parallel(model, dims, mesh, device, cfg.parallel.lasp_variant)
+    apply_sequence_parallel(model, dims)
     apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_offload)
     if not dist.is_initialized() or dims.dp_backend in ("none", "deepspeed"):
         return model

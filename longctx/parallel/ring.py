@@ -20,22 +20,23 @@ sequence) cut these blocks further: a pair of different chunks shares at most on
 sub-block), and the local causal block is one varlen call over the local documents.
 
 The block math dispatches: the Triton kernel (`longctx.ops.attention`) on CUDA, the plain-PyTorch
-`ring_blocks` on CPU. Registered as the model's `ring` token mixer.
+block functions of `ops/attention/naive.py` on CPU. Registered as the model's `ring` token mixer
+and as the sequence-parallel method `ring` (its record at the end).
 """
 from __future__ import annotations
 
 import bisect
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from longctx.model.attention import document_bounds, register_attention
+from longctx.model.attention import document_bounds, per_step, register_attention
+from longctx.ops.attention import naive
 
-from . import ring_blocks
-from .sequence import get_sequence_group
+from .registry import SequenceMethod, register_method
+from .sequence import layout_over_sp
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,6 +123,16 @@ def free_ring_buffers() -> None:
 def _wait(works: list) -> None:
     for work in works:
         work.wait()
+
+
+def ring_bytes_per_layer(seqlen: int, kv_heads: int, head_dim: int, world_size: int,
+                         element_bytes: int = 2, batch: int = 1) -> int:
+    """Bytes one rank sends in one layer's forward and backward: its K, V share N - 1 hops in each
+    ring, and the fp32 dK, dV accumulators N hops (see ring_backward)."""
+    if world_size == 1:
+        return 0
+    kv_share = 2 * batch * (seqlen // world_size) * kv_heads * head_dim  # K and V, elements
+    return kv_share * (2 * (world_size - 1) * element_bytes + world_size * max(element_bytes, 4))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +260,7 @@ def _block_functions(device: torch.device):
     if impl == "triton":
         from longctx.ops.attention import attention_backward, attention_forward
         return attention_forward, attention_backward
-    return ring_blocks.attention_forward, ring_blocks.attention_backward
+    return naive.attention_forward, naive.attention_backward
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -399,22 +410,12 @@ def ring_backward(ring: RingComm, plan, dout, q, k, v, out, lse, scale):
     return dq.to(q.dtype), own[0].to(k.dtype, copy=True), own[1].to(v.dtype, copy=True)
 
 
-# Every layer of a step gets the same cu_seqlens tensor: plan once per tensor (reading it costs a
-# device sync), keyed on the tensor itself (a weak reference, so a new batch never hits a stale plan).
-_PLAN_CACHE: dict = {"tensor": None}
-
-
 def _cached_plan(ring, local_len, causal, batch, cu_seqlens, device):
-    key = (ring.rank, ring.world_size, local_len, causal, batch, str(device))
+    """The ring plan, made once per step's `cu_seqlens` (reading it may cost a device sync)."""
+    make = lambda: ring_plan(ring.rank, ring.world_size, local_len, causal, batch, cu_seqlens, device)  # noqa: E731
     if cu_seqlens is None:
-        return ring_plan(ring.rank, ring.world_size, local_len, causal, batch, None, device)
-    cached = _PLAN_CACHE["tensor"]
-    if (cached is not None and cached() is cu_seqlens and _PLAN_CACHE["version"] == cu_seqlens._version
-            and _PLAN_CACHE["key"] == key):
-        return _PLAN_CACHE["plan"]
-    plan = ring_plan(ring.rank, ring.world_size, local_len, causal, batch, cu_seqlens, device)
-    _PLAN_CACHE.update(tensor=weakref.ref(cu_seqlens), version=cu_seqlens._version, key=key, plan=plan)
-    return plan
+        return make()
+    return per_step(cu_seqlens, ("ring", ring.rank, ring.world_size, local_len, causal, batch, str(device)), make)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -449,7 +450,35 @@ def ring_attn_func(q, k, v, group=None, causal: bool = True, softmax_scale: floa
 
 
 @register_attention("ring")
-def ring_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
-    """The model's `ring` token mixer: causal ring attention over `get_sequence_group()`."""
-    return ring_attn_func(q, k, v, get_sequence_group(), causal=True, softmax_scale=softmax_scale,
-                          cu_seqlens=cu_seqlens)
+def ring_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+    """The model's `ring` token mixer: causal ring attention over `group` (None: the default group)."""
+    return ring_attn_func(q, k, v, group, causal=True, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens)
+
+
+# ------------------------------------------------------------------------------------------------
+# the method's record
+# ------------------------------------------------------------------------------------------------
+def _bytes_per_layer(m, seqlen, a, dims, kind) -> float:
+    return ring_bytes_per_layer(seqlen, m.num_key_value_heads, m.head_dim, dims.sp, a)
+
+
+def ring_buffers(tokens: int, heads: int, kv_heads: int, head_dim: int, a: int) -> int:
+    """K and V in a double buffer, the travelling fp32 dK and dV (double buffered), the fp32 dQ."""
+    kv = tokens * kv_heads * head_dim
+    return 2 * 2 * kv * a + 2 * 2 * kv * 4 + tokens * heads * head_dim * 4
+
+
+def _memory(m, tokens, a, dims) -> dict:
+    return {"ring buffers": ring_buffers(tokens, m.num_attention_heads, m.num_key_value_heads, m.head_dim, a)}
+
+
+def _init_ring(dims):
+    init_ring(dims.sp_group)   # communicators made and warmed up now, not in the first layer
+    return dims.sp_group
+
+
+_split, _gather, _divisor = layout_over_sp("zigzag")
+register_method(SequenceMethod(
+    name="ring", summary="ring attention: K, V go round the sp group (zigzag shares balance the causal work)",
+    softmax="ring", linear=None, split=_split, gather=_gather, divisor=_divisor, groups=_init_ring,
+    bytes_per_layer=_bytes_per_layer, memory=_memory))

@@ -13,19 +13,6 @@ import torch.distributed as dist
 
 LAYOUTS = ("zigzag", "contiguous")
 
-# The sequence-parallel group the registered mixers ("ring", "lasp") run over. Set by the code that
-# parallelises the model (the train step); None means the default group.
-_SEQUENCE_GROUP = None
-
-
-def set_sequence_group(group) -> None:
-    global _SEQUENCE_GROUP
-    _SEQUENCE_GROUP = group
-
-
-def get_sequence_group():
-    return _SEQUENCE_GROUP
-
 
 def _group_info(group) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
@@ -76,3 +63,39 @@ def gather_sequence(local: torch.Tensor, group=None, dim: int = 1, layout: str =
         first, second = zigzag_chunk_ids(r, world)
         chunks[first], chunks[second] = share.chunk(2, dim=dim)
     return torch.cat(chunks, dim=dim)
+
+
+def layout_over_sp(layout: str):
+    """(split, gather, divisor) of `layout` over a ParallelDims' sp group, as a method record
+    takes them."""
+    sequence_divisor(1, layout)
+    return (lambda x, dims, dim: split_sequence(x, dims.sp_group, dim=dim, layout=layout),
+            lambda local, dims, dim: gather_sequence(local, dims.sp_group, dim=dim, layout=layout),
+            lambda dims: sequence_divisor(dims.sp, layout))
+
+
+# USP (Ulysses inside a ring): the ring's zigzag share of each ring rank, cut contiguously over the
+# Ulysses ranks that share it; the Ulysses all-to-all rebuilds the zigzag share for the ring.
+def usp_sequence_divisor(ulysses: int, ring: int) -> int:
+    """What a sequence length must be a multiple of to be split over `ulysses` x `ring` ranks."""
+    zigzag = sequence_divisor(ring, "zigzag")
+    return zigzag * ulysses // 2 if ulysses % 2 == 0 else zigzag * ulysses
+
+
+def split_sequence_usp(x: torch.Tensor, ulysses_group, ring_group, dim: int = 1) -> torch.Tensor:
+    """This rank's USP share of `x` along `dim`: its ring rank's zigzag share, then its Ulysses
+    rank's contiguous piece of that."""
+    ulysses, ring = _group_info(ulysses_group)[1], _group_info(ring_group)[1]
+    divisor = usp_sequence_divisor(ulysses, ring)
+    if x.shape[dim] % divisor:
+        raise ValueError(
+            f"sequence length {x.shape[dim]} cannot be split over {ulysses} (Ulysses) x {ring} (ring) "
+            f"ranks: it must be a multiple of {divisor}; pad it (labels -100) to the next multiple of {divisor}")
+    share = split_sequence(x, ring_group, dim, "zigzag")
+    return split_sequence(share, ulysses_group, dim, "contiguous")
+
+
+def gather_sequence_usp(local: torch.Tensor, ulysses_group, ring_group, dim: int = 1) -> torch.Tensor:
+    """The whole sequence from every rank's USP share, in the original order (not differentiable)."""
+    share = gather_sequence(local, ulysses_group, dim, "contiguous")
+    return gather_sequence(share, ring_group, dim, "zigzag")

@@ -36,8 +36,9 @@ class ParallelSection:
     dp_backend: str = "ddp"                # none | ddp | fsdp | deepspeed
     dp: int = -1                           # -1: world size / sp
     sp: int = 1
-    sp_method: str = "none"                # none | ring | lasp
-    lasp_variant: str = "ring"             # lasp only: ring (the state passed rank to rank) | allgather (LASP-2)
+    sp_method: str = "none"                # none | ring | lasp | lasp_allgather | ulysses | usp (longctx/parallel/registry.py)
+    ulysses: int = 1                       # usp only: ranks of a Ulysses group (sp = ulysses x ring)
+    lasp_variant: Optional[str] = None     # replaced by parallel.sp_method=lasp_allgather; set: an error saying so
     zero_stage: int = 0                    # deepspeed only, and required there: 1 | 2 | 3
     reshard_after_forward: bool = True     # fsdp only (false: parameters stay gathered after the forward, as ZeRO-2)
     cpu_offload: bool = False              # fsdp: params+grads+optimizer; deepspeed: optimizer (stage 3: params too)
@@ -218,7 +219,10 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     _choice(t.on_nonfinite, ("stop", "skip"), "train.on_nonfinite")
     _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
-    _choice(cfg.parallel.lasp_variant, ("ring", "allgather"), "parallel.lasp_variant")
+    if cfg.parallel.lasp_variant is not None:
+        raise ValueError(f"parallel.lasp_variant={cfg.parallel.lasp_variant} is gone: the variant is the method now, "
+                         "set parallel.sp_method=lasp (state passed rank to rank) or lasp_allgather (LASP-2) "
+                         "and drop parallel.lasp_variant")
     _choice(cfg.logging.wandb, ("disabled", "offline", "online"), "logging.wandb")
     _check_ranges(cfg)
     if t.device == "cuda":
@@ -226,18 +230,29 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
         if not torch.cuda.is_available():
             raise ValueError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
     p = cfg.parallel
-    dims = ParallelDims.from_sizes(world_size, dp=p.dp, sp=p.sp, sp_method=p.sp_method,
+    dims = ParallelDims.from_sizes(world_size, dp=p.dp, sp=p.sp, sp_method=p.sp_method, ulysses=p.ulysses,
                                    dp_backend=p.dp_backend if world_size > 1 else "none")
+    if world_size > 1 and dims.dp_backend == "none":
+        raise ValueError(f"{world_size} processes need a data-parallel backend to reduce gradients: "
+                         f"set parallel.dp_backend to one of ddp, fsdp, deepspeed")
     if t.seq_len % dims.seq_divisor:
         raise ValueError(f"train.seq_len={t.seq_len} is not a multiple of {dims.seq_divisor}, which "
-                         f"{dims.sp_method} over sp={dims.sp} needs ({dims.layout} split); use "
+                         f"{dims.sp_method} over sp={dims.sp} needs; use "
                          f"train.seq_len={(t.seq_len // dims.seq_divisor + 1) * dims.seq_divisor}")
     _check_data_parallel(cfg, dims)
-    if dims.sp_method != "none" and importlib.util.find_spec(f"longctx.parallel.{dims.sp_method}") is None:
-        raise ValueError(f"parallel.sp_method={dims.sp_method} is not implemented yet (longctx/parallel/{dims.sp_method}.py)")
+    if dims.method is not None and dims.method.needs_kernel:
+        import torch
+        from longctx.ops.dispatch import INTERPRETED
+        if not (t.device != "cpu" and torch.cuda.is_available()) and not INTERPRETED:
+            raise ValueError(f"parallel.sp_method={dims.sp_method} runs Triton kernels only: train on CUDA GPUs "
+                             "(train.device=auto or cuda), or set TRITON_INTERPRET=1 on a CPU (slow; tests)")
     m = cfg.model
     if m.pretrained is not None and not os.path.isfile(os.path.join(m.pretrained, "config.json")):
         raise ValueError(f"model.pretrained={m.pretrained}: no Hugging Face config.json there")
+    if dims.method is not None:   # the method's head constraints and layer kinds, on the model's real shape
+        from longctx.model.hf import load_hf_config
+        from longctx.parallel.registry import check_model
+        check_model(dims.method, dims, load_hf_config(m.pretrained) if m.pretrained else ModelConfig(**model_fields(m)))
     if t.precision == "bf16_pure" and dims.dp_backend not in ("fsdp", "deepspeed"):
         raise ValueError("train.precision=bf16_pure keeps fp32 master weights through FSDP2's or "
                          "DeepSpeed's mixed precision: set parallel.dp_backend=fsdp or deepspeed, "

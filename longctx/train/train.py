@@ -28,7 +28,6 @@ from longctx.ops.cross_entropy import IGNORE_INDEX
 from longctx.parallel import data_parallel
 from longctx.parallel.data_parallel import backward, gradient_sync, optimizer_step
 from longctx.parallel.parallelize import parallelize_llama
-from longctx.parallel.sequence import split_sequence
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
@@ -173,14 +172,12 @@ def build_optimizer(model, cfg):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
-def shard_batch(batch: dict, dims, mesh, device) -> dict:
+def shard_batch(batch: dict, dims, device) -> dict:
     """Shift labels on the whole sequence, then give this rank its share of ids, labels and
     positions (one permutation for all three). cu_seqlens keeps describing the whole sequence."""
     labels = shift_labels(batch["labels"])
     local = {"input_ids": batch["input_ids"], "labels": labels, "position_ids": batch["position_ids"]}
-    if dims.sp > 1:
-        group = mesh["sp"].get_group()
-        local = {k: split_sequence(v, group, dim=1, layout=dims.layout) for k, v in local.items()}
+    local = {k: dims.split(v, dim=1) for k, v in local.items()}
     local = {k: v.to(device, non_blocking=True) for k, v in local.items()}
     # the documents' bounds stay known on the host: the model's max_seqlen and the ring and LASP
     # plans would otherwise read them back from the GPU mid-step
@@ -239,8 +236,7 @@ def train(cfg: Config) -> Path:
 def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir: Path, loader) -> Path:
     """The run in its locked folder: resume point, model, steps, checkpoints."""
     is_main, t = rank() == 0, cfg.train
-    if t.precision == "auto":
-        t.precision = "bf16_autocast" if device.type == "cuda" else "fp32"
+    autocast = precision_context(t, device)
     if device.type == "cuda":   # the memory plan, before any GPU work; auto checkpointing picks by it
         gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
         chosen = plan.resolve_auto(cfg, world_size, gpu_gib)
@@ -284,8 +280,6 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
                                          "settings": settings},
                                  per_rank={"rng": rng_state()})
 
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16_autocast"
-                else nullcontext())
     tokens_per_step = t.seq_len * t.micro_batch * t.grad_accum * dims.dp
     peak = peak_tflops(device)
     logger = (MetricsLogger(run_dir, cfg.logging, t.steps, start, OmegaConf.to_container(OmegaConf.structured(cfg)))
@@ -305,7 +299,7 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
         batches = [next(data) for _ in range(t.grad_accum)]
         # MFU counts attention within the packed documents; rank 0's batches stand for each dp rank's
         step_flops = dims.dp * sum(training_flops(model_config, b["cu_seqlens"]) for b in batches)
-        micro_batches = [shard_batch(b, dims, mesh, device) for b in batches]
+        micro_batches = [shard_batch(b, dims, device) for b in batches]
         loss = forward_backward(train_model, micro_batches, dims.world_size, autocast)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm, finite = optimizer_step(train_model, optimizer, max_norm)   # skips a non-finite step
@@ -351,14 +345,24 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
     return run_dir
 
 
-def forward_backward(train_model, micro_batches: list[dict], world_size: int, autocast) -> torch.Tensor:
+def precision_context(t, device):
+    """Resolve train.precision=auto for `device` (bf16 autocast on CUDA, fp32 elsewhere) and return
+    the forward's autocast context (bf16_pure: the backend's bf16 weights, no autocast)."""
+    if t.precision == "auto":
+        t.precision = "bf16_autocast" if device.type == "cuda" else "fp32"
+    return torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16_autocast" else nullcontext()
+
+
+def forward_backward(train_model, micro_batches: list[dict], world_size: int, autocast,
+                     reduce=all_reduce) -> torch.Tensor:
     """Forward and backward of one step's micro-batches; returns the loss of the global batch.
 
     The loss is the sum over this rank's valid tokens divided by the global count, so that
     micro-batches and ranks with different numbers of valid tokens (even none) weigh right.
+    `reduce` sums over the ranks (identity: one process alone, as `longctx.check`'s reference).
     """
     local_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).float()
-    global_tokens = all_reduce(local_tokens.clone()).clamp(min=1)
+    global_tokens = reduce(local_tokens.clone()).clamp(min=1)
     loss_sum = torch.zeros((), device=local_tokens.device)
     for i, mb in enumerate(micro_batches):
         with gradient_sync(train_model, last=i == len(micro_batches) - 1), autocast:
@@ -367,7 +371,7 @@ def forward_backward(train_model, micro_batches: list[dict], world_size: int, au
             # data-parallel backends average gradients over the world (dp x sp): scale back to a sum
             backward(train_model, out.loss * (world_size / global_tokens))
         loss_sum += out.loss.detach().float()
-    return all_reduce(loss_sum) / global_tokens
+    return reduce(loss_sum) / global_tokens
 
 
 def export(train_model, model, folder: Path, data_cfg) -> None:

@@ -1,5 +1,5 @@
 """scripts/eval_long.py end to end on a tiny exported model: one process and two (torchrun, gloo,
-ring prefill) write the same results; bad model paths give one clear error line; figures."""
+ring and Ulysses prefill) write the same results; bad model paths give one clear error line; figures."""
 import importlib.util
 import json
 import os
@@ -63,15 +63,17 @@ def test_one_and_two_processes_write_the_same_results(run_folder, tmp_path):
     assert rows[0]["start"] == 1 and rows[-1]["end"] == 96 and sum(r["tokens"] for r in rows) == 95
 
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")
-    two = run_script([f"model.path={run_folder}", f"output_dir={tmp_path / 'two'}", *ARGS], torchrun)
-    assert two.returncode == 0, two.stderr[-3000:]
-    parallel = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert parallel["processes"] == 2
-    for task in ("line_retrieval", "needle"):
-        assert ([r["generated"] for r in parallel[task]["results"]]
-                == [r["generated"] for r in report[task]["results"]])
-    for a, b in zip(parallel["perplexity"]["by_position"], rows):
-        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for method in ("ring", "ulysses"):   # the default, and a method the script knows only through the registry
+        two = run_script([f"model.path={run_folder}", f"output_dir={tmp_path / method}", f"sp_method={method}",
+                          *ARGS], torchrun)
+        assert two.returncode == 0, two.stderr[-3000:]
+        parallel = json.loads((tmp_path / method / "results.json").read_text())
+        assert parallel["processes"] == 2 and parallel["config"]["sp_method"] == method
+        for task in ("line_retrieval", "needle"):
+            assert ([r["generated"] for r in parallel[task]["results"]]
+                    == [r["generated"] for r in report[task]["results"]]), method
+        for a, b in zip(parallel["perplexity"]["by_position"], rows):
+            assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5), method
 
 
 def test_bad_config_is_one_clear_line(tmp_path):
@@ -82,7 +84,8 @@ def test_bad_config_is_one_clear_line(tmp_path):
     script = load_script()
     for override, message in [("tasks=[recall]", r"tasks \['recall'\] unknown"), ("depths=[1.5]", "depths must"),
                               ("lengths=[8]", "at least 16"), ("prompt_format=chatml", "prompt_format"),
-                              ("model.path=/nonexistent", "neither a Hugging Face folder")]:
+                              ("model.path=/nonexistent", "neither a Hugging Face folder"),
+                              ("sp_method=tree", "sp_method='tree': choose one of none, lasp, ")]:
         with pytest.raises(script.EvalConfigError, match=message):
             script.evaluate(compose([f"model.path={tmp_path}", override]))
 

@@ -59,7 +59,7 @@ def _check(case, dtype, cu_seqlens=None, **kwargs):
     names = ["out", "final_state", "dq", "dk", "dv"] + (["d_initial_state"] if init is not None else [])
     exact = _run(lightning_attn_recurrent, *case, torch.float64, cu_seqlens)
     low = _run(_recurrent_low, *case, dtype, cu_seqlens)
-    got = _run(lightning_attn_func, *case, dtype, cu_seqlens, **kwargs)
+    got = _run(lightning_attn_func, *case, dtype, cu_seqlens, kernel=True, **kwargs)
     for name, g, lo, ex in zip(names, got, low, exact):
         assert g.shape == ex.shape, f"{name}: shape {tuple(g.shape)} != {tuple(ex.shape)}"
         assert torch.isfinite(g).all(), f"{name}: non-finite or unwritten elements"
@@ -108,10 +108,11 @@ def test_packed_documents(lengths, dtype):
 def test_packed_equals_separate_rows():
     """Documents packed with cu_seqlens give what the same documents give as separate batch rows."""
     q, k, v, decay, _, _, _ = _inputs(2, 50, 2, 2, 16, 16, "per_head", False, seed=7)
-    rows, _ = lightning_attn_func(q.float(), k.float(), v.float(), decay.float(), chunk_size=16)
+    rows, _ = lightning_attn_func(q.float(), k.float(), v.float(), decay.float(), chunk_size=16, kernel=True)
     flat = [x.float().reshape(1, 100, *x.shape[2:]) for x in (q, k, v)]
     cu_seqlens = torch.tensor([0, 50, 100], dtype=torch.int32)
-    packed, _ = lightning_attn_func(*flat, decay.float(), cu_seqlens=cu_seqlens, chunk_size=16, num_segments=2)
+    packed, _ = lightning_attn_func(*flat, decay.float(), cu_seqlens=cu_seqlens, chunk_size=16, num_segments=2,
+                                    kernel=True)
     torch.testing.assert_close(packed.reshape(2, 50, 2, 16), rows, rtol=1e-5, atol=1e-5)
 
 
@@ -128,8 +129,8 @@ def test_segments_do_not_change_the_result():
     """Splitting the sequence into more parallel segments changes only rounding."""
     q, k, v, decay, init, _, _ = _inputs(1, 96, 2, 2, 16, 16, "per_head", True, seed=11)
     args = [x.float() for x in (q, k, v, decay, init)]
-    one = lightning_attn_func(*args, chunk_size=16, num_segments=1)
-    six = lightning_attn_func(*args, chunk_size=16, num_segments=6)
+    one = lightning_attn_func(*args, chunk_size=16, num_segments=1, kernel=True)
+    six = lightning_attn_func(*args, chunk_size=16, num_segments=6, kernel=True)
     for a, b in zip(one, six):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -140,7 +141,7 @@ def test_gradient_through_final_state_only():
     grads = []
     for fn, dtype in ((lightning_attn_func, torch.float32), (lightning_attn_recurrent, torch.float64)):
         leaves = [x.to(dtype).requires_grad_() for x in (q, k, v, init)]
-        _, final = fn(*leaves[:3], decay.to(dtype), leaves[3], **({"chunk_size": 16} if dtype == torch.float32 else {}))
+        _, final = fn(*leaves[:3], decay.to(dtype), leaves[3], **({"chunk_size": 16, "kernel": True} if dtype == torch.float32 else {}))
         (final.double() * d_final).sum().backward()
         # q does not reach the final state: the recurrence leaves its gradient None, the kernel zero
         grads.append([x.grad.double() if x.grad is not None else torch.zeros_like(x) for x in leaves])
@@ -168,3 +169,20 @@ def test_bad_inputs_are_named():
         lightning_attn_func(q, q.half(), q, decay)
     with pytest.raises(ValueError, match="chunk_size must be a power of two"):
         lightning_attn_func(q, q, q, decay, chunk_size=24)
+
+
+def test_kernel_or_pytorch_is_chosen_by_dispatch(monkeypatch):
+    """As the other ops (ops/dispatch.py): None runs PyTorch on a CPU tensor, True insists on the
+    kernel (here interpreted), and a kernel that does not take the input says so."""
+    import longctx.ops.linear as linear
+    real, calls = linear.lightning_attn_chunked, []
+    monkeypatch.setattr(linear, "lightning_attn_chunked", lambda *a: calls.append(a[0].dtype) or real(*a))
+    q, k, v, decay, _, _, _ = _inputs(1, 20, 2, 2, 16, 16, "per_head", False, seed=13)
+    args = [x.float() for x in (q, k, v, decay)]
+    torch_out, _ = lightning_attn_func(*args, chunk_size=16)
+    assert calls == [torch.float32]
+    kernel_out, _ = lightning_attn_func(*args, chunk_size=16, kernel=True)
+    assert calls == [torch.float32]
+    torch.testing.assert_close(kernel_out, torch_out, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pass kernel=None"):
+        lightning_attn_func(q, k, v, decay, kernel=True)   # float64

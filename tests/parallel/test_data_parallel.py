@@ -31,6 +31,7 @@ from distributed import run_distributed
 from longctx.model import Llama, ModelConfig, save_hf
 from longctx.model.llama import positions_from_cu_seqlens
 from longctx.ops.cross_entropy import IGNORE_INDEX
+from longctx.parallel.mesh import ParallelDims
 from longctx.train.config import REPO_ROOT, Config, register_configs
 
 SEQ_LEN, GRAD_ACCUM, STEPS, VOCAB = 64, 2, 2, 128
@@ -120,7 +121,7 @@ def _train_case(rank, world, cfg, seed, reference_state):
     batches = global_batches(seed, dims.dp)
     losses, norms = [], []
     for step in range(STEPS):
-        micro = [T.shard_batch(row(batches[step * GRAD_ACCUM + i], dp_rank), dims, mesh, device)
+        micro = [T.shard_batch(row(batches[step * GRAD_ACCUM + i], dp_rank), dims, device)
                  for i in range(GRAD_ACCUM)]
         loss = T.forward_backward(train_model, micro, dims.world_size, nullcontext())
         norm, finite = data_parallel.optimizer_step(train_model, optimizer, cfg.optim.grad_clip)
@@ -197,7 +198,7 @@ def _zero3_pretrained_case(world, folder):
     batch = row(global_batches(0, 1)[0], 0)
     with torch.no_grad():
         logits = train_model(batch["input_ids"], position_ids=batch["position_ids"]).logits
-    loss = T.forward_backward(train_model, [T.shard_batch(batch, dims, mesh, device)], world, nullcontext())
+    loss = T.forward_backward(train_model, [T.shard_batch(batch, dims, device)], world, nullcontext())
     norm, _ = data_parallel.optimizer_step(train_model, optimizer, cfg.optim.grad_clip)
     return {"logits": logits, "loss": loss.item(), "norm": float(norm), "loaded": loaded}
 
@@ -222,14 +223,12 @@ def _worker(rank, world, seed, cases, trainer_configs, check_config, zero3_folde
     # sequence before it; the check must catch it
     import longctx.train.train as T
     from longctx.model.llama import shift_labels
-    from longctx.parallel.sequence import split_sequence
     real = T.shard_batch
 
-    def shard_then_shift(batch, dims, mesh, device):
-        local = real(batch, dims, mesh, device)
+    def shard_then_shift(batch, dims, device):
+        local = real(batch, dims, device)
         if dims.sp > 1:
-            labels = split_sequence(batch["labels"], mesh["sp"].get_group(), dim=1, layout=dims.layout)
-            local["labels"] = shift_labels(labels).to(device)
+            local["labels"] = shift_labels(dims.split(batch["labels"], dim=1)).to(device)
         return local
     T.shard_batch = shard_then_shift
     try:
@@ -250,7 +249,7 @@ def single_process(cfg: Config, seed: int, dp: int, dtype):
     batches = global_batches(seed, dp)
     losses, norms = [], []
     for step in range(STEPS):
-        micro = [T.shard_batch(row(batches[step * GRAD_ACCUM + i], r), _ONE, None, torch.device("cpu"))
+        micro = [T.shard_batch(row(batches[step * GRAD_ACCUM + i], r), _ONE, torch.device("cpu"))
                  for i in range(GRAD_ACCUM) for r in range(dp)]
         loss = T.forward_backward(model, micro, 1, nullcontext())
         norm, _ = data_parallel.optimizer_step(model, optimizer, cfg.optim.grad_clip)
@@ -260,11 +259,7 @@ def single_process(cfg: Config, seed: int, dp: int, dtype):
     return {"losses": losses, "norms": norms, "state": {k: v.detach() for k, v in model.state_dict().items()}}
 
 
-class _One:
-    sp = 1
-
-
-_ONE = _One()
+_ONE = ParallelDims(world_size=1, dp=1, sp=1, dp_backend="none")
 
 
 def rel_err(a, b) -> float:
@@ -358,7 +353,7 @@ def runs(tmp_path_factory):
             cases.append((f"{layout}/fsdp/selective", cfg, state))
         if layout == "dp2-sp2-lasp":
             cfg = make_config(dp, sp, method, "ddp", 0)
-            cfg.parallel.lasp_variant = "allgather"
+            cfg.parallel.sp_method = "lasp_allgather"
             cases.append((f"{layout}/ddp/allgather", cfg, state))
     # the PyTorch paths of ring attention and LASP (the Triton interpreter is slow and tested elsewhere)
     mp = pytest.MonkeyPatch()

@@ -18,6 +18,7 @@ from longctx.model.llama import positions_from_cu_seqlens, shift_labels
 from longctx.ops.cross_entropy import IGNORE_INDEX
 from longctx.ops.linear import lightning_attn_func
 from longctx.ops.linear.naive import lightning_attn_recurrent
+from longctx.parallel.allgather_kv import allgather_kv_attention
 from longctx.parallel.sequence import split_sequence
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -64,14 +65,14 @@ def _lasp_worker(rank, world, seed):
         q, k, v, dout, decay, cu = _case(seed, world, packed)
         for variant in lasp.VARIANTS:
             local = [split_sequence(x, None, dim=1, layout="contiguous").requires_grad_(True) for x in (q, k, v)]
-            out = lasp.lasp_attn_func(*local, decay, None, cu_seqlens=cu, variant=variant)
+            out = lasp.lasp_attn_func(*local, decay, None, cu_seqlens=cu, variant=variant, kernel=True)
             out.backward(split_sequence(dout, None, dim=1, layout="contiguous"))
             results[packed, variant] = [out.detach()] + [x.grad for x in local]
     if world == 2:  # the softmax layers of hybrid models on the same contiguous shards
         for packed in (True, False):
             q, k, v, dout, _, cu = _softmax_case(seed, world, packed)
             local = [split_sequence(x, None, dim=1, layout="contiguous").requires_grad_(True) for x in (q, k, v)]
-            out = lasp.allgather_kv_attention(*local, cu_seqlens=cu)
+            out = allgather_kv_attention(*local, cu_seqlens=cu, kernel=True)
             out.backward(split_sequence(dout, None, dim=1, layout="contiguous"))
             results[packed, "allgather_kv"] = [out.detach()] + [x.grad for x in local]
     if world == 4:  # a 2-D mesh: two sequence groups {0, 1} and {2, 3} side by side, on different data
@@ -81,7 +82,7 @@ def _lasp_worker(rank, world, seed):
         q, k, v, dout, decay, cu = _case(seed + rank // 2, 2, True)
         for variant in lasp.VARIANTS:
             local = [split_sequence(x, group, dim=1, layout="contiguous").requires_grad_(True) for x in (q, k, v)]
-            out = lasp.lasp_attn_func(*local, decay, group, cu_seqlens=cu, variant=variant)
+            out = lasp.lasp_attn_func(*local, decay, group, cu_seqlens=cu, variant=variant, kernel=True)
             out.backward(split_sequence(dout, group, dim=1, layout="contiguous"))
             results["subgroup", variant] = [out.detach()] + [x.grad for x in local]
     return results
@@ -90,7 +91,7 @@ def _lasp_worker(rank, world, seed):
 def _reference(q, k, v, dout, decay, cu):
     """(single-process kernel in fp32, truth in float64), each [out, dq, dk, dv]."""
     found = []
-    for dtype, fn in ((torch.float32, lambda *a: lightning_attn_func(*a)[0]),
+    for dtype, fn in ((torch.float32, lambda *a: lightning_attn_func(*a, kernel=True)[0]),
                       (torch.float64, lambda *a: lightning_attn_recurrent(*a)[0])):
         leaves = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]
         out = fn(*leaves, decay, None, cu)

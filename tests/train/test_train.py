@@ -117,7 +117,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (["parallel.dp=3"], 2, r"parallel.dp \(3\) x parallel.sp \(1\) = 3 must equal the number of processes \(2\)"),
     (["data.path=/no/such/file.json"], 1, "/no/such/file.json"),
     (["train.precision=fp8"], 1, "train.precision='fp8': choose one of"),
-    (["parallel.lasp_variant=tree"], 1, "parallel.lasp_variant='tree': choose one of ring, allgather"),
+    (["parallel.lasp_variant=allgather"], 1, "parallel.lasp_variant=allgather is gone: the variant is the method now, "
+                                             "set parallel.sp_method=lasp"),
     (["train.activation_offload=true"], 1, "set train.activation_checkpoint=full"),
     (["logging.comm_every=-1"], 1, r"logging.comm_every=-1 must be >= 0"),
 ])

@@ -1,13 +1,26 @@
 """Lightning attention: causal linear attention with a per-head decay, carrying a state in and out."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from longctx.ops.dispatch import use_kernel
 from longctx.ops.linear.backward import LightningAttnFunction
-from longctx.ops.linear.forward import CHUNK_SIZE, MAX_HEAD_DIM, use_triton
+from longctx.ops.linear.forward import CHUNK_SIZE, MAX_HEAD_DIM
 from longctx.ops.linear.naive import lightning_attn_chunked
 
-__all__ = ["lightning_attn_func"]
+__all__ = ["lightning_attn_func", "uses_kernel"]
+
+
+def uses_kernel(q: torch.Tensor, v: torch.Tensor, kernel: Optional[bool] = None) -> bool:
+    """Whether lightning attention runs its Triton kernels on q, v (`ops.dispatch.use_kernel`: None
+    runs them on CUDA where they apply, True insists, False runs the chunked PyTorch form)."""
+    supported = (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[1] > 0
+                 and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM)
+    return use_kernel("lightning attention", q.device, supported, kernel,
+                      f"fp16/bf16/fp32, head dims up to {MAX_HEAD_DIM} and a non-empty sequence, got "
+                      f"{q.dtype}, Dk={q.shape[-1]}, Dv={v.shape[-1]}, seqlen {q.shape[1]}")
 
 
 def _check_inputs(q, k, v, decay, initial_state, cu_seqlens):
@@ -49,7 +62,7 @@ def _check_inputs(q, k, v, decay, initial_state, cu_seqlens):
 
 
 def lightning_attn_func(q, k, v, decay, initial_state=None, cu_seqlens=None, *, chunk_size=CHUNK_SIZE,
-                        num_segments=None):
+                        num_segments=None, kernel: Optional[bool] = None):
     """Causal linear attention with a per-head exponential decay (lightning attention).
 
         S_t = exp(-decay) * S_{t-1} + k_t^T v_t ;  o_t = q_t S_t ;  S_0 = initial_state or 0
@@ -65,15 +78,14 @@ def lightning_attn_func(q, k, v, decay, initial_state=None, cu_seqlens=None, *, 
     Returns (out (B, S, H, Dv) in the dtype of q, final_state (B, H, Dk, Dv) fp32). Differentiable in
     q, k, v and initial_state, including through final_state.
 
-    Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1); elsewhere, and for float64,
-    the chunked PyTorch reference. Tuning: `chunk_size` (a power of two >= 16) tokens per chunk,
+    `kernel`: None runs the Triton kernels on CUDA (where they apply: not float64, head dims up to
+    MAX_HEAD_DIM) and the chunked PyTorch form elsewhere; True insists on the kernels (on a CPU under
+    TRITON_INTERPRET=1: tests); False runs PyTorch (see `ops/dispatch.py`). Tuning: `chunk_size` (a power of two >= 16) tokens per chunk,
     `num_segments` pieces of the sequence run in parallel (None: enough to fill the GPU).
     """
     _check_inputs(q, k, v, decay, initial_state, cu_seqlens)
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16; got {chunk_size}")
-    if q.dtype == torch.float64 or not use_triton(q) or q.shape[1] == 0:
+    if not uses_kernel(q, v, kernel):
         return lightning_attn_chunked(q, k, v, decay, initial_state, cu_seqlens, chunk_size)
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported; got Dk={q.shape[-1]}, Dv={v.shape[-1]}")
     return LightningAttnFunction.apply(q, k, v, decay, initial_state, cu_seqlens, chunk_size, num_segments)

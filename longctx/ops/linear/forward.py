@@ -32,7 +32,6 @@ LASP (parallel/lasp.py) runs these phases itself, with the scan's carry crossing
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -349,7 +348,3 @@ def lightning_attn_forward(q, k, v, decay, initial_state, cu_seqlens, chunk_size
         final = final * (~chunks.last_doc_empty).float()
     return out, final.view(batch, heads, dk, dv), (states, mult, chunks)
 
-
-def use_triton(x: torch.Tensor) -> bool:
-    """The kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests)."""
-    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
