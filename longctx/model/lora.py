@@ -144,7 +144,8 @@ def save_adapter(folder: str | os.PathLike, state: dict[str, torch.Tensor], conf
             key = key.replace(f".{ADAPTER}.", ".")
         elif not _matches(module, trainable):
             continue
-        tensors["base_model.model." + hf_key(key)] = value.detach().cpu().contiguous()
+        # a copy: a tied head and embedding are one tensor, which safetensors refuses to write twice
+        tensors["base_model.model." + hf_key(key)] = value.detach().to("cpu", copy=True).contiguous()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lora_config(rank, alpha, dropout, target_modules, trainable, task_type="CAUSAL_LM",
