@@ -245,7 +245,11 @@ def single_process(cfg: Config, seed: int, dp: int, dtype):
     import longctx.train.train as T
     from longctx.parallel import data_parallel
     torch.manual_seed(seed)
-    model = Llama(plain_config(cfg)).to(dtype)
+    model = Llama(plain_config(cfg))
+    if cfg.lora.enabled:   # (test_lora_parallel.py) adapters drawn after the base, as the trainer draws them
+        from longctx.model.lora import apply_lora
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.trainable)
+    model = model.to(dtype)
     optimizer, scheduler = T.build_optimizer(model, cfg)
     batches = global_batches(seed, dp)
     losses, norms = [], []
