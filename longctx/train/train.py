@@ -31,7 +31,7 @@ from longctx.parallel.sequence import split_sequence
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
-from .config import Config, model_fields, validate
+from .config import Config, ConfigError, model_fields, validate
 from .metrics import MetricsLogger, peak_tflops, training_flops
 
 
@@ -138,6 +138,16 @@ def build_train_model(cfg: Config, dims, mesh, device):
     return model, train_model, optimizer, scheduler
 
 
+def frozen_base(cfg: Config, dims) -> dict | None:
+    """What rebuilds a LoRA run's frozen base, which its checkpoints do not hold (None: nothing is
+    frozen): the pretrained folder, or the seed and layout of a random initialisation."""
+    if not cfg.lora.enabled:
+        return None
+    if cfg.model.pretrained:
+        return {"pretrained": cfg.model.pretrained}
+    return {"seed": cfg.train.seed, "dp_backend": dims.dp_backend, "world_size": dims.world_size}
+
+
 def lr_lambda(cfg):
     o, total = cfg.optim, cfg.train.steps
 
@@ -236,6 +246,10 @@ def train(cfg: Config) -> Path:
     resume_from = checkpointer.latest() if t.resume == "auto" else (None if t.resume == "none" else Path(t.resume))
     if resume_from is not None:
         shared, mine = checkpointer.load(resume_from, train_model, optimizer)
+        if shared.get("frozen_base") != frozen_base(cfg, dims):
+            raise ConfigError(f"{resume_from} was saved over the frozen base {shared.get('frozen_base')}, which "
+                              f"checkpoints do not store, and this run builds {frozen_base(cfg, dims)} (None: full "
+                              "finetuning): resume with the lora.enabled, model.pretrained, train.seed and layout it was saved with")
         scheduler.load_state_dict(shared["scheduler"])
         loader.load_state_dict(mine["loader"])
         set_rng_state(mine["rng"])
@@ -244,7 +258,8 @@ def train(cfg: Config) -> Path:
             print(f"resumed from {resume_from} at step {start}")
 
     def save(step):
-        checkpointer.save(step, train_model, optimizer, shared={"scheduler": scheduler.state_dict()},
+        checkpointer.save(step, train_model, optimizer, shared={"scheduler": scheduler.state_dict(),
+                                                                 "frozen_base": frozen_base(cfg, dims)},
                           per_rank={"loader": loader.state_dict(), "rng": rng_state()})
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16_autocast"

@@ -1,14 +1,17 @@
 """LoRA through the trainer (one process, random base): a run resumed from a checkpoint continues
-exactly, the checkpoints hold the adapters, the trainable modules and their optimizer state but
-not the frozen base (rebuilt from train.seed), and the export is peft's adapter folder beside a
-Hugging Face folder, merged or the base, that transformers and peft load to the same logits."""
+exactly; the checkpoints hold the adapters, the trainable modules and their optimizer state but
+not the frozen base (rebuilt from train.seed: a resume with another seed is refused); the export
+is peft's adapter folder beside a Hugging Face folder, merged or the base, that transformers and
+peft load to the same logits."""
 import json
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
 from test_train import SMALL, compose_config, losses
 
+from longctx.train.config import ConfigError
 from longctx.train.train import train
 
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=16", "lora.trainable=[norm]", "model.tie_word_embeddings=false",
@@ -22,6 +25,9 @@ def test_resume_is_exact_and_exports_load_in_transformers_and_peft(tmp_path):
     resumed = train(compose_config(SMALL + LORA + [
         f"run_dir={tmp_path}/resumed", f"train.resume={straight}/checkpoints/step_00000002",
         "lora.merge_on_export=false", "train.activation_checkpoint=full"]))
+    with pytest.raises(ConfigError, match=r"over the frozen base \{'seed': 0, .*this run builds \{'seed': 1, "):
+        train(compose_config(SMALL + LORA + [f"run_dir={tmp_path}/reseeded", "train.seed=1",
+                                             f"train.resume={straight}/checkpoints/step_00000002"]))
     by_step = losses(straight)
     assert sorted(by_step) == [1, 2, 3, 4] and len(set(by_step.values())) == 4
     assert losses(resumed) == {3: by_step[3], 4: by_step[4]}   # bitwise on CPU
