@@ -86,14 +86,22 @@ def lora_config(rank: int, alpha: float, dropout: float = 0.0, target_modules: S
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-               target_modules: Sequence[str] = LORA_TARGETS, trainable: Sequence[str] = ()) -> nn.Module:
+               target_modules: Sequence[str] = LORA_TARGETS, trainable: Sequence[str] = (),
+               seed: Optional[int] = None) -> nn.Module:
     """Inject LoRA adapters in place (A drawn as peft draws it, B zero: training starts from the
     base model) and leave only them and the `trainable` modules requiring gradients. Works on a
-    model on the meta device too (the adapters are made there; `Llama.init_weights` fills them)."""
+    model on the meta device too (the adapters are made there; `Llama.init_weights` fills them).
+
+    With `seed`, A comes from the host generator seeded so, and the global one is left as it was:
+    the same adapters whatever drew before (each data-parallel backend builds the base its own way)."""
     from peft import inject_adapter_in_model
     _check_names(model, target_modules, trainable)
-    # the modules trained in full stay ours, unwrapped: only the adapter file names them for peft
-    inject_adapter_in_model(lora_config(rank, alpha, dropout, target_modules), model, adapter_name=ADAPTER)
+    # peft makes the adapters on the host and then moves them to the base layer's device
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        # the modules trained in full stay ours, unwrapped: only the adapter file names them for peft
+        inject_adapter_in_model(lora_config(rank, alpha, dropout, target_modules), model, adapter_name=ADAPTER)
     for name in trainable_modules(model, trainable):
         model.get_submodule(name).requires_grad_(True)
     return model

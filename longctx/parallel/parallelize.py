@@ -66,7 +66,7 @@ def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
     apply_sequence_parallel(model, dims, mesh, device, cfg.parallel.lasp_variant)
     lora = cfg.lora
     if lora.enabled:   # on the plain layers: checkpoint wrappers and FSDP2 then take the adapters as they are
-        apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, lora.trainable)
+        apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, lora.trainable, seed=cfg.train.seed)
     apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_offload,
                                    preserve_rng_state=lora.enabled and lora.dropout > 0)
     if not dist.is_initialized() or dims.dp_backend in ("none", "deepspeed"):

@@ -246,9 +246,10 @@ def single_process(cfg: Config, seed: int, dp: int, dtype):
     from longctx.parallel import data_parallel
     torch.manual_seed(seed)
     model = Llama(plain_config(cfg))
-    if cfg.lora.enabled:   # (test_lora_parallel.py) adapters drawn after the base, as the trainer draws them
+    if cfg.lora.enabled:   # (test_lora_parallel.py) as the trainer applies them
         from longctx.model.lora import apply_lora
-        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.trainable)
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.trainable,
+                   seed=cfg.train.seed)
     model = model.to(dtype)
     optimizer, scheduler = T.build_optimizer(model, cfg)
     batches = global_batches(seed, dp)

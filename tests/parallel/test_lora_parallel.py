@@ -27,7 +27,7 @@ from longctx.model.lora import apply_lora, is_adapter_key
 
 WORLD, RANK, ALPHA = 2, 4, 8.0
 CHECKPOINTING = [("none", False), ("selective", False), ("full", False), ("full", True)]
-# name: (dp, sp, sp_method, backend, zero_stage, activation_checkpoint, activation_offload)
+# name: (dp, sp, sp_method, backend, zero_stage, activation_checkpoint, activation_offload[, parallel.cpu_offload])
 CASES = {f"sp2-ring/ddp/{mode}{'+offload' if offload else ''}": (1, 2, "ring", "ddp", 0, mode, offload)
          for mode, offload in CHECKPOINTING}
 CASES.update({
@@ -37,12 +37,15 @@ CASES.update({
     "dp2/fsdp": (2, 1, "none", "fsdp", 0, "none", False),
     "dp2/zero2": (2, 1, "none", "deepspeed", 2, "none", False),
     "dp2/zero3": (2, 1, "none", "deepspeed", 3, "selective", False),
+    "dp2/fsdp/cpu_offload": (2, 1, "none", "fsdp", 0, "none", False, True),
+    "dp2/zero2/cpu_offload": (2, 1, "none", "deepspeed", 2, "none", False, True),
 })
 
 
-def lora_case(dp, sp, method, backend, stage, checkpointing, offload):
+def lora_case(dp, sp, method, backend, stage, checkpointing, offload, cpu_offload=False):
     cfg = make_config(dp, sp, method, backend, stage)
     cfg.train.activation_checkpoint, cfg.train.activation_offload = checkpointing, offload
+    cfg.parallel.cpu_offload = cpu_offload
     lora = cfg.lora
     lora.enabled, lora.rank, lora.alpha, lora.trainable = True, RANK, ALPHA, ["norm"]
     return cfg
@@ -66,7 +69,9 @@ def trainer_configs(root) -> list:
     save_hf(Llama(ModelConfig(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)), pretrained)
     common = [f"model.pretrained={pretrained}", "train.seq_len=64", "train.grad_accum=2", "train.precision=fp32",
-              "train.device=cpu", "model.attention=sdpa", "optim.warmup_steps=1", "optim.lr=1e-2",
+              # optim.eps as in test_data_parallel.make_config: Adam's first steps would turn rounding
+              # noise in near-zero gradients into +-lr moves
+              "train.device=cpu", "model.attention=sdpa", "optim.warmup_steps=1", "optim.lr=1e-2", "optim.eps=1e-4",
               "logging.progress_bar=false", "checkpoint.every=2", "train.steps=4", "lora.enabled=true",
               f"lora.rank={RANK}", f"lora.alpha={ALPHA}", "lora.trainable=[norm]"]
     configs = []
@@ -96,8 +101,9 @@ def runs(tmp_path_factory):
     cases, references = [], {}
     for name, layout in CASES.items():
         cfg = lora_case(*layout)
+        cfg.train.seed = seed   # the adapters' draw (the trainer seeds them with train.seed)
         torch.manual_seed(seed)
-        model = apply_lora(Llama(plain_config(cfg)), RANK, ALPHA, trainable=["norm"])
+        model = apply_lora(Llama(plain_config(cfg)), RANK, ALPHA, trainable=["norm"], seed=cfg.train.seed)
         state = {k: v.clone() for k, v in model.state_dict().items()}   # FSDP2's start: rank 0's
         references[name] = {dtype: single_process(cfg, seed, cfg.parallel.dp, dtype)
                             for dtype in (torch.float32, torch.float64)}
@@ -140,8 +146,8 @@ def test_trainer_lora_resume_is_exact(runs, backend):
 
 @pytest.mark.parametrize("backend", ["fsdp", "zero2", "zero3"])
 def test_trainer_lora_backends_agree_with_ddp(runs, backend):
-    """ZeRO draws the adapters as DDP does (on whole parameters, after the base): same training.
-    FSDP2 draws them on its shards (per rank on a CPU, DTensor's generator on a GPU), so only its
+    """ZeRO draws the adapters as DDP does (whole, from train.seed, whatever building the base
+    drew): same training. FSDP2 draws them on its shards (per rank on a CPU, DTensor's generator on a GPU), so only its
     first step, where B is still zero, must equal DDP's: the pretrained base arrived whole in the
     sharded model under the adapted names."""
     root = runs[3]
