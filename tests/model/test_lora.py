@@ -150,3 +150,27 @@ def test_bad_lora_settings_fail_in_one_line_before_any_work(overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
         validate(cfg, 1)
     assert "\n" not in str(error.value)
+
+
+def test_dropout_under_full_checkpointing_recomputes_the_same_mask():
+    """lora.dropout > 0 with full checkpointing: the recomputation must draw the forward's dropout
+    masks again (parallelize_llama asks for preserve_rng_state), or the gradients are wrong."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    ids, cu = batch(seed)
+
+    def gradients(mode, preserve):
+        torch.manual_seed(seed)
+        model = Llama(lora_model(seed).config)
+        apply_lora(model, RANK, ALPHA, dropout=0.3)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".lora_B." in name:
+                    param.normal_(0, 0.1)
+        apply_activation_checkpointing(model, mode, preserve_rng_state=preserve)
+        torch.manual_seed(seed + 1)
+        model(ids, cu_seqlens=cu, labels=ids).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    expected = gradients("none", False)
+    torch.testing.assert_close(gradients("full", True), expected, msg=f"seed {seed}")
+    assert not torch.allclose(gradients("full", False), expected)
