@@ -84,13 +84,20 @@ def trainer_configs(root) -> list:
     return configs
 
 
-def _worker(rank, world, seed, cases, configs):
+# `python -m longctx.check` with LoRA under ring attention: its one-device reference gets the same adapters
+CHECK_OVERRIDES = ["parallel=ring", "lora.enabled=true", "lora.trainable=[norm]", "train.seq_len=64",
+                   "train.precision=fp32", "train.device=cpu", "model.attention=sdpa"]
+
+
+def _worker(rank, world, seed, cases, configs, check_config):
     import importlib
+    from longctx.check import check
     from longctx.train.train import train
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None   # see test_data_parallel
     results = {name: _train_case(rank, world, cfg, seed, state) for name, cfg, state in cases}
     for cfg in configs:
         train(cfg)
+    results["check"] = check(check_config)
     return results
 
 
@@ -112,7 +119,9 @@ def runs(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.delenv("TRITON_INTERPRET", raising=False)   # the PyTorch paths of ring attention and LASP
     try:
-        results = run_distributed(_worker, WORLD, seed, cases, trainer_configs(root))
+        configs = trainer_configs(root)
+        check_config = compose_config(CHECK_OVERRIDES + [f"model.pretrained={root / 'pretrained'}"])
+        results = run_distributed(_worker, WORLD, seed, cases, configs, check_config)
     finally:
         mp.undo()
     return seed, results, references, root
@@ -171,3 +180,10 @@ def test_trainer_lora_backends_agree_with_ddp(runs, backend):
         for key in a:
             error = ((a[key] - b[key]).norm() / b[key].norm().clamp(min=1e-30)).item()
             assert error < 1e-4, f"{backend} {folder} {key}: differs from DDP's by {error:.2e}"
+
+
+def test_check_runs_lora_against_one_device(runs):
+    from longctx.check import format_report
+    report = runs[1][0]["check"]
+    assert report["ok"], format_report(report)
+    assert report["layout"] == "dp=1 x sp=2" and report["update_rel_diff"] < 1e-4, format_report(report)
