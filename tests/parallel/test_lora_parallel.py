@@ -43,6 +43,11 @@ CASES.update({
 })
 
 
+# bf16 compute over fp32 masters (FSDP2's policy, DeepSpeed's bf16 mode): adapters over a bf16 base
+BF16_CASES = {"dp2/fsdp/bf16": (2, 1, "none", "fsdp", 0, "none", False),
+              "dp2/zero2/bf16": (2, 1, "none", "deepspeed", 2, "none", False)}
+
+
 def lora_case(dp, sp, method, backend, stage, checkpointing, offload, cpu_offload=False):
     cfg = make_config(dp, sp, method, backend, stage)
     cfg.train.activation_checkpoint, cfg.train.activation_offload = checkpointing, offload
@@ -107,9 +112,11 @@ def runs(tmp_path_factory):
     # fresh inputs each run; LONGCTX_TEST_SEED=<seed from a failure message> repeats one
     seed = int(os.environ.get("LONGCTX_TEST_SEED") or torch.randint(0, 2**31 - 1, ()).item())
     cases, references = [], {}
-    for name, layout in CASES.items():
+    for name, layout in {**CASES, **BF16_CASES}.items():
         cfg = lora_case(*layout)
         cfg.train.seed = seed   # the adapters' draw (the trainer seeds them with train.seed)
+        if name in BF16_CASES:
+            cfg.train.precision = "bf16_pure"
         torch.manual_seed(seed)
         model = apply_lora(Llama(plain_config(cfg)), RANK, ALPHA, trainable=["norm"], seed=cfg.train.seed)
         state = {k: v.clone() for k, v in model.state_dict().items()}   # FSDP2's start: rank 0's
@@ -142,6 +149,20 @@ def test_lora_steps_match_one_process(runs, name):
     assert error <= 4 * floor + 1e-6, f"{name}: trained parameters differ by {error:.2e} (fp32 run: {floor:.2e}, seed {seed})"
     # the adapters did train: every B (peft starts it at zero) has moved
     assert all(state[k].abs().sum() > 0 for k in state if ".lora_B." in k)
+
+
+@pytest.mark.parametrize("name", list(BF16_CASES))
+def test_lora_bf16_pure_trains_fp32_adapters_close_to_one_process(runs, name):
+    seed, results, references, _ = runs
+    got, ref64 = results[0][name], references[name][torch.float64]
+    assert got["master_dtypes"] == {"torch.float32"}, got["master_dtypes"]   # the optimizer steps fp32 adapters
+    error = rel_err(got["losses"], ref64["losses"])
+    assert error < 2e-2, f"{name} bf16 losses {got['losses']} vs {ref64['losses']} (seed {seed})"
+    fp32 = results[0][name.replace("/bf16", "")]
+    assert got["losses"] != fp32["losses"]   # the forward did run in bf16
+    error = rel_err(trained(got["state"]), trained(ref64["state"]))
+    assert error < 5e-2, f"{name}: trained parameters differ by {error:.2e} (seed {seed})"
+    assert all(got["state"][k].abs().sum() > 0 for k in got["state"] if ".lora_B." in k)
 
 
 @pytest.mark.parametrize("backend", list(TRAINER_BACKENDS))
