@@ -78,6 +78,10 @@ def _reference_step(cfg: Config, dims, start_state: dict, device, autocast, max_
     from longctx.train import train as T
     t = cfg.train
     model = T.build_model(cfg, device)
+    if cfg.lora.enabled:   # the same adapters on the plain model: start_state holds their values
+        from longctx.model.lora import apply_lora
+        lora = cfg.lora
+        apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, lora.trainable)
     _load(model, start_state)
     optimizer, _ = T.build_optimizer(model, cfg)
     # the same sequences: all dp ranks' rows of each micro-batch, packed with the same divisor

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from longctx.model.lora import apply_lora
+
 from .data_parallel import apply_ddp, apply_fsdp, world_mesh
 from .mesh import ParallelDims
 from .offload import ActivationOffloader
@@ -27,7 +29,7 @@ def apply_sequence_parallel(model, dims: ParallelDims) -> None:
         layer.self_attn.mixer_group = dims.mixer_group
 
 
-def apply_activation_checkpointing(model, mode: str, offload: bool = False):
+def apply_activation_checkpointing(model, mode: str, offload: bool = False, preserve_rng_state: bool = False):
     """Recompute activations in the backward instead of storing them.
 
     full: each decoder layer keeps only its input. selective: everything but the token mixer is
@@ -35,7 +37,8 @@ def apply_activation_checkpointing(model, mode: str, offload: bool = False):
     output and log-sum-exp), which would cost a second attention pass to recompute at long context,
     are kept. offload (with full): the layer inputs that full checkpointing keeps go to pinned CPU
     memory on a side stream in the forward and come back one layer ahead of need in the backward
-    (`offload.py`); the `ActivationOffloader` is returned (None without offload).
+    (`offload.py`); the `ActivationOffloader` is returned (None without offload). preserve_rng_state
+    (full): the recomputation draws the forward's random numbers again (LoRA's dropout needs it).
     """
     if mode == "none":
         return None
@@ -44,7 +47,7 @@ def apply_activation_checkpointing(model, mode: str, offload: bool = False):
             layer.recompute_around_mixer = True
         return None
     for i, layer in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+        model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=preserve_rng_state)
     if not offload:
         return None
     offloader = ActivationOffloader()  # the checkpoints save the layer inputs through its hooks
@@ -53,15 +56,20 @@ def apply_activation_checkpointing(model, mode: str, offload: bool = False):
 
 
 def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
-    """Order matters: sequence methods and checkpointing change the plain model before a
-    data-parallel backend takes it (FSDP2 shards the checkpoint-wrapped layers).
+    """Order matters: sequence methods, LoRA adapters and checkpointing change the plain model
+    before a data-parallel backend takes it (FSDP2 shards the checkpoint-wrapped layers, adapters
+    and frozen base together, per layer).
 
     DDP returns a wrapper; FSDP2 shards the model in place (it may still be on the meta device:
     `data_parallel.materialize` it afterwards); DeepSpeed needs the optimizer, so the caller builds
     its engine afterwards with `data_parallel.build_deepspeed`.
     """
     apply_sequence_parallel(model, dims)
-    apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_offload)
+    lora = cfg.lora
+    if lora.enabled:   # on the plain layers: checkpoint wrappers and FSDP2 then take the adapters as they are
+        apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, lora.trainable, seed=cfg.train.seed)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_offload,
+                                   preserve_rng_state=lora.enabled and lora.dropout > 0)
     if not dist.is_initialized() or dims.dp_backend in ("none", "deepspeed"):
         return model
     if dims.dp_backend == "ddp":

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from longctx.parallel.data_parallel import is_deepspeed
 
@@ -124,10 +124,22 @@ def _deepspeed_load(engine, path: Path):
     reader.load = lambda file, map_location=None: safe_load(Path(file), map_location)
     try:
         with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
-            loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+            loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False,
+                                               load_module_strict=not has_frozen(engine))
     finally:
         del reader.load   # the instance attribute: the class's own method shows again
     return loaded
+
+
+def has_frozen(model) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def _options(model) -> StateDictOptions:
+    """Frozen parameters (a LoRA run's base) are not saved: the run rebuilds them as it built them
+    the first time (model.pretrained, or the random initialisation of train.seed), rather than
+    writing the whole base again into every checkpoint."""
+    return StateDictOptions(ignore_frozen_params=True, strict=not has_frozen(model))
 
 
 class Checkpointer:
@@ -149,9 +161,10 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         _barrier()
         if is_deepspeed(model):
-            model.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+            model.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False,
+                                  exclude_frozen_parameters=has_frozen(model))
         else:
-            model_state, optim_state = get_state_dict(model, optimizer)
+            model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
         _reached("model", step)
         torch.save(per_rank, tmp / f"rank{self.rank}.pt")
@@ -284,10 +297,11 @@ class Checkpointer:
                 raise CheckpointError(f"{path} holds no DCP checkpoint: it was saved by parallel.dp_backend="
                                       "deepspeed; resume with that backend")
             read_dcp_metadata(path / ".metadata")   # refused here in one line, not wrapped in DCP's errors
-            model_state, optim_state = get_state_dict(model, optimizer)
+            model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
             state = {"model": model_state, "optim": optim_state}
             dcp.load(state, storage_reader=_SafeReader(path))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=_options(model))
         shared = self.read_meta(path)
         same_ranks = shared.get("world_size") == self.world_size
         return shared, safe_load(path / f"rank{self.rank}.pt") if same_ranks else None

@@ -26,7 +26,7 @@ from .config import Config, ConfigError
 
 # settings that choose implementations, places or output, not what a step computes
 _NOT_MATH = {"model.name", "model.attention", "model.loss_chunk_size", "model.mlp_chunk_size",
-             "data.num_proc", "data.cache_dir", "data.prepare_timeout_s", "data.verbose"}
+             "data.num_proc", "data.cache_dir", "data.prepare_timeout_s", "data.verbose", "lora.merge_on_export"}
 
 
 class RunLock:
@@ -71,10 +71,10 @@ def write_config(run_dir: Path, cfg: Config, start: int) -> Path:
 
 def math_settings(cfg: Config, dp: int) -> dict:
     """The settings that change what training computes, flat and plain (stored in each checkpoint):
-    model, data, optimizer, seq_len, seed, precision, and the global batch, which is what the
+    model, data, optimizer, LoRA, seq_len, seed, precision, and the global batch, which is what the
     parallel layout changes in the math (the number of processes itself may change on resume)."""
     settings = {}
-    for section in ("model", "data", "optim"):
+    for section in ("model", "data", "optim", "lora"):
         for key, value in dataclasses.asdict(getattr(cfg, section)).items():
             if f"{section}.{key}" not in _NOT_MATH:
                 settings[f"{section}.{key}"] = value

@@ -24,6 +24,7 @@ from longctx.model import Llama, ModelConfig, load_hf, save_hf
 from longctx.model.hf import check_state_dict, load_hf_config, load_hf_state_dict
 from longctx.model.attention import with_host_bounds
 from longctx.model.llama import shift_labels
+from longctx.model.lora import model_state_names, plain_state, save_adapter
 from longctx.ops.cross_entropy import IGNORE_INDEX
 from longctx.parallel import data_parallel
 from longctx.parallel.data_parallel import backward, gradient_sync, optimizer_step
@@ -120,7 +121,10 @@ def materialize(model, cfg: Config, device: torch.device) -> None:
         state = load_hf_state_dict(cfg.model.pretrained)
         with torch.device("meta"):   # the shapes to check against (ZeRO-3's partitions show none)
             check_state_dict(Llama(model.config), state)
-    data_parallel.materialize(model, device, state, cpu_offload=cfg.parallel.cpu_offload)
+        # LoRA adapters already in place (FSDP2 shards them with the base): the base weights
+        # under the adapted names; the adapters keep their initialisation
+        state = model_state_names(state, model)
+    data_parallel.materialize(model, device, state, cpu_offload=cfg.parallel.cpu_offload, strict=not cfg.lora.enabled)
 
 
 def build_train_model(cfg: Config, dims, mesh, device):
@@ -143,6 +147,16 @@ def build_train_model(cfg: Config, dims, mesh, device):
     if ds_config is not None:
         train_model = data_parallel.build_deepspeed(train_model, optimizer, ds_config)
     return model, train_model, optimizer, scheduler
+
+
+def frozen_base(cfg: Config, dims) -> dict | None:
+    """What rebuilds a LoRA run's frozen base, which its checkpoints do not hold (None: nothing is
+    frozen): the pretrained folder, or the seed and layout of a random initialisation."""
+    if not cfg.lora.enabled:
+        return None
+    if cfg.model.pretrained:
+        return {"pretrained": cfg.model.pretrained}
+    return {"seed": cfg.train.seed, "dp_backend": dims.dp_backend, "world_size": dims.world_size}
 
 
 def lr_lambda(cfg):
@@ -255,6 +269,10 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
     if resume_from is not None:
         saved = checkpointer.read_meta(resume_from)
         check_resume_settings(saved["settings"], settings, resume_from, force=t.resume_force)
+        if saved.get("frozen_base") != frozen_base(cfg, dims):
+            raise ConfigError(f"{resume_from} was saved over the frozen base {saved.get('frozen_base')}, which "
+                              f"checkpoints do not store, and this run builds {frozen_base(cfg, dims)} (None: full "
+                              "finetuning): resume with the lora.enabled, model.pretrained, train.seed and layout it was saved with")
         start = saved["step"]
     if is_main:
         write_config(run_dir, cfg, start)
@@ -277,7 +295,7 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
     def save(step) -> Path:
         return checkpointer.save(step, train_model, optimizer,
                                  shared={"scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
-                                         "settings": settings},
+                                         "settings": settings, "frozen_base": frozen_base(cfg, dims)},
                                  per_rank={"rng": rng_state()})
 
     tokens_per_step = t.seq_len * t.micro_batch * t.grad_accum * dims.dp
@@ -336,8 +354,7 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
         if cfg.checkpoint.at_end and saved_at != step:
             checkpoint = save(step)
         if cfg.checkpoint.export_hf and model_config.layer_types is None:
-            export_dir = run_dir / "hf"
-            export(train_model, model, export_dir, cfg.data)
+            export_dir = export(train_model, model, run_dir, cfg)
     if logger is not None:
         logger.close()
         print(closing_summary(start + 1, step, tokens_per_step * (step - start), time.perf_counter() - loop_start,
@@ -374,12 +391,23 @@ def forward_backward(train_model, micro_batches: list[dict], world_size: int, au
     return reduce(loss_sum) / global_tokens
 
 
-def export(train_model, model, folder: Path, data_cfg) -> None:
-    """Gather the full state (a collective) and write a Hugging Face folder from rank 0, with the
-    tokenizer and chat template the model was trained with."""
+def export(train_model, model, run_dir: Path, cfg: Config) -> Path:
+    """Gather the full state (a collective) and write a Hugging Face folder `hf/` from rank 0, with the
+    tokenizer and chat template the model was trained with; with LoRA also peft's adapter folder
+    `adapter/`, and `hf/` holds the base with the adapters merged (lora.merge_on_export) or the base
+    alone. Returns the `hf/` folder."""
     state = data_parallel.full_state_dict(train_model)
-    if rank() == 0:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(data_cfg.tokenizer, "data.tokenizer")))
-        tokenizer = export_tokenizer(tokenizer, data_cfg.chat_template)
-        save_hf(model, folder, state=state, tokenizer=tokenizer, stop_token_ids=stop_token_ids(tokenizer))
+    folder = run_dir / "hf"
+    if rank() != 0:
+        return folder
+    lora = cfg.lora
+    if lora.enabled:
+        save_adapter(run_dir / "adapter", state, model.config, lora.rank, lora.alpha, lora.dropout,
+                     lora.target_modules, lora.trainable, base_model=cfg.model.pretrained)
+        state = plain_state(state, lora.alpha / lora.rank if lora.merge_on_export else None)
+        print(f"exported the LoRA adapter (peft) to {run_dir / 'adapter'}")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.data.tokenizer, "data.tokenizer")))
+    tokenizer = export_tokenizer(tokenizer, cfg.data.chat_template)
+    save_hf(model, folder, state=state, tokenizer=tokenizer, stop_token_ids=stop_token_ids(tokenizer))
+    return folder

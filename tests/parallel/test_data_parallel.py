@@ -244,7 +244,12 @@ def single_process(cfg: Config, seed: int, dp: int, dtype):
     import longctx.train.train as T
     from longctx.parallel import data_parallel
     torch.manual_seed(seed)
-    model = Llama(plain_config(cfg)).to(dtype)
+    model = Llama(plain_config(cfg))
+    if cfg.lora.enabled:   # (test_lora_parallel.py) as the trainer applies them
+        from longctx.model.lora import apply_lora
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.trainable,
+                   seed=cfg.train.seed)
+    model = model.to(dtype)
     optimizer, scheduler = T.build_optimizer(model, cfg)
     batches = global_batches(seed, dp)
     losses, norms = [], []
