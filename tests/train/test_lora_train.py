@@ -25,9 +25,13 @@ def test_resume_is_exact_and_exports_load_in_transformers_and_peft(tmp_path):
     resumed = train(compose_config(SMALL + LORA + [
         f"run_dir={tmp_path}/resumed", f"train.resume={straight}/checkpoints/step_00000002",
         "lora.merge_on_export=false", "train.activation_checkpoint=full"]))
+    reseeded = SMALL + LORA + [f"run_dir={tmp_path}/reseeded", "train.seed=1",
+                               f"train.resume={straight}/checkpoints/step_00000002"]
+    with pytest.raises(ConfigError, match=r"other settings: train.seed 0 -> 1"):
+        train(compose_config(reseeded))
+    # forcing the other settings cannot stand in for a frozen base that checkpoints do not store
     with pytest.raises(ConfigError, match=r"over the frozen base \{'seed': 0, .*this run builds \{'seed': 1, "):
-        train(compose_config(SMALL + LORA + [f"run_dir={tmp_path}/reseeded", "train.seed=1",
-                                             f"train.resume={straight}/checkpoints/step_00000002"]))
+        train(compose_config(reseeded + ["train.resume_force=true"]))
     by_step = losses(straight)
     assert sorted(by_step) == [1, 2, 3, 4] and len(set(by_step.values())) == 4
     assert losses(resumed) == {3: by_step[3], 4: by_step[4]}   # bitwise on CPU
