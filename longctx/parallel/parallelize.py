@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from .checkpoint_group import group_layers
 from .data_parallel import apply_ddp, apply_fsdp, world_mesh
 from .mesh import ParallelDims
 from .offload import ActivationOffloader
@@ -26,7 +27,7 @@ def apply_sequence_parallel(model, dims: ParallelDims, mesh, device, lasp_varian
         model.config.attention = lasp.CONTIGUOUS_SOFTMAX_ATTENTION
 
 
-def apply_activation_checkpointing(model, mode: str, offload: bool = False):
+def apply_activation_checkpointing(model, mode: str, offload: bool = False, group: int = 1):
     """Recompute activations in the backward instead of storing them.
 
     full: each decoder layer keeps only its input. selective: everything but the token mixer is
@@ -34,7 +35,9 @@ def apply_activation_checkpointing(model, mode: str, offload: bool = False):
     output and log-sum-exp), which would cost a second attention pass to recompute at long context,
     are kept. offload (with full): the layer inputs that full checkpointing keeps go to pinned CPU
     memory on a side stream in the forward and come back one layer ahead of need in the backward
-    (`offload.py`); the `ActivationOffloader` is returned (None without offload).
+    (`offload.py`); the `ActivationOffloader` is returned (None without offload). group (with
+    full): one stored input per `group` layers (`checkpoint_group.py`); offload then moves the
+    groups' inputs.
     """
     if mode == "none":
         return None
@@ -44,10 +47,11 @@ def apply_activation_checkpointing(model, mode: str, offload: bool = False):
         return None
     for i, layer in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+    units = group_layers(model, group) if group > 1 else model.layers
     if not offload:
         return None
-    offloader = ActivationOffloader()  # the checkpoints save the layer inputs through its hooks
-    offloader.attach(model.layers)
+    offloader = ActivationOffloader()  # the checkpoints save the layer (or group) inputs through its hooks
+    offloader.attach(units)
     return offloader
 
 
@@ -60,7 +64,8 @@ def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
     its engine afterwards with `data_parallel.build_deepspeed`.
     """
     apply_sequence_parallel(model, dims, mesh, device, cfg.parallel.lasp_variant)
-    apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_offload)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_offload,
+                                   cfg.train.checkpoint_group)
     if not dist.is_initialized() or dims.dp_backend in ("none", "deepspeed"):
         return model
     if dims.dp_backend == "ddp":

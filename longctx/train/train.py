@@ -32,6 +32,7 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
 from .config import Config, model_fields, validate
 from .metrics import MetricsLogger, peak_tflops, training_flops
+from .offload_adamw import OffloadedAdamW, bf16_parameters
 
 
 def init_distributed(device_choice: str) -> torch.device:
@@ -125,6 +126,8 @@ def build_train_model(cfg: Config, dims, mesh, device):
                                                    cfg.optim.grad_clip, cpu_offload=p.cpu_offload)
     zero3 = ds_config is not None and cfg.parallel.zero_stage == 3
     model = build_model(cfg, device, on_meta=fsdp, zero3_config=ds_config if zero3 else None)
+    if cfg.optim.offload:   # the fp32 masters are the optimizer's, on the host
+        bf16_parameters(model)
     train_model = parallelize_llama(model, dims, mesh, cfg, device)
     if fsdp:
         materialize(train_model, cfg, device)
@@ -155,9 +158,9 @@ def build_optimizer(model, cfg):
         return len(getattr(p, "ds_shape", p.shape)) >= 2
     decay = [p for p in model.parameters() if p.requires_grad and is_matrix(p)]
     no_decay = [p for p in model.parameters() if p.requires_grad and not is_matrix(p)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    adamw = OffloadedAdamW if o.offload else torch.optim.AdamW
+    optimizer = adamw(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
