@@ -49,6 +49,10 @@ def bf16_parameters(model: nn.Module) -> nn.Module:
     return model
 
 
+CHUNK_SIZE = 1 << 25   # elements a chunk: 64 MiB of bf16 per pinned buffer, 128 MiB of fp32 scratch
+DEPTH = 2              # chunks in flight each way
+
+
 @dataclass
 class _Chunk:
     param: torch.Tensor
@@ -63,7 +67,7 @@ class _Chunk:
 
 class OffloadedAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, chunk_size: int = 1 << 25, depth: int = 2):
+                 weight_decay: float = 0.01, chunk_size: int = CHUNK_SIZE, depth: int = DEPTH):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.chunk_size, self.depth = chunk_size, depth
         self._chunks = []
