@@ -199,6 +199,12 @@ class Llama(nn.Module):
                 module.weight.fill_(1.0)
             elif module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
+        for module in self.modules():
+            # LoRA adapters (peft, longctx.model.lora), drawn above as the plain linears they are:
+            # peft's own initialisation, B zero, so that the adapted model starts as the base
+            if hasattr(module, "reset_lora_parameters"):
+                for adapter in module.lora_A:
+                    module.reset_lora_parameters(adapter, True)
 
     def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None):
         """The final-norm hidden states (B, S, hidden). A GPU `cu_seqlens` is read back once to

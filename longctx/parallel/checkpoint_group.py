@@ -32,12 +32,13 @@ from torch.utils.checkpoint import checkpoint
 class CheckpointGroup(nn.Module):
     """k consecutive (already checkpoint-wrapped) decoder layers run as one checkpointed call."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, preserve_rng_state: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.preserve_rng_state = preserve_rng_state
 
     def forward(self, x, *args):
-        return checkpoint(self._run, x, *args, use_reentrant=False, preserve_rng_state=False)
+        return checkpoint(self._run, x, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state)
 
     def _run(self, x, *args):
         for layer in self.layers:
@@ -45,8 +46,10 @@ class CheckpointGroup(nn.Module):
         return x
 
 
-def group_layers(model, size: int) -> tuple:
-    """Set `model.layer_groups` to groups of `size` consecutive layers (the last may be shorter)."""
+def group_layers(model, size: int, preserve_rng_state: bool = False) -> tuple:
+    """Set `model.layer_groups` to groups of `size` consecutive layers (the last may be shorter);
+    preserve_rng_state: the recompute draws the forward's random numbers again (LoRA's dropout)."""
     layers = list(model.layers)
-    model.layer_groups = tuple(CheckpointGroup(layers[i:i + size]) for i in range(0, len(layers), size))
+    model.layer_groups = tuple(CheckpointGroup(layers[i:i + size], preserve_rng_state)
+                               for i in range(0, len(layers), size))
     return model.layer_groups

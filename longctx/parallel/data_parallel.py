@@ -100,17 +100,18 @@ def apply_fsdp(model: nn.Module, mesh, precision: str = "fp32", reshard_after_fo
 
 
 def materialize(model: nn.Module, device: torch.device, full_state: Optional[dict] = None,
-                cpu_offload: bool = False) -> None:
+                cpu_offload: bool = False, strict: bool = True) -> None:
     """Initialise a model that no rank holds whole: random initialisation, then, if given, the
     weights of a full state dict that only rank 0 holds (the others pass None); each rank receives
     its shards from rank 0, tensor by tensor. A model built on the meta device and sharded (FSDP2)
-    gets real storage first; one built under `zero3_init` has its partitions already."""
+    gets real storage first; one built under `zero3_init` has its partitions already. strict=False:
+    parameters the state does not hold (LoRA adapters) keep their initialisation."""
     if is_partitioned(model):
         init_partitioned(model)
     else:
         _allocate_and_init(model, device, cpu_offload)
     if _any_rank(full_state is not None):
-        load_full_state(model, full_state)
+        load_full_state(model, full_state, strict)
 
 
 def _allocate_and_init(model: nn.Module, device: torch.device, cpu_offload: bool) -> None:
@@ -135,7 +136,7 @@ def _allocate_and_init(model: nn.Module, device: torch.device, cpu_offload: bool
                     module._buffers[key] = buffer.to(device)
 
 
-def load_full_state(model: nn.Module, full_state: Optional[dict]) -> None:
+def load_full_state(model: nn.Module, full_state: Optional[dict], strict: bool = True) -> None:
     """Load a full state dict that rank 0 holds (the others pass None) into a sharded, partitioned
     or replicated model; every rank receives its part from rank 0, tensor by tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -152,7 +153,7 @@ def load_full_state(model: nn.Module, full_state: Optional[dict]) -> None:
                         param.copy_(state[name])
         return
     set_model_state_dict(model, state, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=not tied))
+        full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=strict and not tied))
 
 
 def _any_rank(flag: bool) -> bool:

@@ -1,8 +1,11 @@
 """Apply parallelism to a plain model, as small functions in a fixed order."""
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from longctx.model.lora import apply_lora
 
 from .checkpoint_group import group_layers
 from .data_parallel import apply_ddp, apply_fsdp, world_mesh
@@ -27,7 +30,17 @@ def apply_sequence_parallel(model, dims: ParallelDims, mesh, device, lasp_varian
         model.config.attention = lasp.CONTIGUOUS_SOFTMAX_ATTENTION
 
 
-def apply_activation_checkpointing(model, mode: str, offload: bool = False, group: int = 1):
+def bf16_parameters(model):
+    """Every parameter bf16 in place, LoRA adapters included (optim.offload: the fp32 masters are
+    the optimizer's, on the host); buffers such as the rotary frequencies keep fp32."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.to(torch.bfloat16)
+    return model
+
+
+def apply_activation_checkpointing(model, mode: str, offload: bool = False, group: int = 1,
+                                   preserve_rng_state: bool = False):
     """Recompute activations in the backward instead of storing them.
 
     full: each decoder layer keeps only its input. selective: everything but the token mixer is
@@ -38,6 +51,8 @@ def apply_activation_checkpointing(model, mode: str, offload: bool = False, grou
     (`offload.py`); the `ActivationOffloader` is returned (None without offload). group (with
     full): one stored input per `group` layers (`checkpoint_group.py`); offload then moves the
     groups' inputs.
+    preserve_rng_state (full): the recomputation draws the forward's random numbers again (LoRA's
+    dropout needs it).
     """
     if mode == "none":
         return None
@@ -46,8 +61,8 @@ def apply_activation_checkpointing(model, mode: str, offload: bool = False, grou
             layer.recompute_around_mixer = True
         return None
     for i, layer in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
-    units = group_layers(model, group) if group > 1 else model.layers
+        model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=preserve_rng_state)
+    units = group_layers(model, group, preserve_rng_state) if group > 1 else model.layers
     if not offload:
         return None
     offloader = ActivationOffloader()  # the checkpoints save the layer (or group) inputs through its hooks
@@ -56,16 +71,22 @@ def apply_activation_checkpointing(model, mode: str, offload: bool = False, grou
 
 
 def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
-    """Order matters: sequence methods and checkpointing change the plain model before a
-    data-parallel backend takes it (FSDP2 shards the checkpoint-wrapped layers).
+    """Order matters: sequence methods, LoRA adapters and checkpointing change the plain model
+    before a data-parallel backend takes it (FSDP2 shards the checkpoint-wrapped layers, adapters
+    and frozen base together, per layer).
 
     DDP returns a wrapper; FSDP2 shards the model in place (it may still be on the meta device:
     `data_parallel.materialize` it afterwards); DeepSpeed needs the optimizer, so the caller builds
     its engine afterwards with `data_parallel.build_deepspeed`.
     """
     apply_sequence_parallel(model, dims, mesh, device, cfg.parallel.lasp_variant)
+    lora = cfg.lora
+    if lora.enabled:   # on the plain layers: checkpoint wrappers and FSDP2 then take the adapters as they are
+        apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, lora.trainable)
+    if cfg.optim.offload:   # after LoRA, so that the adapters are bf16 too; before DDP takes the parameters
+        bf16_parameters(model)
     apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_offload,
-                                   cfg.train.checkpoint_group)
+                                   cfg.train.checkpoint_group, preserve_rng_state=lora.enabled and lora.dropout > 0)
     if not dist.is_initialized() or dims.dp_backend in ("none", "deepspeed"):
         return model
     if dims.dp_backend == "ddp":

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from longctx.parallel.data_parallel import is_deepspeed
 
@@ -48,6 +48,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def has_frozen(model) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def _options(model) -> StateDictOptions:
+    """Frozen parameters (a LoRA run's base) are not saved: the run rebuilds them as it built them
+    the first time (model.pretrained, or the random initialisation of train.seed), rather than
+    writing the whole base again into every checkpoint."""
+    return StateDictOptions(ignore_frozen_params=True, strict=not has_frozen(model))
+
+
 class Checkpointer:
     def __init__(self, folder: str | os.PathLike, keep: int = 2):
         self.folder = Path(folder)
@@ -70,9 +81,10 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         _barrier()
         if is_deepspeed(model):
-            model.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+            model.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False,
+                                  exclude_frozen_parameters=has_frozen(model))
         else:
-            model_state, optim_state = get_state_dict(model, optimizer)
+            model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
         torch.save(per_rank, tmp / f"rank{self.rank}.pt")
         if self.rank == 0:
@@ -104,17 +116,19 @@ class Checkpointer:
             if not any(path.glob("*model_states.pt")):
                 raise FileNotFoundError(f"{path} holds no DeepSpeed checkpoint: it was saved by another "
                                         "parallel.dp_backend; resume with that backend")
-            loaded, _ = model.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+            loaded, _ = model.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False,
+                                              load_module_strict=not has_frozen(model))
             if loaded is None:
                 raise FileNotFoundError(f"DeepSpeed could not load {path}")
         else:
             if not (path / ".metadata").is_file():
                 raise FileNotFoundError(f"{path} holds no DCP checkpoint: it was saved by parallel.dp_backend="
                                         "deepspeed; resume with that backend")
-            model_state, optim_state = get_state_dict(model, optimizer)
+            model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
             state = {"model": model_state, "optim": optim_state}
             dcp.load(state, checkpoint_id=path)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=_options(model))
         shared = torch.load(path / "meta.pt", weights_only=False)
         rank_file = path / f"rank{self.rank}.pt"
         if not rank_file.is_file():

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from longctx.data import DataConfig
 from longctx.data.sharegpt import sharegpt_v3_path
 from longctx.model import ModelConfig
+from longctx.model.lora import LORA_TARGETS
 
 if TYPE_CHECKING:
     from longctx.parallel.mesh import ParallelDims
@@ -83,6 +84,19 @@ class CheckpointSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters (peft) on the decoder layers' projections; everything else is frozen."""
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0                    # the update is (alpha / rank) * B @ A
+    dropout: float = 0.0                   # on the adapters' input
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    trainable: List[str] = field(default_factory=list)   # modules trained in full (peft's modules_to_save),
+                                           # matched as peft matches them: names ending so (norm: every norm)
+    merge_on_export: bool = True           # hf/ holds base + adapters merged (false: the base, beside adapter/)
+
+
+@dataclass
 class LoggingSection:
     every: int = 1
     wandb: str = "disabled"                # disabled | offline | online
@@ -100,6 +114,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     run_dir: Optional[str] = None          # None: runs/<timestamp>, chosen by rank 0
     experiment: Optional[str] = None       # set by experiment presets, for logs
 
@@ -176,6 +191,8 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
                          "DeepSpeed's mixed precision, or on the host with optim.offload=true: set "
                          "parallel.dp_backend=fsdp or deepspeed, or optim.offload=true, or use "
                          "train.precision=bf16_autocast")
+    if cfg.lora.enabled:
+        _check_lora(cfg, dims)
     cfg.data.validate()
     return dims
 
@@ -229,6 +246,14 @@ def _check_data_parallel(cfg: Config, dims) -> None:
                          f"{backend}: {hint}; or drop parallel.zero_stage".replace(": ;", ";"))
     if p.cpu_offload and backend not in ("fsdp", "deepspeed"):
         raise ValueError(f"parallel.cpu_offload=true needs parallel.dp_backend=fsdp or deepspeed (not {backend})")
+
+
+def _check_lora(cfg: Config, dims) -> None:
+    from longctx.model.hf import load_hf_config
+    from longctx.model.lora import check_lora
+    m = cfg.model
+    config = load_hf_config(m.pretrained) if m.pretrained else ModelConfig(**model_fields(m))
+    check_lora(config, **{k: v for k, v in dataclasses.asdict(cfg.lora).items() if k not in ("enabled", "merge_on_export")})
 
 
 def model_fields(section: ModelSection) -> dict:

@@ -1,6 +1,6 @@
 """AdamW with its fp32 master weights and moments in host memory, stepped on the CPU in chunks.
 
-    model = Llama(config).cuda(); bf16_parameters(model)          # bf16 weights on the GPU
+    model = Llama(config).cuda(); bf16_parameters(model)          # bf16 weights on the GPU (parallelize.py)
     optimizer = OffloadedAdamW(groups, lr=..., betas=..., eps=..., weight_decay=...)
     loss.backward(); clip_grad_norm_(...)                         # bf16 gradients, norm on the GPU
     optimizer.step()                                              # the update on the CPU, streamed
@@ -37,16 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 from torch.optim.adamw import adamw
-
-
-def bf16_parameters(model: nn.Module) -> nn.Module:
-    """Make every parameter bf16 in place (buffers such as the rotary frequencies keep fp32)."""
-    with torch.no_grad():
-        for param in model.parameters():
-            param.data = param.data.to(torch.bfloat16)
-    return model
 
 
 CHUNK_SIZE = 1 << 25   # elements a chunk: 64 MiB of bf16 per pinned buffer, 128 MiB of fp32 scratch

@@ -22,6 +22,7 @@ from longctx.model import Llama, ModelConfig, load_hf, save_hf
 from longctx.model.hf import check_state_dict, load_hf_config, load_hf_state_dict
 from longctx.model.attention import with_host_bounds
 from longctx.model.llama import shift_labels
+from longctx.model.lora import model_state_names, plain_state, save_adapter
 from longctx.ops.cross_entropy import IGNORE_INDEX
 from longctx.parallel import data_parallel
 from longctx.parallel.data_parallel import backward, gradient_sync, optimizer_step
@@ -32,7 +33,7 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
 from .config import Config, model_fields, validate
 from .metrics import MetricsLogger, peak_tflops, training_flops
-from .offload_adamw import OffloadedAdamW, bf16_parameters
+from .offload_adamw import OffloadedAdamW
 
 
 def init_distributed(device_choice: str) -> torch.device:
@@ -110,7 +111,10 @@ def materialize(model, cfg: Config, device: torch.device) -> None:
         state = load_hf_state_dict(cfg.model.pretrained)
         with torch.device("meta"):   # the shapes to check against (ZeRO-3's partitions show none)
             check_state_dict(Llama(model.config), state)
-    data_parallel.materialize(model, device, state, cpu_offload=cfg.parallel.cpu_offload)
+        # LoRA adapters already in place (FSDP2 shards them with the base): the base weights
+        # under the adapted names; the adapters keep their initialisation
+        state = model_state_names(state, model)
+    data_parallel.materialize(model, device, state, cpu_offload=cfg.parallel.cpu_offload, strict=not cfg.lora.enabled)
 
 
 def build_train_model(cfg: Config, dims, mesh, device):
@@ -126,8 +130,6 @@ def build_train_model(cfg: Config, dims, mesh, device):
                                                    cfg.optim.grad_clip, cpu_offload=p.cpu_offload)
     zero3 = ds_config is not None and cfg.parallel.zero_stage == 3
     model = build_model(cfg, device, on_meta=fsdp, zero3_config=ds_config if zero3 else None)
-    if cfg.optim.offload:   # the fp32 masters are the optimizer's, on the host
-        bf16_parameters(model)
     train_model = parallelize_llama(model, dims, mesh, cfg, device)
     if fsdp:
         materialize(train_model, cfg, device)
@@ -298,7 +300,7 @@ def train(cfg: Config) -> Path:
         if cfg.checkpoint.at_end and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             save(step)
         if cfg.checkpoint.export_hf and model_config.layer_types is None:
-            export(train_model, model, run_dir / "hf")
+            export(train_model, model, run_dir, cfg)
     if logger is not None:
         logger.close()
     return run_dir
@@ -323,9 +325,19 @@ def forward_backward(train_model, micro_batches: list[dict], world_size: int, au
     return all_reduce(loss_sum) / global_tokens
 
 
-def export(train_model, model, folder: Path) -> None:
-    """Gather the full state (a collective) and write a Hugging Face folder from rank 0."""
+def export(train_model, model, run_dir: Path, cfg: Config) -> None:
+    """Gather the full state (a collective) and write a Hugging Face folder `hf/` from rank 0; with
+    LoRA also peft's adapter folder `adapter/`, and `hf/` holds the base with the adapters merged
+    (lora.merge_on_export) or the base alone."""
     state = data_parallel.full_state_dict(train_model)
-    if rank() == 0:
-        save_hf(model, folder, state=state)
-        print(f"exported a Hugging Face checkpoint to {folder}")
+    if rank() != 0:
+        return
+    lora = cfg.lora
+    if lora.enabled:
+        save_adapter(run_dir / "adapter", state, model.config, lora.rank, lora.alpha, lora.dropout,
+                     lora.target_modules, lora.trainable, base_model=cfg.model.pretrained)
+        state = plain_state(state, lora.alpha / lora.rank if lora.merge_on_export else None)
+        print(f"exported the LoRA adapter (peft) to {run_dir / 'adapter'}")
+    save_hf(model, run_dir / "hf", state=state)
+    print(f"exported a Hugging Face checkpoint to {run_dir / 'hf'}"
+          + (" (adapters merged)" if lora.enabled and lora.merge_on_export else ""))

@@ -6,7 +6,8 @@ import torch
 
 from longctx.train.checkpoint import Checkpointer
 from longctx.train.config import ConfigError, validate
-from longctx.train.offload_adamw import OffloadedAdamW, bf16_parameters
+from longctx.parallel.parallelize import bf16_parameters
+from longctx.train.offload_adamw import OffloadedAdamW
 from longctx.train.train import train
 from test_train import SMALL, compose_config, losses
 
@@ -94,8 +95,9 @@ def test_resume_through_the_checkpointer_is_exact(tmp_path):
             assert torch.equal(straight_opt.state[a][key], resumed_opt.state[b][key]), key
 
 
-def test_train_loop_learns_and_resumes_exactly(tmp_path):
-    common = SMALL + ["optim.offload=true", "train.precision=bf16_pure", "optim.schedule=constant",
+@pytest.mark.parametrize("extra", [[], ["lora.enabled=true", "lora.rank=8"]], ids=["full", "lora"])
+def test_train_loop_resumes_exactly(tmp_path, extra):
+    common = SMALL + extra + ["optim.offload=true", "train.precision=bf16_pure", "optim.schedule=constant",
                       "optim.warmup_steps=2", "checkpoint.every=2", "checkpoint.export_hf=false",
                       "train.activation_checkpoint=full", "train.checkpoint_group=2"]
     straight = train(compose_config(common + [f"run_dir={tmp_path}/a", "train.steps=8"]))
@@ -103,7 +105,32 @@ def test_train_loop_learns_and_resumes_exactly(tmp_path):
     resumed = train(compose_config(common + [f"run_dir={tmp_path}/b", "train.steps=8"]))
     a, b = losses(straight), losses(resumed)
     assert a == b, (a, b)   # bitwise on a CPU
-    assert sum(a[s] for s in (6, 7, 8)) < sum(a[s] for s in (1, 2, 3)) - 0.3, a
+    if not extra:   # (LoRA's adapters learn too slowly for 8 steps to show; see the test below)
+        assert sum(a[s] for s in (6, 7, 8)) / 3 < sum(a[s] for s in (1, 2, 3)) / 3 - 0.3, a
+
+
+def test_lora_adapters_in_bf16_step_and_the_base_stays():
+    """LoRA with optim.offload: the adapters are bf16 on the device like the frozen base, their fp32
+    masters on the host; a step moves the adapters and leaves the base bitwise."""
+    from longctx.model import Llama, ModelConfig
+    from longctx.model.lora import apply_lora
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, attention="sdpa"))
+    apply_lora(model, rank=4, alpha=8, target_modules=["q_proj", "down_proj"])
+    bf16_parameters(model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = OffloadedAdamW(trained, lr=1e-2)
+    ids = torch.randint(0, 64, (1, 19))
+    for _ in range(2):   # B starts at zero, so A's gradient is zero until B has moved once
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p.detach(), before[name])
+        assert moved == ("lora_" in name), name
 
 
 @pytest.mark.parametrize("overrides, message", [
