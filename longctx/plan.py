@@ -192,8 +192,8 @@ def estimate(cfg, world_size: int) -> Estimate:
     return e
 
 
-# the process before any tensor of ours: Python, torch, the CUDA libraries' host side (the dev check
-# on the H200 read 4.6 GiB resident after CUDA initialisation and a warm-up matmul)
+# the process before any tensor of ours: Python, torch, the CUDA libraries' host side (a guess made
+# before the first measurement on the H200; bench/results/train_8b_h200.json has the measured peaks)
 HOST_RUNTIME = 5 * GIB
 
 
