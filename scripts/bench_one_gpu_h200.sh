@@ -8,10 +8,10 @@ start=$(date +%s)
 left() { echo $(( $1 - ($(date +%s) - start) )); }
 run() {   # name, time limit, rows...
     local name=$1 limit=$2; shift 2
-    timeout "$limit" python3 scripts/bench_one_gpu.py --out "$OUT/$name.json" --rows "$@" 2>&1 | tee "$OUT/$name.txt"
+    timeout "$limit" python3 scripts/bench_one_gpu.py --out "$OUT/$name.json" --rows "$@" 2>&1 | tee -a "$OUT/log.txt"
 }
 free -g | head -2
-timeout 90 python3 scripts/bench_one_gpu.py --check 2>&1 | tee "$OUT/check.txt" || { echo "checks failed: nothing timed"; exit 1; }
+timeout 90 python3 scripts/bench_one_gpu.py --check 2>&1 | tee -a "$OUT/log.txt" || { echo "checks failed: nothing timed"; exit 1; }
 run full 290 "llama3-8b full 65536" "llama3-8b full 131072" "llama3-8b full 524288 group=4 docs=8192"
 run lora 100 "llama3-8b lora 1048576 layers=4 group=2 offload=1 docs=8192" "llama3-8b lora 65536"
 run llama1b 70 "llama3.2-1b gpu_adamw 1048576 docs=8192"
