@@ -149,3 +149,15 @@ def test_config_errors_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
         validate(cfg, 1)
     assert "\n" not in str(error.value)
+
+
+def test_two_process_ddp_run_resumes_exactly(tmp_path):
+    """Under DDP each rank steps its whole copy on the host from the all-reduced bf16 gradients;
+    the DCP checkpoint of that state resumes to the same losses."""
+    from test_train import finish, torchrun
+    extra = ["optim.offload=true", "train.precision=bf16_pure", "optim.schedule=constant"]
+    finish(torchrun(tmp_path / "straight", 4, extra))
+    finish(torchrun(tmp_path / "resumed", 2, extra))
+    out = finish(torchrun(tmp_path / "resumed", 4, extra))
+    assert "resumed from" in out
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
