@@ -1,13 +1,15 @@
 """Estimate the peak GPU memory per rank of a training config, before spending GPU hours.
 
     python -m longctx.plan experiment=llama3-8b_sharegpt_512k --gpus 2 --gpu-gib 141
+    python -m longctx.plan experiment=llama3-8b_sharegpt_512k_1gpu --gpus 1 --gpu-gib 139 --host-gib 128
 
 Counts, per rank: parameters, gradients and optimizer state under the data-parallel backend and
 offload; activations under the checkpointing mode, blockwise MLP and sequence split; the chunked
 loss; the sequence-parallel method's buffers; and the working memory of the largest op. Says whether it fits
 and, if not, which change would make it fit. The figures are what PyTorch's caching allocator
 reports as allocated (`torch.cuda.max_memory_allocated`); the CUDA context (about 0.5-1 GiB) and
-fragmentation come on top, hence the headroom.
+fragmentation come on top, hence the headroom. The host's peak per process is planned too
+(`host_estimate`: the offloaded optimizer's state, offloaded activations, CPU offload).
 """
 from __future__ import annotations
 
@@ -46,6 +48,34 @@ def saved_per_token(m, a: int) -> tuple[int, int]:
     return attention, mlp
 
 
+# (in, out) features of each linear a LoRA adapter may target, named as in Hugging Face
+def _linear_shapes(m) -> dict:
+    h, q, kv, i = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim, m.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def lora_section(cfg):
+    """cfg.lora when LoRA is enabled (the `lora.*` config section), else None."""
+    lora = getattr(cfg, "lora", None)
+    return lora if lora is not None and getattr(lora, "enabled", False) else None
+
+
+def lora_trainable_params(cfg) -> int:
+    """Adapter parameters (rank x (in + out) per targeted linear and layer) plus the base modules
+    made trainable whole (`lora.trainable`: embeddings, norms, head)."""
+    m, lora = cfg.model, lora_section(cfg)
+    shapes = _linear_shapes(m)
+    unknown = [t for t in lora.target_modules if t not in shapes]
+    if unknown:
+        raise ValueError(f"lora.target_modules: {unknown} are not linears of the model ({', '.join(shapes)})")
+    adapters = m.num_hidden_layers * sum(lora.rank * sum(shapes[t]) for t in lora.target_modules)
+    whole = {"embed_tokens": m.vocab_size * m.hidden_size,
+             "lm_head": 0 if m.tie_word_embeddings else m.vocab_size * m.hidden_size,
+             "norm": (2 * m.num_hidden_layers + 1) * m.hidden_size}
+    return adapters + sum(n for name, n in whole.items() if any(name in t for t in getattr(lora, "trainable", [])))
+
+
 def estimate(cfg, world_size: int) -> Estimate:
     """Peak bytes per rank of one training step of `cfg` (a longctx.train.config.Config)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
@@ -57,6 +87,8 @@ def estimate(cfg, world_size: int) -> Estimate:
     param_bytes = 2 if pure else 4
     sharded = p.dp_backend == "fsdp" or (p.dp_backend == "deepspeed" and p.zero_stage == 3)
     offload = p.cpu_offload
+    optim_offload = getattr(getattr(cfg, "optim", None), "offload", False)
+    lora = lora_section(cfg)
     e = Estimate()
 
     # parameters (+ the all-gathered bf16 copies of about two layers while sharded)
@@ -67,15 +99,19 @@ def estimate(cfg, world_size: int) -> Estimate:
         e.parts["parameters"] = params * param_bytes
     # gradients, in the parameters' dtype (fp32 reduction buffers for sharded backends)
     grads_sharded = sharded or (p.dp_backend == "deepspeed" and p.zero_stage >= 2)
-    if grads_sharded:
+    if lora:
+        # frozen base weights have none: the adapters' (and whole trainable modules') only
+        e.parts["gradients"] = lora_trainable_params(cfg) * param_bytes * (2 if p.dp_backend == "ddp" and n > 1 else 1)
+    elif grads_sharded:
         e.parts["gradients"] = 0 if offload else params * 4 / n
         e.parts["gradient buckets"] = 2 * layer * 4
     else:
         e.parts["gradients"] = params * param_bytes * (2 if p.dp_backend == "ddp" and n > 1 else 1)
-    # AdamW: two fp32 moments (+ an fp32 master copy for bf16 parameters)
-    optim_bytes = params * (8 + (4 if pure else 0))
+    # AdamW: two fp32 moments (+ an fp32 master copy for bf16 parameters); optim.offload: on the host
+    trained = lora_trainable_params(cfg) if lora else params
+    optim_bytes = trained * (8 + (4 if pure else 0))
     optim_sharded = sharded or p.dp_backend == "deepspeed"
-    e.parts["optimizer"] = 0 if offload else optim_bytes / (n if optim_sharded else 1)
+    e.parts["optimizer"] = 0 if offload or optim_offload else optim_bytes / (n if optim_sharded else 1)
 
     # activations of this rank's share of the sequence, in bytes per token (a: bytes per element)
     tokens = t.micro_batch * t.seq_len // sp
@@ -92,9 +128,14 @@ def estimate(cfg, world_size: int) -> Estimate:
     # from above and the MLP's output: h * a more than it saves (traced on an H100 at 512K)
     recompute = 0
     if t.activation_checkpoint == "full":
-        # the block inputs of every layer (offloaded: the two in flight); one layer recomputed at a time
-        kept = 2 if getattr(t, "activation_offload", False) else layers
+        # the block inputs of every layer or group of layers (offloaded: the two in flight); one
+        # layer recomputed at a time; a group in its backward has the inputs of all its k layers
+        # on the device, k - 1 more than it stores (parallel/checkpoint_group.py)
+        group = getattr(t, "checkpoint_group", 1)
+        kept = 2 if getattr(t, "activation_offload", False) else -(-layers // group)
         e.parts["activations (checkpointed inputs)"] = kept * tokens * h * a
+        if group > 1:
+            e.parts["activations (group in its backward)"] = (group - 1) * tokens * h * a
         # the recomputed layer's backward: its MLP's, and about its attention gradients' size per token
         layer_backward += mlp_tokens * mlp_saved
         recompute = tokens * (attention_saved + h * a) + mlp_tokens * mlp_saved
@@ -107,6 +148,16 @@ def estimate(cfg, world_size: int) -> Estimate:
         recompute = tokens * (attention_saved - mixer_saved + h * a) + mlp_tokens * mlp_saved
     else:
         e.parts["activations"] = layers * (tokens * attention_saved + mlp_tokens * mlp_saved)
+    lora_saved = 0   # what one layer's adapters keep beyond the base layer's saved set
+    if lora:
+        # each adapter keeps its rank-sized intermediate, and with dropout its dropped input (+ mask)
+        per_token = sum(lora.rank * a + (_linear_shapes(m)[target][0] * (a + 1) if lora.dropout > 0 else 0)
+                        for target in lora.target_modules)
+        if t.activation_checkpoint == "none":
+            e.parts["activations (LoRA adapters)"] = layers * tokens * per_token
+        else:
+            lora_saved = tokens * per_token
+            layer_backward += lora_saved
     # the working memory of the step's phases; the largest counts
     chunk = min(tokens, m.loss_chunk_size)
     vocab_weight = m.vocab_size * h
@@ -115,20 +166,23 @@ def estimate(cfg, world_size: int) -> Estimate:
     # their gradient; and autocast's cache of bf16 copies of fp32 weights, which lives until the
     # forward's autocast ends
     autocast_cache = params * 2 if t.precision in ("bf16_autocast", "auto") and not sharded else 0
-    loss = chunk * m.vocab_size * a + vocab_weight * (a + 4 + a) + 2 * tokens * h * a + autocast_cache
+    # a frozen head (LoRA) gets no weight gradient
+    head_grad = 0 if lora and not any("lm_head" in x or "embed" in x and m.tie_word_embeddings
+                                      for x in getattr(lora, "trainable", [])) else 4
+    loss = chunk * m.vocab_size * a + vocab_weight * (a + head_grad + a) + 2 * tokens * h * a + autocast_cache
     # the backward peaks in the last layer's, while every activation is still held: beside it the
     # loss's saved gradients (the output weight's in fp32, the hidden states'). The parameters'
     # gradients are made layer by layer after that, as the activations go, except DDP's and
     # DeepSpeed's buckets, which exist from the start
-    backward = layer_backward + vocab_weight * 4 + tokens * h * a
+    backward = layer_backward + vocab_weight * head_grad + tokens * h * a
     # the optimizer step: foreach AdamW holds a temporary per tensor group; the activations are gone
-    step = 0 if offload else max(layer, vocab_weight) * 4 * 2
+    step = 0 if offload or optim_offload or lora else max(layer, vocab_weight) * 4 * 2
     gradients = e.parts["gradients"] + e.parts.get("gradient buckets", 0)
     activations = sum(v for k, v in e.parts.items() if k.startswith("activations"))
     made_in_backward = gradients if p.dp_backend in ("none", "fsdp") or n == 1 else 0
     # each phase beside the parts above, which count every gradient and activation at once
     phases = {"loss": loss - gradients, "layer backward": backward - made_in_backward,
-              "layer recompute": recompute + vocab_weight * 4 - made_in_backward,
+              "layer recompute": recompute + lora_saved + vocab_weight * head_grad - made_in_backward,
               "optimizer step": step - activations}
     phase = max(phases, key=phases.get)
     e.parts[f"working set ({phase})"] = max(0, phases[phase])
@@ -136,6 +190,36 @@ def estimate(cfg, world_size: int) -> Estimate:
     if p.sp_method != "none" and sp > 1:
         from longctx.parallel.registry import get_method
         e.parts.update(get_method(p.sp_method).memory(m, tokens, a, p))
+    return e
+
+
+# the process before any tensor of ours: Python, torch, the CUDA libraries' host side (a guess made
+# before the first measurement on the H200; bench/results/train_8b_h200.json has the measured peaks)
+HOST_RUNTIME = 5 * GIB
+
+
+def host_estimate(cfg, world_size: int) -> Estimate:
+    """Peak host memory per process: the offloaded optimizer's fp32 masters, moments and pinned
+    buffers, the layer inputs that activation offload keeps in pinned memory (PyTorch's caching
+    host allocator rounds each block up to a power of two), what FSDP2 / DeepSpeed put on the CPU
+    with parallel.cpu_offload, and the runtime."""
+    from longctx.train.offload_adamw import CHUNK_SIZE, DEPTH
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    params, n = m.num_parameters(), world_size
+    e = Estimate(parts={"runtime (Python, torch, CUDA)": HOST_RUNTIME})
+    if getattr(getattr(cfg, "optim", None), "offload", False):
+        trained = lora_trainable_params(cfg) if lora_section(cfg) else params
+        e.parts["optimizer (fp32 masters and moments)"] = trained * 12
+        e.parts["optimizer buffers (pinned, fp32 scratch)"] = 2 * DEPTH * CHUNK_SIZE * 2 + CHUNK_SIZE * 4
+    if p.cpu_offload and p.dp_backend == "fsdp":
+        e.parts["FSDP2 offload (fp32 params, grads, moments)"] = params * 16 / n
+    elif p.cpu_offload and p.dp_backend == "deepspeed":
+        e.parts["ZeRO offload (fp32 masters, moments, grads)"] = params * 16 / n
+    if t.activation_checkpoint == "full" and getattr(t, "activation_offload", False):
+        units = -(-m.num_hidden_layers // getattr(t, "checkpoint_group", 1))
+        a = 4 if t.precision == "fp32" else 2
+        block = t.micro_batch * t.seq_len // p.sp * m.hidden_size * a
+        e.parts["offloaded layer inputs (pinned)"] = (units - 1) * (1 << (int(block) - 1).bit_length())
     return e
 
 
@@ -213,7 +297,7 @@ def suggest(cfg, world_size: int, budget: float) -> list[str]:
     return steps
 
 
-def report(cfg, world_size: int, gpu_gib: float) -> str:
+def report(cfg, world_size: int, gpu_gib: float, host_gib: float | None = None) -> str:
     e = estimate(cfg, world_size)
     budget = gpu_gib * GIB * HEADROOM
     lines = [f"memory plan per rank: {cfg.model.name}, seq_len {cfg.train.seq_len}, {world_size} GPU(s) "
@@ -225,6 +309,13 @@ def report(cfg, world_size: int, gpu_gib: float) -> str:
                  f"({HEADROOM:.0%} usable)")
     if e.total > budget:
         lines.append("  to fit: " + "; ".join(suggest(cfg, world_size, budget)))
+    host = host_estimate(cfg, world_size)
+    lines.append("host memory per process:")
+    for name, value in host.parts.items():
+        lines.append(f"  {name:<38}{value / GIB:9.2f} GiB")
+    verdict = "" if host_gib is None else (" -> fits" if host.total <= host_gib * GIB * HEADROOM else " -> does NOT fit") + \
+        f" in {host_gib:.0f} GiB of host memory"
+    lines.append(f"  {'total':<38}{host.total / GIB:9.2f} GiB{verdict}")
     return "\n".join(lines)
 
 
@@ -233,6 +324,7 @@ def main(argv=None) -> None:
                                      usage="python -m longctx.plan [hydra overrides ...] --gpus N --gpu-gib G")
     parser.add_argument("--gpus", type=int, default=None, help="processes in the run (default: dp x sp of the config)")
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU in GiB (H100: 80, H200: 141)")
+    parser.add_argument("--host-gib", type=float, default=None, help="host memory per process in GiB, to check it too")
     args, overrides = parser.parse_known_args(argv)
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -243,7 +335,7 @@ def main(argv=None) -> None:
         # the plan reads no data: a data set that is not installed here must not stop it
         cfg = OmegaConf.to_object(compose("config", overrides=overrides + ["data.path=unread-by-the-planner"]))
     world = args.gpus or (cfg.parallel.sp * max(cfg.parallel.dp, 1))
-    print(resolve_auto(cfg, world, args.gpu_gib) + report(cfg, world, args.gpu_gib))
+    print(resolve_auto(cfg, world, args.gpu_gib) + report(cfg, world, args.gpu_gib, args.host_gib))
 
 
 if __name__ == "__main__":

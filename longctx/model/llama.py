@@ -136,6 +136,9 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # grouped activation checkpointing (set by longctx.parallel): modules that each run a group of
+        # consecutive layers, outside the registered tree so that the parameters keep their names
+        self.layer_groups = None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
@@ -186,8 +189,8 @@ class Llama(nn.Module):
             # traffic of fp32 for the norms, residual adds and checkpointed layer inputs
             x = x.to(torch.get_autocast_dtype(x.device.type))
         cos, sin = rotary_cos_sin(self.inv_freq, position_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, position_ids, cu_seqlens, max_seqlen)
+        for run in self.layer_groups or self.layers:
+            x = run(x, cos, sin, position_ids, cu_seqlens, max_seqlen)
         return self.norm(x)
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None, *,

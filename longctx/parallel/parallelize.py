@@ -1,11 +1,13 @@
 """Apply parallelism to a plain model, as small functions in a fixed order."""
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from longctx.model.lora import apply_lora
 
+from .checkpoint_group import group_layers
 from .data_parallel import apply_ddp, apply_fsdp, world_mesh
 from .mesh import ParallelDims
 from .offload import ActivationOffloader
@@ -29,7 +31,17 @@ def apply_sequence_parallel(model, dims: ParallelDims) -> None:
         layer.self_attn.mixer_group = dims.mixer_group
 
 
-def apply_activation_checkpointing(model, mode: str, offload: bool = False, preserve_rng_state: bool = False):
+def bf16_parameters(model):
+    """Every parameter bf16 in place, LoRA adapters included (optim.offload: the fp32 masters are
+    the optimizer's, on the host); buffers such as the rotary frequencies keep fp32."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.to(torch.bfloat16)
+    return model
+
+
+def apply_activation_checkpointing(model, mode: str, offload: bool = False, group: int = 1,
+                                   preserve_rng_state: bool = False):
     """Recompute activations in the backward instead of storing them.
 
     full: each decoder layer keeps only its input. selective: everything but the token mixer is
@@ -37,8 +49,11 @@ def apply_activation_checkpointing(model, mode: str, offload: bool = False, pres
     output and log-sum-exp), which would cost a second attention pass to recompute at long context,
     are kept. offload (with full): the layer inputs that full checkpointing keeps go to pinned CPU
     memory on a side stream in the forward and come back one layer ahead of need in the backward
-    (`offload.py`); the `ActivationOffloader` is returned (None without offload). preserve_rng_state
-    (full): the recomputation draws the forward's random numbers again (LoRA's dropout needs it).
+    (`offload.py`); the `ActivationOffloader` is returned (None without offload). group (with
+    full): one stored input per `group` layers (`checkpoint_group.py`); offload then moves the
+    groups' inputs.
+    preserve_rng_state (full): the recomputation draws the forward's random numbers again (LoRA's
+    dropout needs it).
     """
     if mode == "none":
         return None
@@ -48,10 +63,11 @@ def apply_activation_checkpointing(model, mode: str, offload: bool = False, pres
         return None
     for i, layer in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=preserve_rng_state)
+    units = group_layers(model, group, preserve_rng_state) if group > 1 else model.layers
     if not offload:
         return None
-    offloader = ActivationOffloader()  # the checkpoints save the layer inputs through its hooks
-    offloader.attach(model.layers)
+    offloader = ActivationOffloader()  # the checkpoints save the layer (or group) inputs through its hooks
+    offloader.attach(units)
     return offloader
 
 
@@ -68,8 +84,10 @@ def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
     lora = cfg.lora
     if lora.enabled:   # on the plain layers: checkpoint wrappers and FSDP2 then take the adapters as they are
         apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, lora.trainable, seed=cfg.train.seed)
+    if cfg.optim.offload:   # after LoRA, so that the adapters are bf16 too; before DDP takes the parameters
+        bf16_parameters(model)
     apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_offload,
-                                   preserve_rng_state=lora.enabled and lora.dropout > 0)
+                                   cfg.train.checkpoint_group, preserve_rng_state=lora.enabled and lora.dropout > 0)
     if not dist.is_initialized() or dims.dp_backend in ("none", "deepspeed"):
         return model
     if dims.dp_backend == "ddp":

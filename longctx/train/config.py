@@ -55,6 +55,8 @@ class OptimSection:
     schedule: str = "cosine"               # cosine | linear | constant
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0                 # 0 disables clipping (the norm is still logged)
+    offload: bool = False                  # fp32 masters and AdamW moments in host memory, stepped on the
+                                           # CPU (train/offload_adamw.py); bf16 weights and gradients on the GPU
 
 
 @dataclass
@@ -67,6 +69,7 @@ class TrainSection:
     activation_checkpoint: str = "none"    # none | full | selective (recompute all but the token mixer) |
                                            # auto (on a GPU: the least recompute the memory plan fits)
     activation_offload: bool = False       # with full: the kept layer inputs wait in CPU memory
+    checkpoint_group: int = 1              # with full: one stored input per k layers (parallel/checkpoint_group.py)
     seed: int = 0
     device: str = "auto"                   # auto | cpu | cuda
     on_nonfinite: str = "stop"             # stop | skip: what a NaN/inf loss or gradient norm does
@@ -231,6 +234,7 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     if t.activation_offload and t.activation_checkpoint != "full":
         raise ValueError("train.activation_offload=true moves the layer inputs that full checkpointing keeps: "
                          "set train.activation_checkpoint=full")
+    _check_checkpoint_group(cfg)
     _choice(t.on_nonfinite, ("stop", "skip"), "train.on_nonfinite")
     _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
@@ -268,14 +272,43 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
         from longctx.model.hf import load_hf_config
         from longctx.parallel.registry import check_model
         check_model(dims.method, dims, load_hf_config(m.pretrained) if m.pretrained else ModelConfig(**model_fields(m)))
-    if t.precision == "bf16_pure" and dims.dp_backend not in ("fsdp", "deepspeed"):
+    _check_optimizer_offload(cfg)
+    if t.precision == "bf16_pure" and dims.dp_backend not in ("fsdp", "deepspeed") and not cfg.optim.offload:
         raise ValueError("train.precision=bf16_pure keeps fp32 master weights through FSDP2's or "
-                         "DeepSpeed's mixed precision: set parallel.dp_backend=fsdp or deepspeed, "
-                         "or use train.precision=bf16_autocast")
+                         "DeepSpeed's mixed precision, or on the host with optim.offload=true: set "
+                         "parallel.dp_backend=fsdp or deepspeed, or optim.offload=true, or use "
+                         "train.precision=bf16_autocast")
     if cfg.lora.enabled:
         _check_lora(cfg, dims)
     cfg.data.validate()
     return dims
+
+
+def _check_checkpoint_group(cfg: Config) -> None:
+    t, layers = cfg.train, cfg.model.num_hidden_layers
+    if t.checkpoint_group < 1:
+        raise ValueError(f"train.checkpoint_group={t.checkpoint_group} must be at least 1 (1: one stored input per layer)")
+    if t.checkpoint_group > 1 and t.activation_checkpoint != "full":
+        raise ValueError(f"train.checkpoint_group={t.checkpoint_group} groups the layers of full checkpointing: "
+                         "set train.activation_checkpoint=full")
+    if t.checkpoint_group > layers:
+        raise ValueError(f"train.checkpoint_group={t.checkpoint_group} is larger than the model's {layers} layers "
+                         f"(model.num_hidden_layers): use at most train.checkpoint_group={layers}")
+    if t.checkpoint_group > 1 and cfg.parallel.dp_backend in ("fsdp", "deepspeed"):
+        raise ValueError(f"train.checkpoint_group={t.checkpoint_group} is built and tested with "
+                         f"parallel.dp_backend none or ddp, not {cfg.parallel.dp_backend}: drop train.checkpoint_group")
+
+
+def _check_optimizer_offload(cfg: Config) -> None:
+    if not cfg.optim.offload:
+        return
+    backend = cfg.parallel.dp_backend
+    if backend in ("fsdp", "deepspeed"):
+        raise ValueError(f"optim.offload=true steps a whole copy of the model per rank (dp_backend none or ddp); "
+                         f"with parallel.dp_backend={backend} use parallel.cpu_offload=true instead")
+    if cfg.train.precision != "bf16_pure":
+        raise ValueError(f"optim.offload=true keeps bf16 weights on the device and fp32 masters on the host: "
+                         f"set train.precision=bf16_pure (not {cfg.train.precision})")
 
 
 def _check_data_parallel(cfg: Config, dims) -> None:

@@ -35,6 +35,7 @@ from .comm import CommProfiler
 from .config import Config, ConfigError, check_tokenizer_fits, model_fields, validate
 from .console import closing_summary, quiet_libraries
 from .metrics import MetricsLogger, peak_tflops, training_flops
+from .offload_adamw import OffloadedAdamW
 from .run_folder import RunLock, check_resume_settings, math_settings, write_config
 
 
@@ -180,9 +181,9 @@ def build_optimizer(model, cfg):
         return len(getattr(p, "ds_shape", p.shape)) >= 2
     decay = [p for p in model.parameters() if p.requires_grad and is_matrix(p)]
     no_decay = [p for p in model.parameters() if p.requires_grad and not is_matrix(p)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    adamw = OffloadedAdamW if o.offload else torch.optim.AdamW
+    optimizer = adamw(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 

@@ -123,3 +123,81 @@ def test_the_plan_counts_what_a_layer_keeps():
     fixed |= {a.untyped_storage().data_ptr() for a in (cos, sin)}
     per_token = sum(n for ptr, n in kept.items() if ptr not in fixed)
     assert per_token == tokens * sum(saved_per_token(config, 2))
+
+
+def test_the_plan_counts_what_lora_adapters_keep():
+    """A decoder layer with peft's adapters on every projection (frozen base, no dropout) keeps what
+    the plain layer keeps plus one rank-sized intermediate per adapter: the planner's LoRA term."""
+    import torch
+    from types import SimpleNamespace
+    from longctx.model import ModelConfig
+    from longctx.model.llama import DecoderLayer
+    from longctx.model.lora import LORA_TARGETS, apply_lora
+    from longctx.model.rotary import rope_inv_freq, rotary_cos_sin
+    from longctx.plan import GIB, estimate
+    config = ModelConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, attention="flash", mlp_chunk_size=0)
+    tokens, rank = 37, 4
+
+    def kept_bytes(lora: bool) -> int:
+        torch.manual_seed(0)
+        holder = torch.nn.Module()
+        holder.layers = torch.nn.ModuleList([DecoderLayer(config, 0)])
+        if lora:
+            apply_lora(holder, rank=rank, alpha=8, target_modules=list(LORA_TARGETS))
+        layer = holder.layers[0].to(torch.float16)
+        x = torch.randn(1, tokens, 64, dtype=torch.float16, requires_grad=True)
+        positions = torch.arange(tokens)[None]
+        cos, sin = rotary_cos_sin(rope_inv_freq(config), positions, torch.float16)
+        kept = {}
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x, cos, sin, positions, None, None)
+        fixed = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        return sum(n for ptr, n in kept.items() if ptr not in fixed)
+    extra = kept_bytes(True) - kept_bytes(False)
+    assert extra == tokens * len(LORA_TARGETS) * rank * 2
+    # the planner's layer working set grows by that much per token (its LoRA term)
+    model = copy.copy(config)
+    model.name, model.num_hidden_layers = "test", 3
+
+    def planned(lora):
+        cfg = SimpleNamespace(model=model, train=SimpleNamespace(
+            micro_batch=1, seq_len=1 << 20, precision="bf16_pure", activation_checkpoint="full",
+            activation_offload=False, checkpoint_group=1),
+            parallel=SimpleNamespace(sp=1, dp=1, dp_backend="none", zero_stage=0, cpu_offload=False, sp_method="none"),
+            optim=SimpleNamespace(offload=True),
+            lora=SimpleNamespace(enabled=lora, rank=rank, alpha=8, dropout=0.0, target_modules=list(LORA_TARGETS), trainable=[]))
+        return estimate(cfg, 1).parts
+    with_lora, without = planned(True), planned(False)
+    working = lambda parts: next(v for k, v in parts.items() if k.startswith("working set (layer"))
+    # beside it, a frozen head has no fp32 weight gradient, and the base gradients made during
+    # the backward (counted in the gradients part already) are gone
+    head_gradient = config.vocab_size * config.hidden_size * 4
+    assert working(with_lora) - working(without) == ((1 << 20) * len(LORA_TARGETS) * rank * 2 - head_gradient
+                                                    + without["gradients"] - with_lora["gradients"])
+    assert with_lora["gradients"] < without["gradients"] / 100   # the frozen base has none
+
+
+def test_the_host_plan_counts_what_the_offloaded_optimizer_holds():
+    import torch
+    from longctx.model import Llama, ModelConfig
+    from longctx.parallel.parallelize import bf16_parameters
+    from longctx.plan import HOST_RUNTIME, host_estimate
+    from longctx.train.offload_adamw import CHUNK_SIZE, DEPTH, OffloadedAdamW
+    cfg = compose_config(["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
+                          "model.num_attention_heads=4", "model.num_key_value_heads=2", "optim.offload=true",
+                          "train.precision=bf16_pure"])
+    from longctx.train.config import model_fields
+    model = bf16_parameters(Llama(ModelConfig(**model_fields(cfg.model))))
+    optimizer = OffloadedAdamW(model.parameters(), chunk_size=CHUNK_SIZE, depth=DEPTH)
+    planned = host_estimate(cfg, 1)
+    held = optimizer.host_bytes() - 4 * len(list(model.parameters()))   # less the step counters
+    # the optimizer's buffers are sized by its largest chunk: here a whole (small) embedding, not CHUNK_SIZE
+    largest = max(p.numel() for p in model.parameters())
+    assert held == planned.parts["optimizer (fp32 masters and moments)"] + 2 * DEPTH * largest * 2 + largest * 4
+    assert planned.total == HOST_RUNTIME + planned.parts["optimizer (fp32 masters and moments)"] + \
+        planned.parts["optimizer buffers (pinned, fp32 scratch)"]
