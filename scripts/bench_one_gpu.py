@@ -42,7 +42,7 @@ from longctx.model.attention import with_host_bounds  # noqa: E402
 from longctx.model.lora import LORA_TARGETS, apply_lora  # noqa: E402
 from longctx.parallel.checkpoint_group import group_layers  # noqa: E402
 from longctx.parallel.parallelize import apply_activation_checkpointing, bf16_parameters  # noqa: E402
-from longctx.plan import GIB, estimate, host_estimate  # noqa: E402
+from longctx.train.plan import GIB, estimate, host_estimate  # noqa: E402
 from longctx.train.offload_adamw import OffloadedAdamW  # noqa: E402
 from bench_train import model_config  # noqa: E402
 from benchlib import device_slug, result_head  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from longctx import plan
+from . import plan
 from longctx.data import build_loader
 from longctx.data.sharegpt import resolve_path
 from longctx.data.template import export_tokenizer, stop_token_ids

@@ -82,7 +82,7 @@ def test_composes_with_activation_offload():
 
 def test_plan_counts_the_group_inputs_and_the_group_in_its_backward():
     from types import SimpleNamespace
-    from longctx.plan import estimate
+    from longctx.train.plan import estimate
     model = ModelConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=LAYERS,
                         num_attention_heads=4, num_key_value_heads=2)
     model.name, tokens = "test", 1 << 16

