@@ -59,7 +59,7 @@ sys.path.insert(0, ROOT)
 import torch.distributed as dist  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from . import plan  # noqa: E402
+from longctx.train import plan  # noqa: E402
 from longctx.model import ModelConfig  # noqa: E402
 from longctx.model.llama import resolve_attention, shift_labels  # noqa: E402
 from longctx.parallel import data_parallel  # noqa: E402
