@@ -96,20 +96,13 @@ def test_the_plan_counts_what_the_mlp_keeps():
     assert beyond_input == 37 * saved_per_token(config, 2)[1]
 
 
-def test_the_plan_counts_what_a_layer_keeps():
-    """A whole decoder layer (the flash kernel, the rotation, both norms, the MLP): what autograd
-    keeps beyond the weights and the angles is what saved_per_token says, per token."""
+def saved_bytes(layer, config, tokens: int) -> int:
+    """What a decoder layer's forward over an fp16 input of `tokens` tokens keeps for its backward,
+    beyond its weights and the rotary angles (fp16: 2 bytes an element as bf16, and what Triton's
+    interpreter computes right on a CPU)."""
     import torch
-    from longctx.model import ModelConfig
-    from longctx.model.llama import DecoderLayer
     from longctx.model.rotary import rope_inv_freq, rotary_cos_sin
-    from longctx.train.plan import saved_per_token
-    config = ModelConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=16, attention="flash", mlp_chunk_size=0)
-    # fp16: 2 bytes an element as bf16, and what Triton's interpreter computes right on a CPU
-    layer = DecoderLayer(config, 0).to(torch.float16)
-    tokens = 37
-    x = torch.randn(1, tokens, 64, dtype=torch.float16, requires_grad=True)
+    x = torch.randn(1, tokens, config.hidden_size, dtype=torch.float16, requires_grad=True)
     positions = torch.arange(tokens)[None]
     cos, sin = rotary_cos_sin(rope_inv_freq(config), positions, torch.float16)
     kept = {}
@@ -121,20 +114,31 @@ def test_the_plan_counts_what_a_layer_keeps():
         layer(x, cos, sin, positions, None, None)
     fixed = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     fixed |= {a.untyped_storage().data_ptr() for a in (cos, sin)}
-    per_token = sum(n for ptr, n in kept.items() if ptr not in fixed)
-    assert per_token == tokens * sum(saved_per_token(config, 2))
+    return sum(n for ptr, n in kept.items() if ptr not in fixed)
+
+
+def test_the_plan_counts_what_a_layer_keeps():
+    """A whole decoder layer (the flash kernel, the rotation, both norms, the MLP): what autograd
+    keeps beyond the weights and the angles is what saved_per_token says, per token."""
+    import torch
+    from longctx.model import ModelConfig
+    from longctx.model.llama import DecoderLayer
+    from longctx.train.plan import saved_per_token
+    config = ModelConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, attention="flash", mlp_chunk_size=0)
+    layer = DecoderLayer(config, 0).to(torch.float16)
+    assert saved_bytes(layer, config, 37) == 37 * sum(saved_per_token(config, 2))
 
 
 def test_the_plan_counts_what_lora_adapters_keep():
     """A decoder layer with peft's adapters on every projection (frozen base, no dropout) keeps what
     the plain layer keeps plus one rank-sized intermediate per adapter: the planner's LoRA term."""
     import torch
-    from types import SimpleNamespace
     from longctx.model import ModelConfig
     from longctx.model.llama import DecoderLayer
+    from types import SimpleNamespace
     from longctx.model.lora import LORA_TARGETS, apply_lora
-    from longctx.model.rotary import rope_inv_freq, rotary_cos_sin
-    from longctx.train.plan import GIB, estimate
+    from longctx.train.plan import estimate
     config = ModelConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=16, attention="flash", mlp_chunk_size=0)
     tokens, rank = 37, 4
@@ -145,19 +149,7 @@ def test_the_plan_counts_what_lora_adapters_keep():
         holder.layers = torch.nn.ModuleList([DecoderLayer(config, 0)])
         if lora:
             apply_lora(holder, rank=rank, alpha=8, target_modules=list(LORA_TARGETS))
-        layer = holder.layers[0].to(torch.float16)
-        x = torch.randn(1, tokens, 64, dtype=torch.float16, requires_grad=True)
-        positions = torch.arange(tokens)[None]
-        cos, sin = rotary_cos_sin(rope_inv_freq(config), positions, torch.float16)
-        kept = {}
-
-        def pack(t):
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(x, cos, sin, positions, None, None)
-        fixed = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-        return sum(n for ptr, n in kept.items() if ptr not in fixed)
+        return saved_bytes(holder.layers[0].to(torch.float16), config, tokens)
     extra = kept_bytes(True) - kept_bytes(False)
     assert extra == tokens * len(LORA_TARGETS) * rank * 2
     # the planner's layer working set grows by that much per token (its LoRA term)
@@ -183,7 +175,6 @@ def test_the_plan_counts_what_lora_adapters_keep():
 
 
 def test_the_host_plan_counts_what_the_offloaded_optimizer_holds():
-    import torch
     from longctx.model import Llama, ModelConfig
     from longctx.parallel.parallelize import bf16_parameters
     from longctx.train.plan import HOST_RUNTIME, host_estimate
