@@ -25,6 +25,8 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from longctx.train.config import REPO_ROOT, Config, ConfigError, register_configs, validate
+from longctx.train.console import exit_with_launcher
+from longctx.train.errors import one_line_errors, refuse_bad_overrides
 
 # relative differences a correct layout stays under (float32 round-off, or bf16's) for the loss and
 # the gradient norm, and for the parameters' change in the step (Adam's first step is about
@@ -163,10 +165,12 @@ register_configs()
 
 @hydra.main(config_path=str(Path(REPO_ROOT) / "configs"), config_name="config", version_base="1.3")
 def main(cfg) -> None:
-    try:
-        report = check(OmegaConf.to_object(cfg))
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
+    with one_line_errors():   # the trainer's handling of a user's mistake: one line, no traceback
+        try:
+            config = OmegaConf.to_object(cfg)   # model shape checks run here
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        report = check(config)
     if report:
         print(format_report(report), flush=True)
     ok = torch.tensor(float(report.get("ok", True)))
@@ -178,4 +182,6 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    exit_with_launcher()
+    refuse_bad_overrides()   # unknown keys, with or without +, as the trainer refuses them
     main()

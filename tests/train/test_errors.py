@@ -70,6 +70,13 @@ def test_unknown_key_is_refused_with_or_without_plus(tmp_path, override):
     assert_one_line_error(proc, tmp_path, "train.stepz is not a setting", "did you mean train.steps?")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("+train.stepz=3", "train.stepz is not a setting"), ("optim.lr=-1", "optim.lr=-1.0 must be > 0")])
+def test_the_check_command_refuses_mistakes_as_the_trainer_does(tmp_path, override, message):
+    proc = cli(tmp_path, override, module=("-m", "longctx.check"))
+    assert_one_line_error(proc, tmp_path, message)
+
+
 def test_value_of_the_wrong_type_is_one_line(tmp_path):
     proc = cli(tmp_path, "train.steps=abc")
     assert_one_line_error(proc, tmp_path, "train.steps=abc: Value 'abc' of type 'str' could not be converted to Integer")
