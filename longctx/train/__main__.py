@@ -1,4 +1,5 @@
 """`python -m longctx.train key=value ...` (or under torchrun): the Hydra entry point."""
+import contextlib
 import os
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
+
+from longctx.data import DataError
 
 from .config import REPO_ROOT, ConfigError, register_configs
 from .console import exit_with_launcher
@@ -29,9 +32,16 @@ def main(cfg) -> None:
             config = OmegaConf.to_object(cfg)   # model shape checks run here
         except ValueError as error:
             raise ConfigError(str(error)) from error
+        job_folder = None
         if config.run_dir is None and HydraConfig.get().mode == RunMode.MULTIRUN:
-            config.run_dir = HydraConfig.get().runtime.output_dir   # <sweep>/<job number>-<overrides>
-        train(config)
+            job_folder = config.run_dir = HydraConfig.get().runtime.output_dir   # <sweep>/<number>-<overrides>
+        try:
+            train(config)
+        except (ConfigError, DataError):
+            if job_folder is not None:   # Hydra made the job's folder; a job that never started leaves none
+                with contextlib.suppress(OSError):
+                    os.rmdir(job_folder)   # only if empty: nothing of a started run is removed
+            raise
 
 
 if __name__ == "__main__":

@@ -77,6 +77,18 @@ def test_the_check_command_refuses_mistakes_as_the_trainer_does(tmp_path, overri
     assert_one_line_error(proc, tmp_path, message)
 
 
+def test_a_sweep_job_that_never_starts_leaves_no_job_folder(tmp_path):
+    cmd = [sys.executable, "-m", "longctx.train", "-m", *SMALL, "train.steps=1", "optim.lr=-1,-2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "error: optim.lr=-1.0 must be > 0", output[-3000:]
+    assert "Traceback" not in output
+    sweep, = (tmp_path / "runs").iterdir()   # the sweep's own folder, with its multirun.yaml
+    assert [p.name for p in sweep.iterdir() if p.is_dir()] == []
+
+
 def test_value_of_the_wrong_type_is_one_line(tmp_path):
     proc = cli(tmp_path, "train.steps=abc")
     assert_one_line_error(proc, tmp_path, "train.steps=abc: Value 'abc' of type 'str' could not be converted to Integer")
