@@ -44,8 +44,7 @@ from longctx.parallel.checkpoint_group import group_layers  # noqa: E402
 from longctx.parallel.parallelize import apply_activation_checkpointing, bf16_parameters  # noqa: E402
 from longctx.train.plan import GIB, estimate, host_estimate  # noqa: E402
 from longctx.train.offload_adamw import OffloadedAdamW  # noqa: E402
-from bench_train import model_config  # noqa: E402
-from benchlib import device_slug, result_head  # noqa: E402
+from benchlib import device_slug, model_config, result_head  # noqa: E402
 
 LORA = SimpleNamespace(enabled=True, rank=16, alpha=32, dropout=0.0, target_modules=list(LORA_TARGETS), trainable=[])
 CHUNKS = dict(mlp_chunk_size=8192, loss_chunk_size=8192, attention="flash")
@@ -210,7 +209,6 @@ def row_keys(row, config) -> dict:
 def check() -> None:
     """bf16 correctness on the GPU before any timing: the streamed optimizer against torch's AdamW
     on fp32 masters, and grouped checkpointing against per-layer, with the flash kernel."""
-    from bench_train import model_config as mc
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, device="cuda").to(torch.bfloat16)) for n in (1000, 3_000_001, 4096)]
     masters = [p.detach().float().cpu().requires_grad_() for p in params]
@@ -227,8 +225,8 @@ def check() -> None:
     print(f"check offloaded AdamW on the GPU: master rel err {worst:.2e}, weights = bf16(master): {exact}")
     assert worst < 1e-6 and exact
     # head_dim 128 as the 8B shape's: its kernels are compiled here, before any row is timed
-    config = mc("llama3.2-1b", num_hidden_layers=4, hidden_size=1024, intermediate_size=2048, num_attention_heads=8,
-                num_key_value_heads=2, head_dim=128, **CHUNKS)
+    config = model_config("llama3.2-1b", num_hidden_layers=4, hidden_size=1024, intermediate_size=2048,
+                          num_attention_heads=8, num_key_value_heads=2, head_dim=128, **CHUNKS)
     ids = torch.randint(0, config.vocab_size, (1, 16384), device="cuda")
     results = []
     for group in (1, 2):

@@ -37,26 +37,21 @@ import torch
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # read when Triton kernels are defined: before longctx
 
-import yaml  # noqa: E402
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from longctx.ops.cross_entropy import chunked_cross_entropy  # noqa: E402
 from longctx.ops.rms_norm import rms_norm  # noqa: E402
 from longctx.ops.rotary import apply_rotary  # noqa: E402
 from longctx.ops.swiglu import silu_mul  # noqa: E402
-from benchlib import ROOT, device_slug, peak_gib, rel_err, result_head  # noqa: E402
+from benchlib import ROOT, device_slug, model_config, peak_gib, rel_err, result_head  # noqa: E402
 
 EPS = 1e-5
 SMOKE_SHAPE = {"hidden": 64, "intermediate": 160, "heads": 4, "kv_heads": 2, "head_dim": 16, "vocab": 1000}
 
 
 def model_shape(name: str) -> dict:
-    with open(os.path.join(ROOT, "configs", "model", f"{name}.yaml")) as f:
-        m = yaml.safe_load(f)
-    heads = m["num_attention_heads"]
-    return {"hidden": m["hidden_size"], "intermediate": m["intermediate_size"], "heads": heads,
-            "kv_heads": m["num_key_value_heads"], "head_dim": m.get("head_dim") or m["hidden_size"] // heads,
-            "vocab": m["vocab_size"]}
+    m = model_config(name)
+    return {"hidden": m.hidden_size, "intermediate": m.intermediate_size, "heads": m.num_attention_heads,
+            "kv_heads": m.num_key_value_heads, "head_dim": m.head_dim, "vocab": m.vocab_size}
 
 
 # ----------------------------------------------------------------------------------------------

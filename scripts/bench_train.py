@@ -280,12 +280,14 @@ def measure(impl: str, cfg: Config, name: str, device: torch.device, steps: int,
 
 def print_ratios(rows: list) -> None:
     """longctx against each peer row with the same shape keys: tokens/s and peak memory ratios."""
-    keys = ("model", "seqlen", "layers", "checkpoint", "precision", "lora")
-    ours = {tuple(r[k] for k in keys): r for r in rows if r["impl"] == "longctx" and "tok_s" in r}
+    # where the optimizer or the master weights live changes the step too: a row of longctx with its
+    # optimizer on the host is not paired with a peer that keeps AdamW on the GPU
+    keys = ("model", "seqlen", "layers", "checkpoint", "precision", "lora", "master_weights", "offload", "cpu_offload")
+    ours = {tuple(r.get(k, False) for k in keys): r for r in rows if r["impl"] == "longctx" and "tok_s" in r}
     print(f"{'peer':<9} {'tokens':>7} {'precision':<14} {'ckpt':<5} {'tok/s ours':>10} {'peer':>8} {'ratio':>6} "
           f"{'GiB ours':>8} {'peer':>6}")
     for peer in rows:
-        mine = ours.get(tuple(peer[k] for k in keys))
+        mine = ours.get(tuple(peer.get(k, False) for k in keys))
         if peer["impl"] == "longctx" or mine is None:
             continue
         theirs = "oom" if peer.get("oom") else "error" if "error" in peer else f"{peer['tok_s']:.0f}"

@@ -27,6 +27,18 @@ def git_commit() -> str:
     return commit or "unknown"
 
 
+def model_config(name: str, **overrides):
+    """A shape of configs/model/ (its YAML file as it stands, not composed through Hydra) as a
+    longctx ModelConfig, with `overrides` on top."""
+    import yaml
+    from longctx.model import ModelConfig
+    with open(os.path.join(ROOT, "configs", "model", f"{name}.yaml")) as f:
+        fields = yaml.safe_load(f)
+    fields.pop("name", None)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
 def result_head(device: str, command: str | None = None, **extra) -> dict:
     """The fields every result file starts with; `rows` is added by the caller."""
     import triton

@@ -15,26 +15,20 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from longctx.model import ModelConfig  # noqa: E402
 from longctx.parallel.registry import methods  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import model_config  # noqa: E402
 
 SHAPES = {"1B": "llama3.2-1b", "8B": "llama3-8b"}
 MIB = 2**20
 
 
-def load_shape(name: str) -> ModelConfig:
-    fields = yaml.safe_load((REPO_ROOT / "configs" / "model" / f"{name}.yaml").read_text())
-    fields.pop("name", None)
-    return ModelConfig(**fields)
-
-
 def table(gpus: int, seqlens: list[int], ulysses: int | None, a: int = 2) -> str:
-    shapes = {label: load_shape(name) for label, name in SHAPES.items()}
+    shapes = {label: model_config(name) for label, name in SHAPES.items()}
     columns = [(label, n) for label in shapes for n in seqlens]
     head = "| method | layer | " + " | ".join(f"{label} {n // 1024}K" for label, n in columns) + " |"
     lines = [head, "|" + " --- |" * (2 + len(columns))]
