@@ -221,9 +221,13 @@ def _dkdv_kernel(
         q_mid = tl.full([], 0, tl.int32)
     mid_end = tl.minimum(q_mid, q_end)
     tail_start = tl.maximum(q_mid, q_full)
-    # The unmasked run starts at the key block's own row block and wraps round: without a causal mask
-    # every program would otherwise begin at query row 0 together and queue on the same dQ atomics.
-    q_turn = tl.minimum(tl.maximum((n0 // BLOCK_M) * BLOCK_M, q_mid), tl.maximum(q_full, q_mid))
+    # With dQ's atomics the unmasked run starts at the key block's own row block and wraps round:
+    # without a causal mask every program would otherwise begin at query row 0 together and queue on
+    # the same dQ rows. The deterministic kernel keeps the plain order (q_turn = q_mid).
+    if ATOMIC_DQ:
+        q_turn = tl.minimum(tl.maximum((n0 // BLOCK_M) * BLOCK_M, q_mid), tl.maximum(q_full, q_mid))
+    else:
+        q_turn = q_mid
 
     o_r = tl.arange(0, BLOCK_M)
     row_q = q_start.to(tl.int64)
@@ -240,8 +244,10 @@ def _dkdv_kernel(
                              stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
         dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_turn, q_full, len_q, offset, qk_scale, stride_qs,
                              stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_mid, q_turn, len_q, offset, qk_scale, stride_qs,
-                             stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+        if ATOMIC_DQ:   # the wrapped-round part of the unmasked run
+            dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_mid, q_turn, len_q, offset, qk_scale, stride_qs,
+                                 stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV,
+                                 ATOMIC_DQ)
         dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, tail_start, q_end, len_q, offset, qk_scale, stride_qs,
                              stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
 
