@@ -118,14 +118,22 @@ class PackedLoader:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len,
                 "packing": self.packing, "data_key": self.key, "pieces": len(self.pieces)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, strict: bool = True) -> bool:
+        """Go on where `state` left the data. A state of other data, data settings, seq_len or seed
+        cannot be resumed exactly: strict raises DataError (one line); otherwise this run's data
+        starts from its beginning, and False says so."""
         mine = self.state_dict()
-        for name in ("seed", "seq_len", "packing", "data_key", "pieces"):
-            if state.get(name) != mine[name]:
-                raise ValueError(f"cannot resume the data exactly: the checkpoint's {name} is "
-                                 f"{state.get(name)!r}, this run's is {mine[name]!r}; resume with the "
-                                 f"same data, tokenizer and data settings, seq_len and seed")
+        changed = [name for name in ("seed", "seq_len", "packing", "data_key", "pieces")
+                   if state.get(name) != mine[name]]
+        if changed and strict:
+            name = changed[0]
+            raise DataError(f"cannot resume the data exactly: the checkpoint's {name} is {state.get(name)!r}, "
+                            f"this run's is {mine[name]!r}; resume with the same data, tokenizer and data "
+                            "settings, seq_len and seed (or train.resume_force=true to start the data over)")
+        if changed:
+            return False
         self.epoch, self.consumed, self._micro_step = int(state["epoch"]), int(state["consumed"]), 0
+        return True
 
 
 def build_loader(cfg: DataConfig, seq_len: int, micro_batch: int = 1, dp_rank: int = 0, dp_size: int = 1,

@@ -284,7 +284,11 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
     if resume_from is not None:
         shared, mine = checkpointer.load(resume_from, train_model, optimizer)
         scheduler.load_state_dict(shared["scheduler"])
-        loader.load_state_dict(shared["loader"])   # the global data position: any number of ranks resumes it
+        # the global data position: any number of ranks resumes it; a forced resume over other data,
+        # seq_len or seed starts this run's data from its beginning
+        if not loader.load_state_dict(shared["loader"], strict=not t.resume_force) and is_main:
+            print("train.resume_force=true: the data, seq_len or seed changed, so the data starts from its "
+                  "beginning", flush=True)
         if mine is not None:   # saved by as many ranks: each goes on with its own RNG streams
             set_rng_state(mine["rng"])
         if is_main:

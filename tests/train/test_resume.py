@@ -59,6 +59,14 @@ def test_changed_settings_stop_the_resume_unless_forced_and_config_yaml_is_kept(
     assert OmegaConf.load(tmp_path / "config.resume-2.yaml").optim.lr == 1e-3
 
 
+def test_a_forced_resume_over_another_seq_len_starts_the_data_over(tmp_path, capsys):
+    run(tmp_path, "train.steps=2")
+    run(tmp_path, "train.steps=3", "train.seq_len=128", "train.resume_force=true")
+    out = capsys.readouterr().out
+    assert "train.seq_len 256 -> 128" in out and "the data starts from its beginning" in out
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+
+
 def test_metrics_keep_each_step_once_after_a_resume(tmp_path):
     run(tmp_path, "train.steps=4", "checkpoint.every=3", "checkpoint.at_end=false")
     first = losses(tmp_path)
