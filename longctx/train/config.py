@@ -234,7 +234,6 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     if t.activation_offload and t.activation_checkpoint != "full":
         raise ValueError("train.activation_offload=true moves the layer inputs that full checkpointing keeps: "
                          "set train.activation_checkpoint=full")
-    _check_checkpoint_group(cfg)
     _choice(t.on_nonfinite, ("stop", "skip"), "train.on_nonfinite")
     _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
@@ -268,10 +267,11 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     m = cfg.model
     if m.pretrained is not None and not os.path.isfile(os.path.join(m.pretrained, "config.json")):
         raise ValueError(f"model.pretrained={m.pretrained}: no Hugging Face config.json there")
-    if dims.method is not None:   # the method's head constraints and layer kinds, on the model's real shape
-        from longctx.model.hf import load_hf_config
+    shape = model_shape(cfg)   # the model's real shape: a pretrained folder's config.json wins
+    _check_checkpoint_group(cfg, shape.num_hidden_layers)
+    if dims.method is not None:   # the method's head constraints and layer kinds
         from longctx.parallel.registry import check_model
-        check_model(dims.method, dims, load_hf_config(m.pretrained) if m.pretrained else ModelConfig(**model_fields(m)))
+        check_model(dims.method, dims, shape)
     _check_optimizer_offload(cfg)
     if t.precision == "bf16_pure" and dims.dp_backend not in ("fsdp", "deepspeed") and not cfg.optim.offload:
         raise ValueError("train.precision=bf16_pure keeps fp32 master weights through FSDP2's or "
@@ -279,21 +279,21 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
                          "parallel.dp_backend=fsdp or deepspeed, or optim.offload=true, or use "
                          "train.precision=bf16_autocast")
     if cfg.lora.enabled:
-        _check_lora(cfg, dims)
+        _check_lora(cfg, shape)
     cfg.data.validate()
     return dims
 
 
-def _check_checkpoint_group(cfg: Config) -> None:
-    t, layers = cfg.train, cfg.model.num_hidden_layers
+def _check_checkpoint_group(cfg: Config, layers: int) -> None:
+    t = cfg.train
     if t.checkpoint_group < 1:
         raise ValueError(f"train.checkpoint_group={t.checkpoint_group} must be at least 1 (1: one stored input per layer)")
     if t.checkpoint_group > 1 and t.activation_checkpoint != "full":
         raise ValueError(f"train.checkpoint_group={t.checkpoint_group} groups the layers of full checkpointing: "
                          "set train.activation_checkpoint=full")
     if t.checkpoint_group > layers:
-        raise ValueError(f"train.checkpoint_group={t.checkpoint_group} is larger than the model's {layers} layers "
-                         f"(model.num_hidden_layers): use at most train.checkpoint_group={layers}")
+        raise ValueError(f"train.checkpoint_group={t.checkpoint_group} is larger than the model's {layers} layers: "
+                         f"use at most train.checkpoint_group={layers}")
     if t.checkpoint_group > 1 and cfg.parallel.dp_backend in ("fsdp", "deepspeed"):
         raise ValueError(f"train.checkpoint_group={t.checkpoint_group} is built and tested with "
                          f"parallel.dp_backend none or ddp, not {cfg.parallel.dp_backend}: drop train.checkpoint_group")
@@ -335,12 +335,16 @@ def _check_data_parallel(cfg: Config, dims) -> None:
         raise ValueError(f"parallel.cpu_offload=true needs parallel.dp_backend=fsdp or deepspeed (not {backend})")
 
 
-def _check_lora(cfg: Config, dims) -> None:
-    from longctx.model.hf import load_hf_config
+def _check_lora(cfg: Config, shape: ModelConfig) -> None:
     from longctx.model.lora import check_lora
+    check_lora(shape, **{k: v for k, v in dataclasses.asdict(cfg.lora).items() if k not in ("enabled", "merge_on_export")})
+
+
+def model_shape(cfg: Config) -> ModelConfig:
+    """The model's shape: a pretrained folder's config.json, or the model section's fields."""
+    from longctx.model.hf import load_hf_config
     m = cfg.model
-    config = load_hf_config(m.pretrained) if m.pretrained else ModelConfig(**model_fields(m))
-    check_lora(config, **{k: v for k, v in dataclasses.asdict(cfg.lora).items() if k not in ("enabled", "merge_on_export")})
+    return load_hf_config(m.pretrained) if m.pretrained else ModelConfig(**model_fields(m))
 
 
 def model_fields(section: ModelSection) -> dict:

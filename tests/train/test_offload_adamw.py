@@ -140,7 +140,7 @@ def test_lora_adapters_in_bf16_step_and_the_base_stays():
      "with parallel.dp_backend=deepspeed use parallel.cpu_offload=true"),
     (["optim.offload=true", "train.precision=bf16_autocast"], "set train.precision=bf16_pure"),
     (["train.activation_checkpoint=full", "train.checkpoint_group=3", "model.num_hidden_layers=2"],
-     r"train.checkpoint_group=3 is larger than the model's 2 layers .* at most train.checkpoint_group=2"),
+     r"train.checkpoint_group=3 is larger than the model's 2 layers: use at most train.checkpoint_group=2"),
     (["train.activation_checkpoint=selective", "train.checkpoint_group=2"], "set train.activation_checkpoint=full"),
     (["train.checkpoint_group=0"], "train.checkpoint_group=0 must be at least 1"),
 ])
@@ -161,3 +161,14 @@ def test_two_process_ddp_run_resumes_exactly(tmp_path):
     out = finish(torchrun(tmp_path / "resumed", 4, extra))
     assert "resumed from" in out
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def test_checkpoint_group_is_checked_against_a_pretrained_models_layers(tmp_path):
+    """A pretrained folder's config.json sets the layer count, whatever model.num_hidden_layers says."""
+    from longctx.model import Llama, ModelConfig, save_hf
+    save_hf(Llama(ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)), tmp_path / "hf")
+    cfg = compose_config(["train.activation_checkpoint=full", "train.checkpoint_group=3", "model.num_hidden_layers=4",
+                          f"model.pretrained={tmp_path / 'hf'}"])
+    with pytest.raises(ConfigError, match="larger than the model's 2 layers"):
+        validate(cfg, 1)
