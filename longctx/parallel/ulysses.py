@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from longctx.model.attention import document_bounds, register_attention, register_linear_attention
+from longctx.model.attention import document_bounds, per_step, register_attention, register_linear_attention
 from longctx.ops.attention import flash_attn_func, flash_attn_varlen_func
 from longctx.ops.linear import lightning_attn_func
 
@@ -201,7 +201,8 @@ def _longest_document(cu_seqlens, tokens: int, what: str) -> int:
         raise ValueError(f"{what}: cu_seqlens must rise from 0 to the token count of the whole (unsplit) "
                          f"sequence, {tokens}; got {bounds[:4]}...{bounds[-1]}: pass the documents of the "
                          f"whole sequence, not of this rank's share")
-    return max(b - a for a, b in zip(bounds, bounds[1:]))
+    # once per step, not in every layer and recompute: a packed row may hold thousands of documents
+    return per_step(cu_seqlens, "longest_document", lambda: max(b - a for a, b in zip(bounds, bounds[1:])))
 
 
 def _attend_whole(q, k, v, causal, cu_seqlens, max_seqlen, softmax_scale):
