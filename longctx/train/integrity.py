@@ -69,8 +69,11 @@ def write_manifest(folder: Path, step: int, entries: dict[str, tuple[int, str]])
 def read_manifest(folder: Path) -> dict[str, tuple[int, str]]:
     """name -> (size, xxh3); raises CheckpointError if the manifest is missing or unreadable."""
     path = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder: name a checkpoint folder (checkpoints/step_N)")
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing (the save did not finish)")
+        raise CheckpointError(f"{path} is missing: the save did not finish, or an older longctx (before "
+                              "manifests) saved it")
     try:
         files = json.loads(path.read_text())["files"]
         return {str(name): (int(size), str(digest)) for name, (size, digest) in files.items()}

@@ -245,3 +245,8 @@ def test_deepspeed_checkpoints_get_a_manifest_and_load_without_running_code(tmp_
     for rank, result in enumerate(results):
         assert result["step"] == 1 and result["mine"] == {"rank": rank} and result["same"]
         assert "optim_states.pt holds objects that would run code" in result["refusal"]
+
+
+def test_a_named_checkpoint_that_is_not_a_folder_is_named_so(tmp_path):
+    with pytest.raises(CheckpointError, match=r"train.resume=.*nowhere: .*nowhere is not a folder: name a checkpoint"):
+        Checkpointer(tmp_path).resume_point(str(tmp_path / "nowhere"))
