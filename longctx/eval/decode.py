@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from longctx.model.llama import Attention, Llama
 from longctx.model.rotary import rotary_cos_sin
+from longctx.ops.attention.naive import accumulation_dtype
 from longctx.ops.rotary import apply_rotary
 
 
@@ -122,10 +123,6 @@ class KVCache:
         return [(self.keys[layer], self.values[layer]), (self.new_keys[layer], self.new_values[layer])]
 
 
-def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, S, Hkv, D] -> [B, S, H, D]: query head h reads kv head h // (H // Hkv)."""
     return x.repeat_interleave(heads // x.shape[2], dim=2)
@@ -135,7 +132,7 @@ def linear_state(attn, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
                  group, world: int) -> torch.Tensor:
     """The recurrent state [B, H, Dk, Dv] after `length` tokens, from the (silu'd) keys and values
     [B, S, Hkv, D] at global `positions` [S] that this rank holds, summed over the group."""
-    accum = _accum_dtype(k.dtype)
+    accum = accumulation_dtype(k.dtype)
     k, v = _expand_heads(k, attn.num_heads).to(accum), _expand_heads(v, attn.num_heads).to(accum)
     age = (length - 1 - positions).to(accum)                             # tokens after each one
     weight = torch.exp(-attn.decay.to(accum)[None, :] * age[:, None])    # [S, H]
@@ -216,7 +213,7 @@ def attend_cached(q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor
     batch, _, heads, dim = q.shape
     kv_heads = blocks[0][0].shape[2]
     queries = q.reshape(batch, kv_heads, heads // kv_heads, dim)          # head h reads kv head h // G
-    accum = _accum_dtype(q.dtype)                                         # merged in fp32 at least
+    accum = accumulation_dtype(q.dtype)                                         # merged in fp32 at least
     lse = torch.full(queries.shape[:3], -math.inf, device=q.device, dtype=accum)   # [B, Hkv, G]
     out = torch.zeros(queries.shape, device=q.device, dtype=accum)                 # [B, Hkv, G, D]
     for keys, values in blocks:

@@ -263,10 +263,6 @@ def _block_functions(device: torch.device):
     return naive.attention_forward, naive.attention_backward
 
 
-def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _rows(block: Block, x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
     """The block's rows of a (B, S, ...) tensor: (b, S', ...) dense, (S', ...) varlen."""
     if block.batch is None:
@@ -353,7 +349,7 @@ def _kv_blocks(ring: RingComm, k, v):
 def ring_forward(ring: RingComm, plan, q, k, v, scale):
     """(out, lse): out like q, lse (B, H, S_local) in the accumulation dtype."""
     forward, _ = _block_functions(q.device)
-    accum = _accum_dtype(q.dtype)
+    accum = naive.accumulation_dtype(q.dtype)
     batch, seqlen, heads, _ = q.shape
     out = lse = None  # the running state, fp32; the first block that covers every row starts it
     for step, k_now, v_now in _kv_blocks(ring, k, v):
@@ -375,7 +371,7 @@ def ring_forward(ring: RingComm, plan, q, k, v, scale):
 def ring_backward(ring: RingComm, plan, dout, q, k, v, out, lse, scale):
     """(dq, dk, dv) for this rank's shares; dk, dv gathered from every rank's queries."""
     _, backward = _block_functions(q.device)
-    accum = _accum_dtype(q.dtype)
+    accum = naive.accumulation_dtype(q.dtype)
     world = ring.world_size
     delta = (dout.to(accum) * out.to(accum)).sum(-1).transpose(1, 2).contiguous()  # [B, H, S] rowsum(dO * O)
     dq = torch.zeros(q.shape, dtype=accum, device=q.device)

@@ -67,7 +67,8 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, causal_off
 # ------------------------------------------------------------------------------------------------
 # the kernel's low level in PyTorch: forward with the log-sum-exp, backward block by block
 # ------------------------------------------------------------------------------------------------
-def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What sums of products of `dtype` inputs run in: float64 for a float64 reference, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -90,7 +91,7 @@ def _repeat_heads(x, heads):
 
 
 def _dense_forward(q, k, v, scale, causal, offset, out_dtype):
-    accum = _accum_dtype(q.dtype)
+    accum = accumulation_dtype(q.dtype)
     heads = q.shape[2]
     probs, lse = _probabilities(q.to(accum), _repeat_heads(k.to(accum), heads), None, scale, causal, offset)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, _repeat_heads(v.to(accum), heads))
@@ -98,7 +99,7 @@ def _dense_forward(q, k, v, scale, causal, offset, out_dtype):
 
 
 def _dense_backward(dout, q, k, v, out, lse, delta, scale, causal, offset, grad_dtype):
-    accum = _accum_dtype(q.dtype)
+    accum = accumulation_dtype(q.dtype)
     batch, seqlen_k, kv_heads, head_dim = k.shape
     heads = q.shape[2]
     qf, kf, vf, dof = q.to(accum), _repeat_heads(k.to(accum), heads), _repeat_heads(v.to(accum), heads), dout.to(accum)
@@ -137,7 +138,7 @@ def attention_forward(q, k, v, *, softmax_scale=None, causal=False, causal_offse
         offset = causal_offset if causal_offset is not None else k.shape[1] - q.shape[1]
         return _dense_forward(q, k, v, scale, causal, offset, out_dtype)
     out = q.new_zeros(q.shape, dtype=out_dtype)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=_accum_dtype(q.dtype), device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=accumulation_dtype(q.dtype), device=q.device)
     for q0, q1, k0, k1, offset in _documents(cu_seqlens_q, cu_seqlens_k, causal_offsets):
         if q1 > q0 and k1 > k0:
             doc_out, doc_lse = _dense_forward(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],
