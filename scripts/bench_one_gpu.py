@@ -13,7 +13,8 @@ measured peaks.
 A row is `MODEL KIND SEQLEN [layers=N] [group=K] [offload=1] [docs=D] [warmup=W] [steps=S]`. KIND: `full`
 (bf16 weights, OffloadedAdamW: fp32 masters and moments on the host), `lora` (peft adapters rank
 16 on every projection, frozen bf16 base, the adapters' masters on the host), `gpu_adamw` (fp32
-weights with bf16 autocast and torch's fused AdamW on the GPU, as the trainer's default),
+weights with bf16 autocast and torch's fused AdamW on the GPU; the trainer's default is that precision with
+torch's foreach AdamW),
 `hf_liger` (transformers `LlamaForCausalLM` in bf16 with Liger's kernels, SDPA, gradient
 checkpointing, fused AdamW on the GPU). Random initialisation, one sequence of random ids: one
 document, or packed documents of D tokens each (`docs=D`, as packed ShareGPT is: the memory is
