@@ -300,6 +300,11 @@ def trainer_configs(root) -> list:
               "train.device=cpu", "model.attention=sdpa", "parallel.sp=2", "parallel.sp_method=ring",
               "optim.warmup_steps=1", f"optim.lr={LR}", "logging.progress_bar=false", "checkpoint.every=2",
               f"train.steps={TRAINER_STEPS}"]
+    return straight_and_resumed(root, common)
+
+
+def straight_and_resumed(root, common: list) -> list:
+    """Per backend of TRAINER_BACKENDS: the run `common` describes, and one resumed from its step 2."""
     configs = []
     for name, overrides in TRAINER_BACKENDS.items():
         straight = root / f"{name}_straight"

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from distributed import run_distributed
-from test_data_parallel import (_train_case, compose_config, losses, make_config, plain_config, rel_err,
-                                single_process)
+from test_data_parallel import (TRAINER_BACKENDS, _train_case, compose_config, losses, make_config, plain_config,
+                                rel_err, single_process, straight_and_resumed)
 from longctx.model import Llama, ModelConfig, save_hf
 from longctx.model.lora import apply_lora, is_adapter_key
 
@@ -64,11 +64,6 @@ def trained(state: dict) -> torch.Tensor:
                       if is_adapter_key(k) or k.endswith("norm.weight")])
 
 
-TRAINER_BACKENDS = {"ddp": ["parallel.dp_backend=ddp"], "fsdp": ["parallel.dp_backend=fsdp"],
-                    "zero2": ["parallel.dp_backend=deepspeed", "parallel.zero_stage=2"],
-                    "zero3": ["parallel.dp_backend=deepspeed", "parallel.zero_stage=3"]}
-
-
 def trainer_configs(root) -> list:
     """Per backend: 4 steps saving every 2 (adapters merged into hf/), and a run resumed from its step 2."""
     pretrained = root / "pretrained"
@@ -80,13 +75,7 @@ def trainer_configs(root) -> list:
               "train.device=cpu", "model.attention=sdpa", "optim.warmup_steps=1", "optim.lr=1e-2", "optim.eps=1e-4",
               "logging.progress_bar=false", "checkpoint.every=2", "train.steps=4", "lora.enabled=true",
               f"lora.rank={RANK}", f"lora.alpha={ALPHA}", "lora.trainable=[norm]"]
-    configs = []
-    for name, overrides in TRAINER_BACKENDS.items():
-        straight = root / f"{name}_straight"
-        configs.append(compose_config(common + overrides + [f"run_dir={straight}"]))
-        configs.append(compose_config(common + overrides + [f"run_dir={root / f'{name}_resumed'}",
-                                                            f"train.resume={straight}/checkpoints/step_00000002"]))
-    return configs
+    return straight_and_resumed(root, common)
 
 
 # `python -m longctx.check` with LoRA under ring attention: its one-device reference gets the same adapters
