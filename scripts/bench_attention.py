@@ -40,7 +40,7 @@ from longctx.ops.attention import (  # noqa: E402
 from longctx.ops.attention import backward as attention_backward_module  # noqa: E402
 from longctx.ops.attention import forward as attention_forward_module  # noqa: E402
 from longctx.ops.attention.backward import (  # noqa: E402
-    DKDV_CONFIGS, DKDV_GQA_CONFIGS, DQ_CONFIGS, ONE_PASS_CONFIGS, _bwd)
+    DKDV_CONFIGS, DKDV_GQA_CONFIGS, DQ_CONFIGS, ONE_PASS_CONFIGS, _bwd, bwd_configs)
 from longctx.ops.attention.forward import FWD_CONFIGS, _fwd, padded_head_dim  # noqa: E402
 from longctx.ops.attention.naive import attention_reference  # noqa: E402
 from benchlib import ROOT, device_slug, peak_gib, rel_err, result_head  # noqa: E402
@@ -379,7 +379,7 @@ def run_pool(tasks, jobs):
     from concurrent.futures import ProcessPoolExecutor
     rows = []
     with ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn"), initializer=_set_tables,
-                             initargs=((dict(FWD_CONFIGS), dict(ONE_PASS_CONFIGS)),)) as pool:
+                             initargs=(tuple(dict(t) for t in TABLES),)) as pool:
         futures = [pool.submit(run_task, task) for task in tasks]
         for task, future in zip(tasks, futures):
             try:
@@ -396,19 +396,44 @@ def run_pool(tasks, jobs):
 # lists and timings are in bench/results/attention_h100*.json. A 5th entry "split" runs dK and dV in two
 # passes (the dK pass adds dQ).
 FWD_CANDIDATES = {
-    64: [(128, 64, 8, 3), (128, 128, 8, 3)],
-    128: [(128, 64, 8, 4), (128, 128, 8, 3)],
-    256: [(128, 64, 8, 2)],
+    64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 4), (128, 32, 4, 4)],
+    128: [(128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4), (128, 32, 4, 4)],
+    256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)],
+}
+# The deterministic path's two kernels, swept one at a time (the other at its table entry). On the H200
+# (attention_h200.json, kernel_resources) the H100's entries spilled in the dK/dV kernel: 28 registers at
+# D128 (32, 64, 4, 4), 144 at D64 (64, 64, 4, 3); hence the candidates with 8 warps.
+DKDV_CANDIDATES = {
+    64: [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3),
+         (128, 64, 8, 3), (128, 128, 8, 2)],
+    128: [(32, 64, 4, 4), (32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2),
+          (16, 64, 4, 4), (32, 128, 4, 3)],
+    256: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2), (16, 64, 4, 2)],
+}
+DQ_CANDIDATES = {
+    64: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4),
+         (64, 64, 8, 3)],
+    128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 3), (128, 32, 4, 4), (128, 32, 8, 3),
+          (64, 64, 8, 3)],
+    256: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3)],
 }
 # The first H200 run (attention_h200.json) found (64, 128, 8, 2) at D128 and (128, 128, 8, 2) at D64 spilling
 # (66 and 948 registers) and (64, 64, 8, 2) at D256 over the shared memory: smaller tiles and the split
 # (dK with dQ's atomics, then dV: 6 products, fewer live accumulators) come next.
 ONE_PASS_CANDIDATES = {
-    64: [(64, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3, "split"), (128, 128, 8, 2)],
-    128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2, "split")],
-    256: [(32, 64, 4, 2), (64, 64, 8, 1, "split"), (32, 64, 8, 2, "split")],
+    64: [(64, 64, 4, 3), (64, 128, 8, 3, "split")],
+    128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2, "split")],
+    256: [(32, 64, 4, 2)],
 }
 SWEEP_SEQLEN, SWEEP_HEADS, SWEEP_KV_HEADS = 16384, 32, (32, 8)  # causal; MHA and GQA each count
+
+
+def deterministic_candidates(head_dim, grouped):
+    """(kind, (dK/dV config, dQ config)) of the deterministic path: each kernel's candidates with the other
+    kernel at its table entry."""
+    dkdv, dq = bwd_configs(padded_head_dim(head_dim), True, grouped, torch.device("cuda"))
+    return ([("bwd dkdv", (c, dq)) for c in DKDV_CANDIDATES[head_dim]]
+            + [("bwd dq", (dkdv, c)) for c in DQ_CANDIDATES[head_dim]])
 
 
 def sweep_warm_tasks(head_dims):
@@ -416,21 +441,23 @@ def sweep_warm_tasks(head_dims):
     for head_dim in head_dims:
         for kv_heads in SWEEP_KV_HEADS:
             shape = (SWEEP_SEQLEN, SWEEP_HEADS, kv_heads, head_dim, True)
-            tasks += [("warm", shape, True, None, None)]
+            tasks += [("warm", shape, True, None, cfg)
+                      for _, cfg in deterministic_candidates(head_dim, kv_heads != SWEEP_HEADS)]
             tasks += [("warm", shape, False, None, cfg) for cfg in ONE_PASS_CANDIDATES[head_dim]]
             tasks += [("warm", shape, True, cfg, None) for cfg in FWD_CANDIDATES[head_dim] if kv_heads == SWEEP_HEADS]
     return tasks
 
 
 def run_sweep(head_dims, apply=False):
-    """Time the forward and one-pass backward candidates (causal, bf16) against the deterministic backward,
-    on MHA and GQA; the backward's winner has the least summed time. With `apply`, the winners replace the
-    tables for this run, and a head dim where the one pass loses to the deterministic path gets no entry
-    (so the default backward is the faster one)."""
+    """Time the forward, the deterministic backward's two kernels and the one-pass backward candidates
+    (causal, bf16) on MHA and GQA. Winners: the forward's on MHA; the dK/dV kernel's per MHA and GQA (its
+    programs loop over a GQA group); the dQ kernel's and the one pass's by time summed over both. With
+    `apply`, the winners replace the tables for this run (both causal flags: the non-causal kernels are the
+    same minus the mask), and the one pass gets an entry only where it beats the deterministic winners."""
     results, chosen = [], {}
     for head_dim in head_dims:
         bd = padded_head_dim(head_dim)
-        totals = {}
+        totals = {}  # (kind, kv_heads or None, cfg) -> ms
         for kv_heads in SWEEP_KV_HEADS:
             print(f"== sweep D={head_dim} causal S={SWEEP_SEQLEN} H={SWEEP_HEADS} Hkv={kv_heads}", flush=True)
             gen = torch.Generator(device="cuda").manual_seed(7)
@@ -441,47 +468,65 @@ def run_sweep(head_dims, apply=False):
             out, lse = _fwd(q, k, v, out_dtype=None, **args)
             fwd_flops = attention_flops(SWEEP_SEQLEN, SWEEP_HEADS, head_dim, True, "fwd")
 
-            def timed(kind, cfg, fn):
+            def timed(kind, cfg, fn, per_kv_heads=False):
+                key = (kind, kv_heads if per_kv_heads else None, cfg)
                 try:
                     ms = bench_ms(fn, SWEEP_SEQLEN)
                     r = dict(kind=kind, head_dim=head_dim, kv_heads=kv_heads, config=cfg, ms=round(ms, 4),
                              tflops=round(fwd_flops * (1.0 if kind == "fwd" else 2.5) / ms / 1e9, 1))
-                    totals[(kind, cfg)] = totals.get((kind, cfg), 0.0) + ms
+                    totals[key] = totals.get(key, 0.0) + ms
                 except Exception as e:
                     r = dict(kind=kind, head_dim=head_dim, kv_heads=kv_heads, config=cfg,
                              error=f"{type(e).__name__}: {str(e)[:120]}")
-                    totals[(kind, cfg)] = float("inf")
+                    totals[key] = float("inf")
                 print("  ", r, flush=True)
                 results.append(r)
+
+            def backward(deterministic, cfg):
+                return lambda: _bwd(do, q, k, v, out, lse, delta=None, grad_dtype=None, deterministic=deterministic,
+                                    configs=cfg, **args)
 
             if kv_heads == SWEEP_HEADS:
                 for cfg in FWD_CANDIDATES[head_dim]:
                     timed("fwd", cfg, lambda: _fwd(q, k, v, out_dtype=None, config=cfg, **args))
-            timed("bwd deterministic", None, lambda: _bwd(do, q, k, v, out, lse, delta=None, grad_dtype=None,
-                                                          deterministic=True, **args))
+            for kind, cfg in deterministic_candidates(head_dim, kv_heads != SWEEP_HEADS):
+                timed(kind, cfg, backward(True, cfg), per_kv_heads=kind == "bwd dkdv")
             for cfg in ONE_PASS_CANDIDATES[head_dim]:
-                timed("bwd one pass", cfg, lambda: _bwd(do, q, k, v, out, lse, delta=None, grad_dtype=None,
-                                                        deterministic=False, configs=cfg, **args))
+                timed("bwd one pass", cfg, backward(False, cfg))
             torch.cuda.empty_cache()
 
-        def best(kind):
-            cands = {cfg: ms for (k_, cfg), ms in totals.items() if k_ == kind}
-            return min(cands, key=cands.get) if cands else None
-        fwd_winner, one_pass_winner = best("fwd"), best("bwd one pass")
-        one_pass_ms = totals.get(("bwd one pass", one_pass_winner), float("inf"))
-        deterministic_ms = totals[("bwd deterministic", None)]
-        one_pass_wins = one_pass_ms < deterministic_ms
-        chosen[head_dim] = dict(fwd=fwd_winner, one_pass=one_pass_winner, one_pass_ms_summed=one_pass_ms,
-                                deterministic_ms_summed=deterministic_ms, one_pass_is_default=one_pass_wins)
+        def best(kind, kv_heads=None):
+            cands = {cfg: ms for (k_, h_, cfg), ms in totals.items() if k_ == kind and h_ == kv_heads}
+            cfg = min(cands, key=cands.get) if cands else None
+            return cfg, cands.get(cfg, float("inf"))
+        (fwd_winner, fwd_ms), (one_pass, one_pass_ms) = best("fwd"), best("bwd one pass")
+        # the (dK/dV, dQ) pairs timed: the dK/dV kernel's winner per MHA and GQA, the dQ kernel's over both;
+        # a kernel whose candidates all failed keeps its table entry
+        dkdv_win = {h: (best("bwd dkdv", h)[0] or [DKDV_CONFIGS[(bd, True)]])[0] for h in SWEEP_KV_HEADS}
+        dq_win = (best("bwd dq")[0] or [None, DQ_CONFIGS[(bd, True)]])[1]
+        # the deterministic path's time with both winners, estimated from the separate sweeps (the dQ
+        # sweep ran with the dK/dV table entries): the dQ sweep's best, less what each dK/dV winner saves
+        det_ms = best("bwd dq")[1]
+        for h in SWEEP_KV_HEADS:
+            table_pair = bwd_configs(bd, True, h != SWEEP_HEADS, torch.device("cuda"))
+            det_ms -= max(0.0, totals.get(("bwd dkdv", h, table_pair), 0.0) - best("bwd dkdv", h)[1])
+        one_pass_wins = one_pass_ms < det_ms
+        chosen[head_dim] = dict(fwd=fwd_winner, fwd_ms=fwd_ms, dkdv_mha=dkdv_win[SWEEP_HEADS],
+                                dkdv_gqa=dkdv_win[min(SWEEP_KV_HEADS)],
+                                dq=dq_win, deterministic_ms_summed_estimate=det_ms, one_pass=one_pass,
+                                one_pass_ms_summed=one_pass_ms, one_pass_is_default=one_pass_wins)
         print(f"  BEST D={head_dim}: {chosen[head_dim]}", flush=True)
         if apply:
             for flag in (True, False):
-                if totals.get(("fwd", fwd_winner), float("inf")) < float("inf"):
+                if fwd_ms < float("inf"):
                     FWD_CONFIGS[(bd, flag)] = fwd_winner
+                DKDV_CONFIGS[(bd, flag)] = dkdv_win[SWEEP_HEADS]
+                DKDV_GQA_CONFIGS[(bd, flag)] = dkdv_win[min(SWEEP_KV_HEADS)]
+                DQ_CONFIGS[(bd, flag)] = dq_win
             # the sweep times causal shapes only; without the mask every program's dQ atomics start
             # together, so a one-pass winner here says nothing of the non-causal kernel
             if one_pass_wins:
-                ONE_PASS_CONFIGS[(bd, True)] = one_pass_winner
+                ONE_PASS_CONFIGS[(bd, True)] = one_pass
             else:
                 ONE_PASS_CONFIGS.pop((bd, True), None)
     return results, chosen
@@ -545,9 +590,12 @@ def kernel_resources():
     return rows
 
 
+TABLES = (FWD_CONFIGS, ONE_PASS_CONFIGS, DKDV_CONFIGS, DKDV_GQA_CONFIGS, DQ_CONFIGS)
+
+
 def _set_tables(tables):
     """Pool initializer: the parent's configuration tables (after a sweep's --apply) in each worker."""
-    for table, entries in zip((FWD_CONFIGS, ONE_PASS_CONFIGS), tables):
+    for table, entries in zip(TABLES, tables):
         table.clear()
         table.update(entries)
 
