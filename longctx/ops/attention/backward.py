@@ -29,8 +29,10 @@ import triton.language as tl
 from .forward import LOG2E, _key_range, _sequence_bounds, last_dim_contiguous, lse_strides, padded_head_dim, strides
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, "split"]) per (padded head dim, causal), chosen on an H100
-# (bench/results/attention_h100*.json, "sweep"). A 5th entry "split" runs dK and dV in two passes (fewer
-# registers, P recomputed); it measured slower at head dim 256 on the H100, so no entry uses it now.
+# (bench/results/attention_h100*.json) and confirmed on the H200 (attention_h200.json, "sweep": 8 dK/dV and
+# 7 dQ candidates per head dim, MHA and GQA, 16K causal: every winner is the entry here; the 8-warp dK/dV
+# tiles that spill nothing ran 1.5-2x slower than these 4-warp ones, which spill 10-190 registers). A 5th entry "split" runs dK and dV in two
+# passes (fewer registers, P recomputed); it measured slower at head dim 256, so no entry uses it now.
 DKDV_CONFIGS = {
     (16, False): (64, 64, 4, 3), (16, True): (64, 64, 4, 3),
     (32, False): (64, 64, 4, 3), (32, True): (64, 64, 4, 3),
@@ -50,11 +52,11 @@ DQ_CONFIGS = {
 DKDV_GQA_CONFIGS = {(128, False): (64, 128, 8, 3), (128, True): (64, 128, 8, 3)}
 # The one-pass kernel (dK, dV and dQ's atomics), per (padded head dim, causal). A head dim without an
 # entry runs the deterministic two-kernel path, also when `deterministic=False`: absent means the one
-# pass has not measured faster there. On the H200 with Triton 3.6 (bench/results/attention_h200.json,
-# fwd+bwd, causal) none has yet: at D128 16K (64, 128, 8, 2) took 255 registers and spilled 66, 389
-# TFLOP/s against the deterministic path's 400; at D64 (the 1B shape, 32K, 8 KV heads) (128, 128, 8, 2)
-# spilled 948 registers, 146 against 345; at D256 (64, 64, 8, 2) needs 263168 bytes of shared memory,
-# over the 232448 a program may have. `scripts/bench_attention.py --sweep --apply` fills this table
+# pass has not measured faster there. On the H200 with Triton 3.6 (attention_h200.json, "sweep", causal
+# 16K, summed over MHA and 8 KV heads) none has: D128 (64, 128, 8, 2) 31.7 ms against 29.9 for the
+# deterministic path (255 registers, 66 spilled under MHA, 182 under GQA); D64 (64, 64, 4, 3) 19.2
+# against 16.6; D256 (32, 64, 4, 2) 261 against 99 ((64, 64, 8, 2) needs 263168 bytes of shared memory,
+# over the 232448 a program may have). `scripts/bench_attention.py --sweep --apply` fills this table
 # with the candidates that win.
 ONE_PASS_CONFIGS = {}
 # CPU (TRITON_INTERPRET=1): small blocks, unequal so that tiny tests cross block edges both ways.

@@ -22,8 +22,9 @@ MAX_HEAD_DIM = 256
 
 
 # ----------------------------------------------------------------------------------------------
-# configurations: chosen offline on an H100 (scripts/bench_attention.py --sweep), keyed on the
-# padded head dim and the causal flag; sequence lengths are run-time values, never compiled in.
+# configurations: chosen offline on an H100 and confirmed on the H200 (scripts/bench_attention.py --sweep,
+# bench/results/attention_h200.json: 5-6 candidates per head dim, none faster), keyed on the padded
+# head dim and the causal flag; sequence lengths are run-time values, never compiled in.
 # ----------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 FWD_CONFIGS = {
