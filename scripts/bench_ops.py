@@ -1,16 +1,19 @@
 #!/usr/bin/env python
-"""longctx's elementwise Triton kernels against Liger's equivalents, on the same inputs in one run:
-RMSNorm, the rotary embedding of q and k, the SwiGLU product and the cross entropy fused with the
-output projection, forward and forward+backward, at the Llama-3.2-1B and Llama-3-8B shapes.
+"""longctx's own elementwise Triton kernels against Liger's equivalents, on the same inputs in one run:
+RMSNorm and the cross entropy fused with the output projection, forward and forward+backward, at the
+Llama-3.2-1B and Llama-3-8B shapes.
 
     python scripts/bench_ops.py                            # 8K, 32K, 128K tokens; both shapes
-    python scripts/bench_ops.py --tokens 65536 --models llama3-8b --ops swiglu
+    python scripts/bench_ops.py --tokens 65536 --models llama3-8b --ops rms_norm
     python scripts/bench_ops.py --smoke                    # tiny shapes, fp32: the code paths on a CPU
 
-Each side is called as its model calls it: ours through longctx.ops (q and k rotated by two calls,
-in (batch, seq, heads, head_dim)); Liger's through liger_kernel.transformers.functional as
-`apply_liger_kernel_to_llama` wires it into Hugging Face (q and k in one call, in HF's
-(batch, heads, seq, head_dim) view of the same memory; RMSNorm in place in the backward).
+The rotary embedding and the SwiGLU product were measured here too (bench/results/ops_h200.json):
+Liger's were as fast or faster and leaner, and longctx.ops runs them on CUDA since, so there is
+nothing of ours left to compare for those two.
+
+Each side is called as its model calls it: ours through longctx.ops; Liger's through
+liger_kernel.transformers.functional as `apply_liger_kernel_to_llama` wires it into Hugging Face
+(RMSNorm in place in the backward).
 `fwd` runs on inputs that need no gradient; `fwd_bwd` takes the input gradients with
 torch.autograd.grad (nothing accumulates into .grad). Figures: `ms` (median, triton's do_bench),
 `gbs` (the bytes an op must move at least, over the time: each input read once and each output
@@ -40,8 +43,6 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from longctx.ops.cross_entropy import chunked_cross_entropy  # noqa: E402
 from longctx.ops.rms_norm import rms_norm  # noqa: E402
-from longctx.ops.rotary import apply_rotary  # noqa: E402
-from longctx.ops.swiglu import silu_mul  # noqa: E402
 from benchlib import ROOT, device_slug, model_config, peak_gib, rel_err, result_head  # noqa: E402
 
 EPS = 1e-5
@@ -83,30 +84,6 @@ def rms_norm_inputs(t, s, dtype, device, grad):
             "w": _randn((s["hidden"],), dtype, device, False, 0.1).add_(1).requires_grad_(grad)}
 
 
-def rotary_inputs(t, s, dtype, device, grad):
-    d = s["head_dim"]
-    angle = torch.arange(t, device=device, dtype=torch.float32)[:, None] * torch.logspace(0, -4, d // 2, device=device)
-    angle = torch.cat([angle, angle], dim=-1)                                         # [T, D], HF's half split
-    return {"q": _randn((1, t, s["heads"], d), dtype, device, grad),
-            "k": _randn((1, t, s["kv_heads"], d), dtype, device, grad),
-            "cos": angle.cos().to(dtype)[None], "sin": angle.sin().to(dtype)[None]}    # [1, T, D]
-
-
-def rotary_longctx(i, _):
-    cos, sin = i["cos"][:, :, None], i["sin"][:, :, None]                             # [1, T, 1, D]
-    return apply_rotary(i["q"], cos, sin, kernel=True), apply_rotary(i["k"], cos, sin, kernel=True)
-
-
-def rotary_liger(i, _):
-    # HF's (batch, heads, seq, head_dim) views of the same memory, back to ours for the comparison
-    q, k = liger_functional().liger_rope(i["q"].transpose(1, 2), i["k"].transpose(1, 2), i["cos"], i["sin"])
-    return q.transpose(1, 2), k.transpose(1, 2)
-
-
-def swiglu_inputs(t, s, dtype, device, grad):
-    return {name: _randn((t, s["intermediate"]), dtype, device, grad) for name in ("gate", "up")}
-
-
 def cross_entropy_inputs(t, s, dtype, device, grad):
     return {"hidden": _randn((t, s["hidden"]), dtype, device, grad),
             "weight": _randn((s["vocab"], s["hidden"]), dtype, device, grad, s["hidden"] ** -0.5),
@@ -120,17 +97,6 @@ OPS = {
         liger=lambda i, _: (liger_functional().liger_rms_norm(i["x"], i["w"], EPS),),
         # read x, write y; the backward reads dy and x and writes dx
         moved_bytes=lambda t, s, e, bwd: (5 if bwd else 2) * t * s["hidden"] * e),
-    "rotary": Op(
-        rotary_inputs, ("q", "k"), longctx=rotary_longctx, liger=rotary_liger,
-        # read q, k and the angles, write q, k; the backward the same again
-        moved_bytes=lambda t, s, e, bwd: (2 if bwd else 1) * t * s["head_dim"] * e
-        * (2 * (s["heads"] + s["kv_heads"]) + 2)),
-    "swiglu": Op(
-        swiglu_inputs, ("gate", "up"),
-        longctx=lambda i, _: (silu_mul(i["gate"], i["up"], kernel=True),),
-        liger=lambda i, _: (liger_functional().liger_swiglu(i["gate"], i["up"]),),
-        # read gate, up, write the product; the backward reads its gradient, gate and up, writes two
-        moved_bytes=lambda t, s, e, bwd: (8 if bwd else 3) * t * s["intermediate"] * e),
     "cross_entropy": Op(
         cross_entropy_inputs, ("hidden", "weight"),
         longctx=lambda i, chunk: (chunked_cross_entropy(i["hidden"], i["weight"], i["labels"], chunk_size=chunk,
@@ -172,7 +138,7 @@ def measure(name, impl, model, shape, tokens, mode, dtype, device, chunk, refere
         inputs = op.inputs(tokens, shape, dtype, device, mode == "fwd_bwd")
         grads = None
         if mode == "fwd_bwd":
-            # the output shapes from a copy: Liger's rotary rotates q and k in place
+            # the output shapes from a copy, in case a call writes into its inputs
             with torch.no_grad():
                 copies = {k: v.detach().clone() for k, v in inputs.items()}
                 like = [(o.shape, o.dtype) for o in getattr(op, impl)(copies, chunk)]

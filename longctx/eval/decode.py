@@ -1,12 +1,13 @@
 """Greedy decoding of short answers after a long prompt: prefill once, then one token at a time.
 
 Prefill runs the model's own forward over the prompt (with whatever mixers the model runs: `sdpa`,
-`flash`, or a sequence-parallel method's across a group) while forward hooks on every
-layer's `k_proj` / `v_proj` keep the keys and values: the KV cache. Each decoded token then costs
+`flash`, or a sequence-parallel method's across a group) while every layer's `project` is wrapped to
+keep the keys and values it hands its mixer (rotated: the rotation works in place, so the
+projections' raw outputs are not the keys): the KV cache. Each decoded token then costs
 one small step against the cache instead of a forward over the whole context.
 
 Linear-attention layers keep their recurrent state instead (S = sum_t exp(-decay (T-1-t)) k_t^T v_t,
-fp32), worked out from the same hooked keys and values; a decode step updates it in place.
+fp32), worked out from the same kept keys and values; a decode step updates it in place.
 
 Sequence parallel (a model given to `longctx.parallel.parallelize.apply_sequence_parallel`, which
 leaves its `ParallelDims` on it as `model.sequence_dims`): the prompt is split as the method's record
@@ -27,12 +28,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from longctx.model.llama import Attention, Llama
 from longctx.model.rotary import rotary_cos_sin
 from longctx.ops.attention.naive import accumulation_dtype
-from longctx.ops.rotary import apply_rotary
 
 
 def group_info(group) -> tuple[int, int]:
@@ -157,41 +156,40 @@ def prefill(model: Llama, input_ids: torch.Tensor) -> tuple[torch.Tensor, KVCach
     shard, _ = shard_prompt(model, input_ids)
     group, _, world = sequence_group(model)
     layers = [layer.self_attn for layer in model.layers]
-    captured: dict[tuple[str, int], torch.Tensor] = {}
-    hooks = []
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for i, attn in enumerate(layers):
-        for name in ("k", "v"):
-            module = getattr(attn, f"{name}_proj")
-            hooks.append(module.register_forward_hook(
-                lambda m, args, out, key=(name, i): captured.__setitem__(key, out)))
+        attn.project = _keeping_keys(attn.project, captured, i)   # an instance attribute over the method
     try:
         hidden = model.hidden_states(shard.input_ids, shard.position_ids, shard.cu_seqlens)  # [B, S_local, h]
     finally:
-        for hook in hooks:
-            hook.remove()
-    batch, local = shard.input_ids.shape
+        for attn in layers:
+            del attn.project
     real = shard.real
     keys, values, states = [], [], []
-    cos, sin = None, None
     for i, attn in enumerate(layers):
-        k = captured.pop(("k", i)).view(batch, local, attn.num_kv_heads, -1)
-        v = captured.pop(("v", i)).view(batch, local, attn.num_kv_heads, -1)
+        k, v = captured.pop(i)                       # [B, S_local, Hkv, D]: rotated, or silu'd for linear layers
         if isinstance(attn, Attention):
-            if cos is None:
-                cos, sin = rotary_cos_sin(model.inv_freq, shard.position_ids, k.dtype)
-            keys.append(apply_rotary(k, cos, sin)[:, real].contiguous())
+            keys.append(k[:, real].contiguous())
             values.append(v[:, real].contiguous())
             states.append(None)
         else:
             keys.append(None)
             values.append(None)
-            states.append(linear_state(attn, F.silu(k)[:, real], v[:, real], shard.index[real], shard.length,
-                                       group, world))
+            states.append(linear_state(attn, k[:, real], v[:, real], shard.index[real], shard.length, group, world))
     last = shard.length - 1
     holder = (shard.index == last).nonzero()
     final = hidden[:, holder[0, 0]] if holder.numel() else torch.zeros_like(hidden[:, 0])
     final = _owner_broadcast(final.contiguous(), _rank_holding(last, shard, group, world), group, world)
     return model.lm_head(final).float(), KVCache(keys, values, shard.length, states)
+
+
+def _keeping_keys(project, captured: dict, index: int):
+    """`project` that also puts the keys and values it returns into captured[index]."""
+    def run(*args, **kwargs):
+        q, k, v = project(*args, **kwargs)
+        captured[index] = (k, v)
+        return q, k, v
+    return run
 
 
 def _rank_holding(index: int, shard: Shard, group, world: int) -> int:

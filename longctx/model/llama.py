@@ -37,8 +37,9 @@ class Attention(MixerProjections):
     def project(self, x, cos, sin, position_ids=None):
         batch, seqlen, _ = x.shape
         d = self.config.head_dim
-        q = apply_rotary(self.q_proj(x).view(batch, seqlen, self.num_heads, d), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(batch, seqlen, self.num_kv_heads, d), cos, sin)
+        q = self.q_proj(x).view(batch, seqlen, self.num_heads, d)
+        k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, d)
+        q, k = apply_rotary(q, k, cos, sin)   # in place: the projections' outputs are not kept unrotated
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, d)
         return q, k, v
 

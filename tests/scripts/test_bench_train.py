@@ -24,7 +24,7 @@ def run_script(*args, timeout=600, env=None):
 
 
 def test_smoke_rows_carry_both_sides_settings_and_figures(tmp_path):
-    pytest.importorskip("liger_kernel", reason="pip install liger-kernel (the test extra)")
+    pytest.importorskip("liger_kernel", reason="pip install liger-kernel (a dependency of longctx)")
     out = tmp_path / "train.json"
     result = run_script("--smoke", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -53,7 +53,7 @@ def test_smoke_rows_carry_both_sides_settings_and_figures(tmp_path):
 
 
 def test_liger_patch_is_undone_after_its_rows():
-    pytest.importorskip("liger_kernel", reason="pip install liger-kernel (the test extra)")
+    pytest.importorskip("liger_kernel", reason="pip install liger-kernel (a dependency of longctx)")
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
     from transformers.models.llama import modeling_llama
     sys.path.insert(0, str(SCRIPT.parent))   # where a script finds benchlib when run

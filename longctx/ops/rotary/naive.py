@@ -1,5 +1,5 @@
 """Rotary position embeddings applied to q or k, in plain PyTorch: the definition the kernel is
-tested against, and the path for CPUs."""
+tested against, and the path for CPUs (where `apply_rotary` copies its result into q and k)."""
 from __future__ import annotations
 
 import torch
