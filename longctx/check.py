@@ -173,11 +173,12 @@ def main(cfg) -> None:
         report = check(config)
     if report:
         print(format_report(report), flush=True)
-    ok = torch.tensor(float(report.get("ok", True)))
+    from longctx.train import train as T
+    # on the run's device: NCCL reduces CUDA tensors only (init_distributed is idempotent)
+    failed = T.on_any_rank(T.init_distributed(config.train.device), not report.get("ok", True))[0]
     if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         dist.destroy_process_group()
-    if not ok.item():
+    if failed:
         sys.exit(1)
 
 

@@ -110,7 +110,7 @@ def materialize(model: nn.Module, device: torch.device, full_state: Optional[dic
         init_partitioned(model)
     else:
         _allocate_and_init(model, device, cpu_offload)
-    if _any_rank(full_state is not None):
+    if _any_rank(full_state is not None, device):
         load_full_state(model, full_state, strict)
 
 
@@ -156,10 +156,11 @@ def load_full_state(model: nn.Module, full_state: Optional[dict], strict: bool =
         full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=strict and not tied))
 
 
-def _any_rank(flag: bool) -> bool:
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """`device`: where the process group's backend reduces (NCCL takes CUDA tensors only)."""
     if not dist.is_initialized():
         return flag
-    value = torch.tensor(float(flag))
+    value = torch.tensor(float(flag), device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
