@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
 from longctx.ops.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
@@ -30,6 +31,11 @@ class CausalLMOutput:
     logits: Optional[torch.Tensor] = None   # (B, S, V) when no labels are given
     loss: Optional[torch.Tensor] = None     # with labels: mean (or sum) over labels != -100
 
+
+# Code that walks a module's output with pytree finds the tensors inside: FSDP2 before torch 2.14
+# hooks its pre-backward all-gather onto the tensors `tree_flatten` yields, and an unregistered
+# dataclass is a leaf to it.
+pytree.register_dataclass(CausalLMOutput)
 
 class Attention(MixerProjections):
     """Grouped-query softmax attention with rotary embeddings (q and k rotated in `project`)."""

@@ -79,8 +79,9 @@ def fsdp_mixed_precision(precision: str):
 
 def apply_fsdp(model: nn.Module, mesh, precision: str = "fp32", reshard_after_forward: bool = True,
                cpu_offload: bool = False) -> nn.Module:
-    """fully_shard each decoder layer (its own all-gather / reduce-scatter group, freed after use),
-    then the root (embeddings, final norm, head; a tied head shares the embedding's shard).
+    """fully_shard each decoder layer (its own all-gather / reduce-scatter group, freed after use
+    unless `reshard_after_forward` is False), then the root (embeddings, final norm, head; a tied
+    head shares the embedding's shard), which stays gathered from its forward to its backward.
 
     The model may be on the meta device: shard first, then `materialize` it, so that no rank ever
     holds the whole model. Returns the model, now an FSDPModule, for symmetry with the others.
@@ -95,7 +96,10 @@ def apply_fsdp(model: nn.Module, mesh, precision: str = "fp32", reshard_after_fo
         # the last layer's parameters are needed again at once by the backward: keep them gathered
         last = i == len(layers) - 1
         fully_shard(layer, reshard_after_forward=reshard_after_forward and not last, **settings)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **settings)
+    # the root (embeddings, final norm, head) is gathered for the whole forward and read again at
+    # once by the backward: resharding in between saves no memory, costs an all-gather, and left
+    # the backward on freed storage when FSDP2's pre-backward hook missed the output (torch < 2.14)
+    fully_shard(model, reshard_after_forward=False, **settings)
     return model
 
 

@@ -81,6 +81,21 @@ def test_packed_documents_equal_documents_alone():
     torch.testing.assert_close(logits, alone, atol=1e-5, rtol=0)
 
 
+def test_output_is_a_pytree_of_its_tensors():
+    """Wrappers find the loss and logits by flattening the output (FSDP2 before torch 2.14 hooked
+    its pre-backward all-gather only onto what `tree_flatten` yields)."""
+    from torch.utils._pytree import tree_flatten, tree_map
+    torch.manual_seed(2)
+    model = Llama(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, attention="sdpa"))
+    ids = torch.randint(0, 50, (1, 9))
+    with_loss, with_logits = model(ids, labels=ids), model(ids)
+    assert [t is with_loss.loss for t in tree_flatten(with_loss)[0]] == [True]
+    assert [t is with_logits.logits for t in tree_flatten(with_logits)[0]] == [True]
+    doubled = tree_map(lambda t: 2 * t, with_loss)
+    assert type(doubled) is type(with_loss) and torch.equal(doubled.loss, 2 * with_loss.loss)
+
+
 def test_a_forward_over_host_bounded_cu_seqlens_reads_nothing_back(monkeypatch):
     """The trainer moves cu_seqlens with with_host_bounds, so that the forward does not read it
     back from the GPU (a host sync mid-step): the same logits, and no tensor read to a list."""

@@ -146,6 +146,26 @@ def _meta_init_case(world):
     return data_parallel.full_state_dict(train_model)
 
 
+def _fsdp_gathered_after_forward_case(world):
+    """FSDP2 with bf16 compute, resharding after forward: which parameters each module holds
+    between the forward and the backward (True: the gathered tensor with its storage), and
+    whether the backward then ran (the root's backward must not depend on its pre-backward hook:
+    torch < 2.14 hooked only what `tree_flatten` found in the output)."""
+    import longctx.train.train as T
+    from torch.distributed.tensor import DTensor
+    cfg = make_config(world, 1, "none", "fsdp", 0)
+    cfg.train.precision = "bf16_pure"
+    dims = ParallelDims(world, world, 1, "none", "fsdp")
+    model, train_model, _, _ = T.build_train_model(cfg, dims, dims.build_mesh("cpu"), torch.device("cpu"))
+    batch = T.shard_batch(row(global_batches(0, 1)[0], 0), _ONE, torch.device("cpu"))
+    out = train_model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                      labels=batch["labels"], labels_shifted=True)
+    gathered = {name: not isinstance(param, DTensor) and param.untyped_storage().nbytes() > 0
+                for name, param in model.named_parameters()}
+    out.loss.backward()
+    return {"gathered": gathered, "grads": all(p.grad is not None for p in model.parameters())}
+
+
 def _zero3_build_case(world, seed):
     """Build under ZeRO-3 (no engine yet) in fp32 and in bf16 with a LASP layer (a decay buffer);
     return what each rank holds, the gathered weights and the buffers."""
@@ -214,6 +234,7 @@ def _worker(rank, world, seed, cases, trainer_configs, check_config, zero3_folde
     for name, cfg, reference_state in cases:
         results[name] = _train_case(rank, world, cfg, seed, reference_state)
     results["meta_init"] = _meta_init_case(world)
+    results["fsdp_after_forward"] = _fsdp_gathered_after_forward_case(world)
     results["zero3_build"] = _zero3_build_case(world, seed)
     results["zero3_pretrained"] = _zero3_pretrained_case(world, zero3_folder)
     for cfg in trainer_configs:
@@ -501,6 +522,18 @@ def test_fsdp_meta_init_draws_every_shard_apart(runs):
             for j in range(i):
                 assert not torch.equal(shards[i], shards[j]), f"{name}: shards {j} and {i} hold the same numbers"
     assert torch.equal(state["layers.0.input_layernorm.weight"], torch.ones(32))
+
+
+def test_fsdp_keeps_the_root_gathered_from_forward_to_backward(runs):
+    """Decoder layers reshard after their forward (the last one excepted: its backward comes
+    next); the root (embeddings, final norm, tied head) stays gathered for its backward."""
+    for rank, result in enumerate(runs[1]):
+        got = result["fsdp_after_forward"]
+        gathered = got["gathered"]
+        assert gathered["norm.weight"] and gathered["embed_tokens.weight"], (rank, gathered)
+        assert not gathered["layers.0.input_layernorm.weight"] and not gathered["layers.0.mlp.up_proj.weight"]
+        assert gathered["layers.1.input_layernorm.weight"], (rank, gathered)
+        assert got["grads"], rank
 
 
 def test_zero3_builds_the_model_partitioned(runs):
