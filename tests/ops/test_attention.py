@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from longctx.ops.attention import (  # noqa: E402
     attention_backward, attention_forward, flash_attn_func, flash_attn_varlen_func)
 from longctx.ops.attention.backward import _bwd  # noqa: E402
-from longctx.ops.attention.forward import _fwd  # noqa: E402
+from longctx.ops.attention.forward import _fwd, tma_layout  # noqa: E402
 from longctx.ops.attention.naive import attention_reference  # noqa: E402
 
 
@@ -93,6 +93,7 @@ DENSE_CASES = [
     (1, 29, 29, 2, 2, 192, False, torch.float32),
     (1, 19, 19, 2, 2, 16, True, torch.float16),     # the smallest head dim
     (1, 20, 70, 4, 1, 16, False, torch.float16),    # not causal, keys past the queries' blocks (dQ's wrap-round)
+    (1, 33, 33, 2, 1, 20, True, torch.float16),     # head dim not a multiple of 8: padded for the descriptors
 ]
 
 
@@ -176,6 +177,23 @@ def test_head_dim_not_contiguous_is_copied_and_gives_the_same_result():
     ref_out, ref_lse = attention_forward(q, k, v, causal=True)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
+
+
+def test_layouts_the_descriptors_cannot_take_are_copied_and_others_are_not():
+    base = rand(1, 40, 3, 24, dtype=torch.float16)
+    view = base[:, 7:]                           # starts 7 * 72 elements in: 16-byte aligned
+    assert tma_layout(view).data_ptr() == view.data_ptr()
+    shifted = base.flatten()[4:4 + 39 * 72].view(1, 39, 3, 24)   # starts 8 bytes in
+    moved = tma_layout(shifted)
+    assert moved.data_ptr() % 16 == 0 and torch.equal(moved, shifted)
+    odd = rand(1, 5, 2, 20, dtype=torch.float16)  # rows of 40 bytes
+    padded = tma_layout(odd)
+    assert padded.shape == (1, 5, 2, 24) and torch.equal(padded[..., :20], odd) and not padded[..., 20:].any()
+    # the results come back in the caller's head dim
+    out, _ = attention_forward(shifted, shifted, shifted, causal=True)
+    ref, _ = attention_forward(shifted.contiguous(), shifted.contiguous(), shifted.contiguous(), causal=True)
+    assert out.shape == shifted.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 def test_ring_style_merge_of_two_key_halves_equals_full_attention():

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import LOG2E, _key_range, _sequence_bounds, last_dim_contiguous, lse_strides, padded_head_dim, strides
+from .forward import (LOG2E, _key_range, _sequence_bounds, _tile_descriptor, descriptor_scratch_on, lse_strides,
+                      padded_head_dim, strides, tma_layout)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, "split"]) per (padded head dim, causal), chosen on an H100
 # (bench/results/attention_h100*.json) and confirmed on the H200 (attention_h200.json, "sweep": 8 dK/dV and
@@ -115,36 +116,27 @@ def _delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_db
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, b_k, b_v, p_q, p_do, p_lse, p_delta, p_dqa, o_n, start, end, len_q, offset, qk_scale,
-                stride_qs, stride_ds, m_d, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    # p_q, p_do, p_lse, p_delta, p_dqa point at the document's (or sequence's) first query row.
-    # Keys past the end of the document were loaded as 0; their dK, dV rows are never stored, and
-    # each key's gradient depends on its own column only, so they need no mask here. Query rows past
-    # the end add exactly 0 to dQ (probability 0), into the padded buffer's spare rows or the next
-    # document's rows, so the atomics need no mask either.
-    p_q += start.to(tl.int64) * stride_qs
-    p_do += start.to(tl.int64) * stride_ds
+def _dkdv_inner(dk, dv, b_k, b_v, q_desc, do_desc, p_lse, p_delta, p_dqa, o_n, start, end, len_q, offset,
+                qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    # p_lse, p_delta, p_dqa point at the document's (or sequence's) first query row; q and dO rows
+    # past the document's end load as 0. Keys past the end of the document were loaded as 0; their
+    # dK, dV rows are never stored, and each key's gradient depends on its own column only, so they
+    # need no mask here. Query rows past the end add exactly 0 to dQ (probability 0), into the
+    # padded buffer's spare rows or the next document's rows, so the atomics need no mask either.
     p_lse += start
     p_delta += start
     p_dqa += start.to(tl.int64) * BLOCK_D
     o_m = start + tl.arange(0, BLOCK_M)
-    for _ in range(start, end, BLOCK_M):
+    for m in range(start, end, BLOCK_M):
+        b_q = q_desc.load([m, 0])   # [BLOCK_M, BLOCK_D]
+        b_do = do_desc.load([m, 0])
         if MASKED:
             m_row = o_m < len_q
-            b_q = tl.load(p_q, mask=m_row[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-            b_do = tl.load(p_do, mask=m_row[:, None] & m_d[None, :], other=0.0)
             # rows past the end: lse +inf makes their probabilities 0
             b_lse = tl.load(p_lse, mask=m_row, other=float("inf"))
             b_delta = tl.load(p_delta, mask=m_row, other=0.0)
         else:
-            if EVEN_D:
-                b_q = tl.load(p_q)
-                b_do = tl.load(p_do)
-            else:
-                b_q = tl.load(p_q, mask=m_d[None, :], other=0.0)
-                b_do = tl.load(p_do, mask=m_d[None, :], other=0.0)
             b_lse = tl.load(p_lse)
             b_delta = tl.load(p_delta)
         # rows that saw nothing (lse -inf) contribute nothing: treat their lse as +inf
@@ -163,8 +155,6 @@ def _dkdv_inner(dk, dv, b_k, b_v, p_q, p_do, p_lse, p_delta, p_dqa, o_n, start, 
             if ATOMIC_DQ:
                 # this key block's share of dQ (unscaled): dS K, [BLOCK_M, BLOCK_D]
                 tl.atomic_add(p_dqa, tl.dot(tl.trans(b_dst), b_k), sem="relaxed")
-        p_q += BLOCK_M * stride_qs
-        p_do += BLOCK_M * stride_ds
         p_lse += BLOCK_M
         p_delta += BLOCK_M
         p_dqa += BLOCK_M * BLOCK_D
@@ -179,7 +169,7 @@ def _dkdv_kernel(
     stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_ab, stride_ah,
     seqlen_q, seqlen_k, causal_offset, num_kv_heads, group_size, qk_scale, softmax_scale, head_dim,
-    IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_OFFSETS: tl.constexpr, EVEN_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
@@ -196,16 +186,12 @@ def _dkdv_kernel(
     if n0 >= len_k:
         return
     i_b64 = i_b.to(tl.int64)
-    row_k = (k_start + n0).to(tl.int64)
-    o_c = tl.arange(0, BLOCK_N)  # key within the block
-    o_n = n0 + o_c               # key within the sequence
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < head_dim
-    m_kv = (o_n < len_k)[:, None] & m_d[None, :]
-    b_k = tl.load(K + i_b64 * stride_kb + row_k * stride_ks + i_hk * stride_kh
-                  + o_c[:, None] * stride_ks + o_d[None, :], mask=m_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
-    b_v = tl.load(V + i_b64 * stride_vb + row_k * stride_vs + i_hk * stride_vh
-                  + o_c[:, None] * stride_vs + o_d[None, :], mask=m_kv, other=0.0)
+    row_k = k_start.to(tl.int64)
+    o_n = n0 + tl.arange(0, BLOCK_N)  # key within the sequence
+    k_base = i_b64 * stride_kb + row_k * stride_ks + i_hk * stride_kh
+    v_base = i_b64 * stride_vb + row_k * stride_vs + i_hk * stride_vh
+    b_k = _tile_descriptor(K + k_base, len_k, head_dim, stride_ks, BLOCK_N, BLOCK_D).load([n0, 0])
+    b_v = _tile_descriptor(V + v_base, len_k, head_dim, stride_vs, BLOCK_N, BLOCK_D).load([n0, 0])
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -235,50 +221,39 @@ def _dkdv_kernel(
     row_q = q_start.to(tl.int64)
     for g in range(0, group_size):
         i_h = i_hk * group_size + g
-        p_q = Q + i_b64 * stride_qb + row_q * stride_qs + i_h * stride_qh + o_r[:, None] * stride_qs + o_d[None, :]
-        p_do = DO + i_b64 * stride_db + row_q * stride_ds + i_h * stride_dh + o_r[:, None] * stride_ds + o_d[None, :]
+        q_desc = _tile_descriptor(Q + i_b64 * stride_qb + row_q * stride_qs + i_h * stride_qh, len_q, head_dim,
+                                  stride_qs, BLOCK_M, BLOCK_D)
+        do_desc = _tile_descriptor(DO + i_b64 * stride_db + row_q * stride_ds + i_h * stride_dh, len_q, head_dim,
+                                   stride_ds, BLOCK_M, BLOCK_D)
         p_lse = LSE + i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + row_q + o_r
         p_delta = DELTA + i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + row_q + o_r
         p_dqa = DQA + i_b64 * stride_ab + i_h.to(tl.int64) * stride_ah + row_q * BLOCK_D \
-            + o_r[:, None] * BLOCK_D + o_d[None, :]
-        args = (p_q, p_do, p_lse, p_delta, p_dqa, o_n)
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_lo, mid_end, len_q, offset, qk_scale, stride_qs,
-                             stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_turn, q_full, len_q, offset, qk_scale, stride_qs,
-                             stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+            + o_r[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+        args = (q_desc, do_desc, p_lse, p_delta, p_dqa, o_n)
+        flags = (IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_lo, mid_end, len_q, offset, qk_scale, True, *flags)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_turn, q_full, len_q, offset, qk_scale, False, *flags)
         if ATOMIC_DQ:   # the wrapped-round part of the unmasked run
-            dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_mid, q_turn, len_q, offset, qk_scale, stride_qs,
-                                 stride_ds, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV,
-                                 ATOMIC_DQ)
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, tail_start, q_end, len_q, offset, qk_scale, stride_qs,
-                             stride_ds, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+            dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_mid, q_turn, len_q, offset, qk_scale, False, *flags)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, tail_start, q_end, len_q, offset, qk_scale, True, *flags)
 
+    # rows past the document's end and columns past the head dim are not written
     if WITH_DK:
         dk *= softmax_scale
-        tl.store(DK + i_b64 * stride_dkb + row_k * stride_dks + i_hk * stride_dkh
-                 + o_c[:, None] * stride_dks + o_d[None, :], dk.to(DK.dtype.element_ty), mask=m_kv)
+        _tile_descriptor(DK + i_b64 * stride_dkb + row_k * stride_dks + i_hk * stride_dkh, len_k, head_dim,
+                         stride_dks, BLOCK_N, BLOCK_D).store([n0, 0], dk.to(DK.dtype.element_ty))
     if WITH_DV:
-        tl.store(DV + i_b64 * stride_dvb + row_k * stride_dvs + i_hk * stride_dvh
-                 + o_c[:, None] * stride_dvs + o_d[None, :], dv.to(DV.dtype.element_ty), mask=m_kv)
+        _tile_descriptor(DV + i_b64 * stride_dvb + row_k * stride_dvs + i_hk * stride_dvh, len_k, head_dim,
+                         stride_dvs, BLOCK_N, BLOCK_D).store([n0, 0], dv.to(DV.dtype.element_ty))
 
 
 @triton.jit
-def _dq_inner(dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, start, end, len_k, offset, qk_scale,
-              stride_ks, stride_vs, m_d, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    # p_k, p_v point at key row `start` already
+def _dq_inner(dq, b_q, b_do, b_lse, b_delta, k_desc, v_desc, o_m, start, end, len_k, offset, qk_scale,
+              MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
     o_n = start + tl.arange(0, BLOCK_N)
-    for _ in range(start, end, BLOCK_N):
-        if MASKED:
-            m_kv = (o_n < len_k)[:, None] & m_d[None, :]
-            b_k = tl.load(p_k, mask=m_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
-            b_v = tl.load(p_v, mask=m_kv, other=0.0)
-        elif EVEN_D:
-            b_k = tl.load(p_k)
-            b_v = tl.load(p_v)
-        else:
-            b_k = tl.load(p_k, mask=m_d[None, :], other=0.0)
-            b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
+    for n in range(start, end, BLOCK_N):
+        b_k = k_desc.load([n, 0])  # [BLOCK_N, BLOCK_D]
+        b_v = v_desc.load([n, 0])
         b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BLOCK_M, BLOCK_N]
         b_p = tl.math.exp2(b_s - b_lse[:, None])
         if MASKED:
@@ -289,8 +264,6 @@ def _dq_inner(dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, start, end, len_k, o
         b_dp = tl.dot(b_do, tl.trans(b_v))           # [BLOCK_M, BLOCK_N]
         b_ds = b_p * (b_dp - b_delta[:, None])
         dq += tl.dot(b_ds.to(b_k.dtype), b_k)        # [BLOCK_M, BLOCK_D]
-        p_k += BLOCK_N * stride_ks
-        p_v += BLOCK_N * stride_vs
         o_n += BLOCK_N
     return dq
 
@@ -301,7 +274,7 @@ def _dq_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, causal_offset, num_heads, group_size, qk_scale, softmax_scale, head_dim,
-    IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_OFFSETS: tl.constexpr, EVEN_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # last query blocks first: under a causal mask they see the most keys
@@ -316,37 +289,33 @@ def _dq_kernel(
     if m0 >= len_q:
         return
     i_b64 = i_b.to(tl.int64)
-    row_q = (q_start + m0).to(tl.int64)
-    o_r = tl.arange(0, BLOCK_M)
-    o_m = m0 + o_r
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < head_dim
+    row_q = q_start.to(tl.int64)
+    row_k = k_start.to(tl.int64)
+    o_m = m0 + tl.arange(0, BLOCK_M)
     m_row = o_m < len_q
-    m_q = m_row[:, None] & m_d[None, :]
-    b_q = tl.load(Q + i_b64 * stride_qb + row_q * stride_qs + i_h * stride_qh
-                  + o_r[:, None] * stride_qs + o_d[None, :], mask=m_q, other=0.0)  # [BLOCK_M, BLOCK_D]
-    b_do = tl.load(DO + i_b64 * stride_db + row_q * stride_ds + i_h * stride_dh
-                   + o_r[:, None] * stride_ds + o_d[None, :], mask=m_q, other=0.0)
-    p_l = i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + row_q + o_r
+    b_q = _tile_descriptor(Q + i_b64 * stride_qb + row_q * stride_qs + i_h * stride_qh, len_q, head_dim,
+                           stride_qs, BLOCK_M, BLOCK_D).load([m0, 0])  # [BLOCK_M, BLOCK_D]
+    b_do = _tile_descriptor(DO + i_b64 * stride_db + row_q * stride_ds + i_h * stride_dh, len_q, head_dim,
+                            stride_ds, BLOCK_M, BLOCK_D).load([m0, 0])
+    p_l = i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + row_q + o_m
     b_lse = tl.load(LSE + p_l, mask=m_row, other=float("inf"))
     # rows that saw nothing (lse -inf) contribute nothing: treat their lse as +inf
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
     b_delta = tl.load(DELTA + p_l, mask=m_row, other=0.0)
 
-    o_n = tl.arange(0, BLOCK_N)
-    k_row = k_start.to(tl.int64)
-    p_k = K + i_b64 * stride_kb + k_row * stride_ks + i_hk * stride_kh + o_n[:, None] * stride_ks + o_d[None, :]
-    p_v = V + i_b64 * stride_vb + k_row * stride_vs + i_hk * stride_vh + o_n[:, None] * stride_vs + o_d[None, :]
+    k_desc = _tile_descriptor(K + i_b64 * stride_kb + row_k * stride_ks + i_hk * stride_kh, len_k, head_dim,
+                              stride_ks, BLOCK_N, BLOCK_D)
+    v_desc = _tile_descriptor(V + i_b64 * stride_vb + row_k * stride_vs + i_hk * stride_vh, len_k, head_dim,
+                              stride_vs, BLOCK_N, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, hi = _key_range(m0, len_k, offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, 0, full_end, len_k, offset, qk_scale,
-                   stride_ks, stride_vs, m_d, False, IS_CAUSAL, EVEN_D, BLOCK_N)
-    dq = _dq_inner(dq, b_q, b_do, b_lse, b_delta, p_k + full_end.to(tl.int64) * stride_ks,
-                   p_v + full_end.to(tl.int64) * stride_vs, o_m, full_end, hi, len_k, offset, qk_scale,
-                   stride_ks, stride_vs, m_d, True, IS_CAUSAL, EVEN_D, BLOCK_N)
+    dq = _dq_inner(dq, b_q, b_do, b_lse, b_delta, k_desc, v_desc, o_m, 0, full_end, len_k, offset, qk_scale,
+                   False, IS_CAUSAL, BLOCK_N)
+    dq = _dq_inner(dq, b_q, b_do, b_lse, b_delta, k_desc, v_desc, o_m, full_end, hi, len_k, offset, qk_scale,
+                   True, IS_CAUSAL, BLOCK_N)
     dq *= softmax_scale
-    tl.store(DQ + i_b64 * stride_dqb + row_q * stride_dqs + i_h * stride_dqh
-             + o_r[:, None] * stride_dqs + o_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_q)
+    _tile_descriptor(DQ + i_b64 * stride_dqb + row_q * stride_dqs + i_h * stride_dqh, len_q, head_dim,
+                     stride_dqs, BLOCK_M, BLOCK_D).store([m0, 0], dq.to(DQ.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["rows"])
@@ -371,7 +340,7 @@ def _dq_convert_kernel(DQA, DQ, stride_ab, stride_ah, stride_qb, stride_qs, stri
 # ----------------------------------------------------------------------------------------------
 def compute_delta(out, dout, lse, varlen: bool, cu_seqlens_q=None, max_seqlen_q=None):
     """Delta = rowsum(dout * out) in fp32, laid out like `lse`."""
-    out, dout = last_dim_contiguous(out), last_dim_contiguous(dout)
+    out, dout = tma_layout(out), tma_layout(dout)
     heads, head_dim = out.shape[-2], out.shape[-1]
     delta = torch.empty_like(lse)
     if varlen:
@@ -394,9 +363,10 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
     `configs`: the one-pass kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages[, "split"]), or with
     `deterministic` the pair (dK/dV config, dQ config); default from the tables above."""
     varlen = cu_seqlens_q is not None
-    q, k, v, dout = (last_dim_contiguous(t) for t in (q, k, v, dout))
-    head_dim, heads, kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
-    block_d = padded_head_dim(head_dim)
+    head_dim = q.shape[-1]
+    q, k, v, dout = (tma_layout(t) for t in (q, k, v, dout))
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    block_d = padded_head_dim(q.shape[-1])
     one_pass = None if deterministic else configs or one_pass_config(block_d, causal, q.device)
     if one_pass is None:
         dkdv_config, (dq_m, dq_n, dq_warps, dq_stages) = configs or bwd_configs(block_d, causal, heads != kv_heads,
@@ -415,7 +385,7 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         offset = causal_offset if causal_offset is not None else seqlen_k - seqlen_q
     if q.numel() == 0 or k.numel() == 0 or seqlen_q == 0 or seqlen_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return tuple(g.zero_()[..., :head_dim] for g in (dq, dk, dv))
     lse = lse.contiguous()
     if delta is None:
         delta = compute_delta(out, dout, lse, varlen, cu_seqlens_q, max_seqlen_q)
@@ -429,9 +399,9 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
         sums_strides = (0 if varlen else dq_sums.stride(0), dq_sums.stride(1))
     else:
         dq_sums, sums_strides = delta, (0, 0)  # not read: ATOMIC_DQ is off
-    common = dict(IS_CAUSAL=causal, IS_VARLEN=varlen, HAS_OFFSETS=causal_offsets is not None,
-                  EVEN_D=head_dim == block_d, BLOCK_D=block_d)
-    scale = (softmax_scale * LOG2E, softmax_scale, head_dim)
+    common = dict(IS_CAUSAL=causal, IS_VARLEN=varlen, HAS_OFFSETS=causal_offsets is not None, BLOCK_D=block_d)
+    scale = (softmax_scale * LOG2E, softmax_scale, q.shape[-1])
+    descriptor_scratch_on(q.device)
     passes = [dict(WITH_DK=True, WITH_DV=False), dict(WITH_DK=False, WITH_DV=True)] if split_dkdv else \
         [dict(WITH_DK=True, WITH_DV=True)]
     for which in passes:
@@ -444,13 +414,15 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
             ATOMIC_DQ=one_pass is not None and which["WITH_DK"], **which, **common)
     if one_pass is not None:
         _dq_convert_kernel[(triton.cdiv(rows, CONVERT_BLOCK_M), (1 if varlen else batch) * heads)](
-            dq_sums, dq, *sums_strides, *strides(dq, varlen), rows, heads, softmax_scale, head_dim,
+            dq_sums, dq, *sums_strides, *strides(dq, varlen), rows, heads, softmax_scale, q.shape[-1],
             BLOCK_M=CONVERT_BLOCK_M, BLOCK_D=block_d)
+    else:
+        _dq_kernel[(triton.cdiv(seqlen_q, dq_m), batch * heads)](
+            q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, causal_offsets,
+            *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(dout, varlen),
+            *strides(dq, varlen), *lse_strides(lse, varlen),
+            seqlen_q, seqlen_k, int(offset), heads, heads // kv_heads, *scale,
+            BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=dq_warps, num_stages=dq_stages, **common)
+    if q.shape[-1] == head_dim:
         return dq, dk, dv
-    _dq_kernel[(triton.cdiv(seqlen_q, dq_m), batch * heads)](
-        q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, causal_offsets,
-        *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(dout, varlen),
-        *strides(dq, varlen), *lse_strides(lse, varlen),
-        seqlen_q, seqlen_k, int(offset), heads, heads // kv_heads, *scale,
-        BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=dq_warps, num_stages=dq_stages, **common)
-    return dq, dk, dv
+    return dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]
