@@ -230,12 +230,15 @@ def _dkdv_kernel(
         p_dqa = DQA + i_b64 * stride_ab + i_h.to(tl.int64) * stride_ah + row_q * BLOCK_D \
             + o_r[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
         args = (q_desc, do_desc, p_lse, p_delta, p_dqa, o_n)
-        flags = (IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_lo, mid_end, len_q, offset, qk_scale, True, *flags)
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_turn, q_full, len_q, offset, qk_scale, False, *flags)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_lo, mid_end, len_q, offset, qk_scale,
+                             True, IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_turn, q_full, len_q, offset, qk_scale,
+                             False, IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
         if ATOMIC_DQ:   # the wrapped-round part of the unmasked run
-            dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_mid, q_turn, len_q, offset, qk_scale, False, *flags)
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, tail_start, q_end, len_q, offset, qk_scale, True, *flags)
+            dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_mid, q_turn, len_q, offset, qk_scale,
+                                 False, IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, tail_start, q_end, len_q, offset, qk_scale,
+                             True, IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
 
     # rows past the document's end and columns past the head dim are not written
     if WITH_DK:
