@@ -29,36 +29,35 @@ import triton.language as tl
 from .forward import (LOG2E, _key_range, _sequence_bounds, _tile_descriptor, descriptor_scratch_on, lse_strides,
                       padded_head_dim, strides, tma_layout)
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, "split"]) per (padded head dim, causal), chosen on an H100
-# (bench/results/attention_h100*.json) and confirmed on the H200 (attention_h200.json, "sweep": 8 dK/dV and
-# 7 dQ candidates per head dim, MHA and GQA, 16K causal: every winner is the entry here; the 8-warp dK/dV
-# tiles that spill nothing ran 1.5-2x slower than these 4-warp ones, which spill 10-190 registers). A 5th entry "split" runs dK and dV in two
-# passes (fewer registers, P recomputed); it measured slower at head dim 256, so no entry uses it now.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, "split"]) per (padded head dim, causal), chosen on the H200
+# with the descriptor kernels (attention_h200.json, "sweep": 8 dK/dV and 7-8 dQ candidates per head dim,
+# MHA and GQA, 16K causal; "kernel_resources" has each one's registers and spills: the D128 dK/dV
+# winner spills 68-112 registers and still beats every tile that spills none). A 5th entry "split"
+# runs dK and dV in two passes (fewer registers, P recomputed); it measured slower at head dim 256,
+# so no entry uses it now.
 DKDV_CONFIGS = {
     (16, False): (64, 64, 4, 3), (16, True): (64, 64, 4, 3),
     (32, False): (64, 64, 4, 3), (32, True): (64, 64, 4, 3),
     (64, False): (64, 64, 4, 3), (64, True): (64, 64, 4, 3),
-    (128, False): (32, 64, 4, 4), (128, True): (32, 64, 4, 4),
+    (128, False): (64, 128, 8, 3), (128, True): (64, 128, 8, 3),
     (256, False): (64, 64, 8, 2), (256, True): (64, 64, 8, 2),
 }
 DQ_CONFIGS = {
     (16, False): (64, 64, 4, 3), (16, True): (64, 64, 4, 3),
     (32, False): (64, 64, 4, 3), (32, True): (64, 64, 4, 3),
-    (64, False): (64, 64, 4, 3), (64, True): (64, 64, 4, 3),
+    (64, False): (128, 64, 8, 3), (64, True): (128, 64, 8, 3),
     (128, False): (128, 64, 8, 3), (128, True): (128, 64, 8, 3),
     (256, False): (128, 32, 8, 3), (256, True): (128, 32, 8, 3),
 }
 # grouped-query attention: a dK/dV program loops over the group's query heads, so it may want other
-# blocks; entries here override DKDV_CONFIGS when heads > kv_heads
-DKDV_GQA_CONFIGS = {(128, False): (64, 128, 8, 3), (128, True): (64, 128, 8, 3)}
+# blocks; entries here override DKDV_CONFIGS when heads > kv_heads (none differs today)
+DKDV_GQA_CONFIGS = {}
 # The one-pass kernel (dK, dV and dQ's atomics), per (padded head dim, causal). A head dim without an
 # entry runs the deterministic two-kernel path, also when `deterministic=False`: absent means the one
 # pass has not measured faster there. On the H200 with Triton 3.6 (attention_h200.json, "sweep", causal
-# 16K, summed over MHA and 8 KV heads) none has: D128 (64, 128, 8, 2) 31.7 ms against 29.9 for the
-# deterministic path (255 registers, 66 spilled under MHA, 182 under GQA); D64 (64, 64, 4, 3) 19.2
-# against 16.6; D256 (32, 64, 4, 2) 261 against 99 ((64, 64, 8, 2) needs 263168 bytes of shared memory,
-# over the 232448 a program may have). `scripts/bench_attention.py --sweep --apply` fills this table
-# with the candidates that win.
+# 16K backward, MHA / 8 KV heads) none has: D128 best one pass 15.4 / 17.4 ms against 13.8 / 13.7 for
+# the two kernels (it spills 12-116 registers); D64 8.9 / 9.6 against 7.6 / 8.0; D256 over 3x slower.
+# `scripts/bench_attention.py --sweep --apply` fills this table with the candidates that win.
 ONE_PASS_CONFIGS = {}
 # CPU (TRITON_INTERPRET=1): small blocks, unequal so that tiny tests cross block edges both ways.
 INTERPRET_DKDV_CONFIG = (16, 32, 4, 1)
