@@ -470,7 +470,9 @@ def run_sweep(head_dims, apply=False):
             fwd_flops = attention_flops(SWEEP_SEQLEN, SWEEP_HEADS, head_dim, True, "fwd")
 
             def timed(kind, cfg, fn, per_kv_heads=False):
-                key = (kind, kv_heads if per_kv_heads else None, cfg)
+                # a dQ candidate runs beside the dK/dV table entry, which may differ for MHA and GQA: its
+                # time is summed over both under the dQ config alone
+                key = (kind, kv_heads if per_kv_heads else None, cfg[1] if kind == "bwd dq" else cfg)
                 try:
                     ms = bench_ms(fn, SWEEP_SEQLEN)
                     r = dict(kind=kind, head_dim=head_dim, kv_heads=kv_heads, config=cfg, ms=round(ms, 4),
@@ -504,7 +506,7 @@ def run_sweep(head_dims, apply=False):
         # the (dK/dV, dQ) pairs timed: the dK/dV kernel's winner per MHA and GQA, the dQ kernel's over both;
         # a kernel whose candidates all failed keeps its table entry
         dkdv_win = {h: (best("bwd dkdv", h)[0] or [DKDV_CONFIGS[(bd, True)]])[0] for h in SWEEP_KV_HEADS}
-        dq_win = (best("bwd dq")[0] or [None, DQ_CONFIGS[(bd, True)]])[1]
+        dq_win = best("bwd dq")[0] or DQ_CONFIGS[(bd, True)]
         # the deterministic path's time with both winners, estimated from the separate sweeps (the dQ
         # sweep ran with the dK/dV table entries): the dQ sweep's best, less what each dK/dV winner saves
         det_ms = best("bwd dq")[1]
