@@ -3,7 +3,8 @@
     loader = build_loader(cfg, seq_len=2048, micro_batch=1, dp_rank=0, dp_size=1, pad_multiple=1, seed=0,
                           grad_accum=1)
     batch = next(iter(loader))   # input_ids, labels, position_ids [micro_batch, seq_len] int64;
-                                 # cu_seqlens int32 over the flattened micro_batch * seq_len tokens
+                                 # cu_seqlens int32 over the flattened micro_batch * seq_len tokens;
+                                 # num_tokens: how many of them are data, not padding (0-d int64)
 
 Epoch e packs the pieces anew, shuffled by a generator seeded with (seed, e), into a list of
 sequences that is the same on every rank. Step s of the epoch (its global batch) takes the
@@ -94,6 +95,7 @@ class PackedLoader:
         batch = {name: torch.from_numpy(np.stack([row[name] for row in rows]))
                  for name in ("input_ids", "labels", "position_ids")}
         batch["cu_seqlens"] = torch.from_numpy(cu_seqlens)
+        batch["num_tokens"] = torch.tensor(sum(row["tokens"] for row in rows), dtype=torch.int64)
         return batch
 
     def __iter__(self):

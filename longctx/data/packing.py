@@ -195,8 +195,8 @@ def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def assemble(store: TokenStore, pieces: Pieces, piece_ids: np.ndarray, seq_len: int, pad_id: int) -> dict:
     """The arrays of one packed sequence of exactly seq_len tokens.
 
-    Returns input_ids, labels, position_ids ([seq_len] int64) and doc_lengths (the pieces'
-    lengths, then the padding's when there is any). The padding is cut into documents no longer
+    Returns input_ids, labels, position_ids ([seq_len] int64), doc_lengths (the pieces'
+    lengths, then the padding's when there is any) and tokens (how many are data, not padding). The padding is cut into documents no longer
     than the row's longest piece: attention over one long padding document would cost its length
     squared (at 512K tokens with 30 % padding, two thirds of a step) and set the row's max_seqlen.
     """
@@ -227,4 +227,4 @@ def assemble(store: TokenStore, pieces: Pieces, piece_ids: np.ndarray, seq_len: 
         doc_lengths = np.append(doc_lengths, pad_lengths)
     position_ids = np.arange(seq_len, dtype=np.int64) - np.repeat(doc_starts, doc_lengths)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "doc_lengths": doc_lengths}
+            "doc_lengths": doc_lengths, "tokens": used}

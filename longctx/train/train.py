@@ -200,6 +200,14 @@ def shard_batch(batch: dict, dims, device) -> dict:
     return local
 
 
+def data_tokens(batches: list[dict], dims, device) -> int:
+    """The step's tokens of data over all data-parallel ranks, padding left out (what tok/s counts).
+    The ranks of one sequence-parallel group hold the same sequences: the sum over the world counts
+    each of them world_size / dp times."""
+    local = torch.tensor(sum(int(b["num_tokens"]) for b in batches), dtype=torch.int64, device=device)
+    return int(all_reduce(local)) // (dims.world_size // dims.dp)
+
+
 def peak_memory_gib(device) -> float:
     """Peak GPU memory allocated in this step, or the process's peak resident memory on a CPU."""
     if device.type == "cuda":
@@ -303,7 +311,6 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
                                          "settings": settings, "frozen_base": frozen_base(cfg, dims)},
                                  per_rank={"rng": rng_state()})
 
-    tokens_per_step = t.seq_len * t.micro_batch * t.grad_accum * dims.dp
     peak = peak_tflops(device)
     logger = (MetricsLogger(run_dir, cfg.logging, t.steps, start, OmegaConf.to_container(OmegaConf.structured(cfg)))
               if is_main else None)
@@ -314,6 +321,7 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
     step = saved_at = start
     saved_time = time.monotonic()
     checkpoint, export_dir, final_loss, loop_start = None, None, None, time.perf_counter()
+    tokens_trained = 0
     for step in range(start + 1, t.steps + 1):
         step_start = time.perf_counter()
         comm.start(step)                               # profiles one step in logging.comm_every
@@ -323,6 +331,8 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
         # MFU counts attention within the packed documents; rank 0's batches stand for each dp rank's
         step_flops = dims.dp * sum(training_flops(model_config, b["cu_seqlens"]) for b in batches)
         micro_batches = [shard_batch(b, dims, device) for b in batches]
+        step_tokens = data_tokens(batches, dims, device)
+        tokens_trained += step_tokens
         loss = forward_backward(train_model, micro_batches, dims.world_size, autocast)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm, finite = optimizer_step(train_model, optimizer, max_norm)   # skips a non-finite step
@@ -335,7 +345,7 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
         step_s = time.perf_counter() - step_start
         comm_metrics = comm.stop(step_s)               # comm_wait_s, comm_frac on a profiled step
         if is_main:
-            tok_s = tokens_per_step / step_s
+            tok_s = step_tokens / step_s
             metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
                        "tok_s": tok_s, "tok_s_per_gpu": tok_s / dims.world_size, "step_s": step_s,
                        "skipped": not finite,
@@ -362,7 +372,7 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
             export_dir = export(train_model, model, run_dir, cfg)
     if logger is not None:
         logger.close()
-        print(closing_summary(start + 1, step, tokens_per_step * (step - start), time.perf_counter() - loop_start,
+        print(closing_summary(start + 1, step, tokens_trained, time.perf_counter() - loop_start,
                               final_loss, checkpoint, export_dir), flush=True)
     return run_dir
 

@@ -45,6 +45,19 @@ def test_batches_follow_the_contract(cfg):
         assert not (counted & (ids == pad_id)).any()
 
 
+def test_num_tokens_counts_the_data_not_the_padding(cfg):
+    # over one epoch of one sequence a step, the batches' data tokens add up to every packed piece
+    # (none is dropped: a step takes one sequence), and the rest of the rows is the reported padding
+    seq_len = 4096
+    loader = build_loader(cfg, seq_len=seq_len)
+    steps = loader.steps_per_epoch
+    counts = [int(next(loader)["num_tokens"]) for _ in range(steps)]
+    assert all(0 < c <= seq_len for c in counts) and min(counts) < seq_len
+    assert sum(counts) == int(loader.pieces.lengths.sum())
+    padding = loader.report["packing"]["padding_fraction"]
+    assert abs(1 - sum(counts) / (steps * seq_len) - padding) < 1e-9
+
+
 def test_cache_is_reused_and_fast(cfg, monkeypatch):
     def no_build(*args):
         raise AssertionError("the cached data was prepared again")

@@ -45,6 +45,12 @@ def test_loss_goes_down_and_export_loads_in_transformers(tmp_path):
     assert [r["lr"] / cfg.optim.lr for r in records[:4]] == pytest.approx([1 / 3, 2 / 3, 1, 1])
     first, last = sum(by_step[s] for s in (1, 2, 3)) / 3, sum(by_step[s] for s in (23, 24, 25)) / 3
     assert last < first - 1.0, f"loss did not go down: {first:.3f} -> {last:.3f}"
+    # tok/s counts each step's data tokens, not the padding that fills the rows
+    from longctx.data import build_loader
+    loader = build_loader(cfg.data, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch,
+                          seed=cfg.train.seed, grad_accum=cfg.train.grad_accum)
+    data = [sum(int(next(loader)["num_tokens"]) for _ in range(cfg.train.grad_accum)) for _ in records]
+    assert [r["tok_s"] * r["step_s"] for r in records] == pytest.approx(data)
     import transformers
     hf = transformers.LlamaForCausalLM.from_pretrained(run_dir / "hf")
     assert hf.config.num_hidden_layers == 2 and hf.config.tie_word_embeddings
