@@ -32,7 +32,7 @@ from .forward import (LOG2E, _key_range, _sequence_bounds, _tile_descriptor, des
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, "split"]) per (padded head dim, causal), chosen on the H200
 # with the descriptor kernels (attention_h200.json, "sweep": 8 dK/dV and 7-8 dQ candidates per head dim,
 # MHA and GQA, 16K causal; "kernel_resources" has each one's registers and spills: the D128 dK/dV
-# winner spills 68-112 registers and still beats every tile that spills none). A 5th entry "split"
+# winner spills 10-112 registers and still beats every tile that spills none). A 5th entry "split"
 # runs dK and dV in two passes (fewer registers, P recomputed); it measured slower at head dim 256,
 # so no entry uses it now.
 DKDV_CONFIGS = {
@@ -56,7 +56,7 @@ DKDV_GQA_CONFIGS = {}
 # entry runs the deterministic two-kernel path, also when `deterministic=False`: absent means the one
 # pass has not measured faster there. On the H200 with Triton 3.6 (attention_h200.json, "sweep", causal
 # 16K backward, MHA / 8 KV heads) none has: D128 best one pass 15.4 / 17.4 ms against 13.8 / 13.7 for
-# the two kernels (it spills 12-116 registers); D64 8.9 / 9.6 against 7.6 / 8.0; D256 over 3x slower.
+# the two kernels (it spills 2-116 registers); D64 8.9 / 9.6 against 7.6 / 8.0; D256 over 3x slower.
 # `scripts/bench_attention.py --sweep --apply` fills this table with the candidates that win.
 ONE_PASS_CONFIGS = {}
 # CPU (TRITON_INTERPRET=1): small blocks, unequal so that tiny tests cross block edges both ways.
