@@ -321,6 +321,8 @@ def test_bad_inputs_raise_clear_errors():
         attention_backward(q, q, k, k, q, torch.zeros(1, 4, 7), causal=True)
     with pytest.raises(TypeError, match="bf16"):
         flash_attn_func(q.bfloat16(), k.bfloat16(), k.bfloat16())
+    with pytest.raises(ValueError, match="softmax_scale must be positive"):
+        flash_attn_func(q, k, k, softmax_scale=-0.1)
 
 
 def test_cpu_tensors_without_the_interpreter_raise(monkeypatch):

@@ -7,7 +7,9 @@ where it measured faster, none yet; always under the CPU interpreter, for the te
 2. `_dkdv_kernel` with ATOMIC_DQ: one program per (key block, KV head) holds its K, V block and dK, dV
    accumulators and loops over the query heads of its GQA group and, for each, over the query blocks
    that see the key block; dK and dV of a group are summed in registers, and each (query block, key
-   block) pair adds its share of dQ (dS K) into an fp32 buffer with atomics.
+   block) pair adds its share of dQ (dS K) into an fp32 buffer: on a GPU by one tensor-descriptor
+   reduce-add of the tile (a TMA reduce on Hopper), under the CPU interpreter (which has no descriptor
+   reduce) by element atomics.
 3. `_dq_convert_kernel`: that buffer times the scale, in dQ's dtype and layout.
 Five matrix products per block pair instead of seven: the dQ pass's recompute of S and dP is gone.
 The atomics' order varies from run to run, so dQ may differ in the last bits between runs.
@@ -115,17 +117,19 @@ def _delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_db
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, b_k, b_v, q_desc, do_desc, p_lse, p_delta, p_dqa, o_n, start, end, len_q, offset,
-                qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_D: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    # p_lse, p_delta, p_dqa point at the document's (or sequence's) first query row; q and dO rows
-    # past the document's end load as 0. Keys past the end of the document were loaded as 0; their
-    # dK, dV rows are never stored, and each key's gradient depends on its own column only, so they
-    # need no mask here. Query rows past the end add exactly 0 to dQ (probability 0), into the
-    # padded buffer's spare rows or the next document's rows, so the atomics need no mask either.
+def _dkdv_inner(dk, dv, b_k, b_v, q_desc, do_desc, p_lse, p_delta, dqa_desc, DQA_DOC, o_n, start, end, len_q,
+                offset, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                TMA_REDUCE: tl.constexpr):
+    # p_lse, p_delta point at the document's (or sequence's) first query row; q and dO rows past the
+    # document's end load as 0. Keys past the end of the document were loaded as 0; their dK, dV rows
+    # are never stored, and each key's gradient depends on its own column only, so they need no mask
+    # here. dQ's shares go through `dqa_desc` (TMA_REDUCE: a bulk reduce-add of the whole tile, clipped
+    # at the document's end) or, under the interpreter, which has no descriptor reduce, through
+    # element atomics from DQA_DOC, the document's first row of the sums: query rows past the end add
+    # exactly 0 (probability 0), into the buffer's spare rows or the next document's rows.
     p_lse += start
     p_delta += start
-    p_dqa += start.to(tl.int64) * BLOCK_D
     o_m = start + tl.arange(0, BLOCK_M)
     for m in range(start, end, BLOCK_M):
         b_q = q_desc.load([m, 0])   # [BLOCK_M, BLOCK_D]
@@ -153,10 +157,14 @@ def _dkdv_inner(dk, dv, b_k, b_v, q_desc, do_desc, p_lse, p_delta, p_dqa, o_n, s
             dk += tl.dot(b_dst, b_q)
             if ATOMIC_DQ:
                 # this key block's share of dQ (unscaled): dS K, [BLOCK_M, BLOCK_D]
-                tl.atomic_add(p_dqa, tl.dot(tl.trans(b_dst), b_k), sem="relaxed")
+                b_dq = tl.dot(tl.trans(b_dst), b_k)
+                if TMA_REDUCE:
+                    dqa_desc.atomic_add([m, 0], b_dq)
+                else:
+                    tl.atomic_add(DQA_DOC + o_m[:, None].to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :],
+                                  b_dq, sem="relaxed")
         p_lse += BLOCK_M
         p_delta += BLOCK_M
-        p_dqa += BLOCK_M * BLOCK_D
         o_m += BLOCK_M
     return dk, dv
 
@@ -170,11 +178,12 @@ def _dkdv_kernel(
     seqlen_q, seqlen_k, causal_offset, num_kv_heads, group_size, qk_scale, softmax_scale, head_dim,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA_REDUCE: tl.constexpr,
 ):
     # WITH_DK/WITH_DV: both in one pass, or (large head dims) one per launch, which recomputes P but
     # holds half the accumulators in registers. ATOMIC_DQ: also add dQ's shares into DQA, fp32
-    # (batch, heads, rows, BLOCK_D) with (batch, head) strides stride_ab, stride_ah.
+    # (batch, heads, rows, BLOCK_D) with (batch, head) strides stride_ab, stride_ah; TMA_REDUCE: by
+    # descriptor (GPUs), else by element atomics (the interpreter).
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // num_kv_heads
@@ -226,18 +235,21 @@ def _dkdv_kernel(
                                    stride_ds, BLOCK_M, BLOCK_D)
         p_lse = LSE + i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + row_q + o_r
         p_delta = DELTA + i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + row_q + o_r
-        p_dqa = DQA + i_b64 * stride_ab + i_h.to(tl.int64) * stride_ah + row_q * BLOCK_D \
-            + o_r[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
-        args = (q_desc, do_desc, p_lse, p_delta, p_dqa, o_n)
+        dqa_doc = DQA + i_b64 * stride_ab + i_h.to(tl.int64) * stride_ah + row_q * BLOCK_D
+        if ATOMIC_DQ and TMA_REDUCE:
+            dqa_desc = _tile_descriptor(dqa_doc, len_q, BLOCK_D, BLOCK_D, BLOCK_M, BLOCK_D)
+        else:
+            dqa_desc = dqa_doc  # not used
+        args = (q_desc, do_desc, p_lse, p_delta, dqa_desc, dqa_doc, o_n)
         dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_lo, mid_end, len_q, offset, qk_scale,
-                             True, IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+                             True, IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ, TMA_REDUCE)
         dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_turn, q_full, len_q, offset, qk_scale,
-                             False, IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+                             False, IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ, TMA_REDUCE)
         if ATOMIC_DQ:   # the wrapped-round part of the unmasked run
             dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, q_mid, q_turn, len_q, offset, qk_scale,
-                                 False, IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+                                 False, IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ, TMA_REDUCE)
         dk, dv = _dkdv_inner(dk, dv, b_k, b_v, *args, tail_start, q_end, len_q, offset, qk_scale,
-                             True, IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ)
+                             True, IS_CAUSAL, BLOCK_M, BLOCK_D, WITH_DK, WITH_DV, ATOMIC_DQ, TMA_REDUCE)
 
     # rows past the document's end and columns past the head dim are not written
     if WITH_DK:
@@ -394,7 +406,8 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
     delta = delta.contiguous()
     if one_pass is not None:
         # dQ's fp32 sums, (batch, heads, rows, padded head dim) so that a query block of one head is one
-        # contiguous stretch; spare rows take the zeros that query rows past a document's end add
+        # contiguous stretch; spare rows take the zeros that the element atomics (interpreter) add for
+        # query rows past a document's end (the descriptor's reduce clips them)
         rows = q.shape[0] if varlen else q.shape[1]
         dq_sums = torch.zeros((1 if varlen else batch, heads, rows + dkdv_m, block_d), dtype=torch.float32,
                               device=q.device)
@@ -413,7 +426,8 @@ def _bwd(dout, q, k, v, out, lse, *, softmax_scale, causal, causal_offset, cu_se
             *strides(dk, varlen), *strides(dv, varlen), *lse_strides(lse, varlen), *sums_strides,
             seqlen_q, seqlen_k, int(offset), kv_heads, heads // kv_heads, *scale,
             BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, num_warps=dkdv_warps, num_stages=dkdv_stages,
-            ATOMIC_DQ=one_pass is not None and which["WITH_DK"], **which, **common)
+            ATOMIC_DQ=one_pass is not None and which["WITH_DK"], TMA_REDUCE=q.device.type == "cuda", **which,
+            **common)
     if one_pass is not None:
         _dq_convert_kernel[(triton.cdiv(rows, CONVERT_BLOCK_M), (1 if varlen else batch) * heads)](
             dq_sums, dq, *sums_strides, *strides(dq, varlen), rows, heads, softmax_scale, q.shape[-1],

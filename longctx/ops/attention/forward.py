@@ -154,7 +154,12 @@ def lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
 
 
 def scale_or_default(softmax_scale, head_dim: int) -> float:
-    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    # the forward takes each row's maximum before scaling, which holds for a positive scale only
+    if not float(softmax_scale) > 0:
+        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}: leave it None for 1/sqrt(head_dim)")
+    return float(softmax_scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,19 +216,19 @@ def _fwd_inner(acc, l_i, m_i, b_q, k_desc, v_desc, o_m, start, end, len_k, offse
     for n in range(start, end, BLOCK_N):
         b_k = k_desc.load([n, 0])  # [BLOCK_N, BLOCK_D]
         b_v = v_desc.load([n, 0])
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        b_s = tl.dot(b_q, tl.trans(b_k))  # [BLOCK_M, BLOCK_N], unscaled: the scale rides in one fma below
         if MASKED:
             m_s = (o_n < len_k)[None, :]
             if IS_CAUSAL:
                 m_s = m_s & (o_n[None, :] <= o_m[:, None] + offset)
             b_s = tl.where(m_s, b_s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(b_s, 1))
+            m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)  # log2 units (qk_scale > 0)
             # a row that has seen nothing yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not nan
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(b_s, 1))
+            m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
             m_sub = m_new
-        b_p = tl.math.exp2(b_s - m_sub[:, None])
+        b_p = tl.math.exp2(b_s * qk_scale - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(b_p, 1)
         acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
