@@ -47,19 +47,20 @@ DKDV_CONFIGS = {
 DQ_CONFIGS = {
     (16, False): (64, 64, 4, 3), (16, True): (64, 64, 4, 3),
     (32, False): (64, 64, 4, 3), (32, True): (64, 64, 4, 3),
-    (64, False): (128, 64, 8, 3), (64, True): (128, 64, 8, 3),
+    (64, False): (64, 64, 4, 3), (64, True): (64, 64, 4, 3),
     (128, False): (128, 64, 8, 3), (128, True): (128, 64, 8, 3),
     (256, False): (128, 32, 8, 3), (256, True): (128, 32, 8, 3),
 }
 # grouped-query attention: a dK/dV program loops over the group's query heads, so it may want other
 # blocks; entries here override DKDV_CONFIGS when heads > kv_heads (none differs today)
 DKDV_GQA_CONFIGS = {}
-# The one-pass kernel (dK, dV and dQ's atomics), per (padded head dim, causal). A head dim without an
+# The one-pass kernel (dK, dV and dQ's reduce-adds), per (padded head dim, causal). A head dim without an
 # entry runs the deterministic two-kernel path, also when `deterministic=False`: absent means the one
 # pass has not measured faster there. On the H200 with Triton 3.6 (attention_h200.json, "sweep", causal
-# 16K backward, MHA / 8 KV heads) none has: D128 best one pass 15.4 / 17.4 ms against 13.8 / 13.7 for
-# the two kernels (it spills 2-116 registers); D64 8.9 / 9.6 against 7.6 / 8.0; D256 over 3x slower.
-# `scripts/bench_attention.py --sweep --apply` fills this table with the candidates that win.
+# 16K backward, MHA / 8 KV heads) none has: D64 7.66 / 7.99 ms against 7.59 / 7.87 for the two kernels
+# (even: the 5 products save what the dQ tiles' reduce costs); D128 15.2 / 14.6 against 13.6 / 13.7 (the
+# one pass spills 10-114 registers by variant); D256 over 3x slower. `scripts/bench_attention.py --sweep --apply`
+# fills this table with the candidates that win.
 ONE_PASS_CONFIGS = {}
 # CPU (TRITON_INTERPRET=1): small blocks, unequal so that tiny tests cross block edges both ways.
 INTERPRET_DKDV_CONFIG = (16, 32, 4, 1)
