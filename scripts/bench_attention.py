@@ -411,7 +411,7 @@ FWD_CANDIDATES = {
     256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)],
 }
 # The deterministic path's two kernels, swept one at a time (the other at its table entry). On the H200
-# (attention_h200.json, kernel_resources) the H100's entries spilled in the dK/dV kernel: 28 registers at
+# (the first attention_h200.json, kernel_resources) the H100's entries spilled in the dK/dV kernel: 28 registers at
 # D128 (32, 64, 4, 4), 144 at D64 (64, 64, 4, 3); hence the candidates with 8 warps.
 DKDV_CANDIDATES = {
     64: [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3),

@@ -7,8 +7,8 @@ or past the end of the keys (masked). Key blocks wholly above the diagonal are n
 Every tile moves through a tensor descriptor (`tl.make_tensor_descriptor`, TMA on Hopper) made per
 (document or sequence, head): rows past the document's end and columns past the head dim read as 0
 and are never written, so no load or store needs a mask. On the H200 that measured 3-12 % faster
-than pointer loads (bench/results/attention_h200.json); the launchers bring any input into the
-layout descriptors need (`tma_layout`).
+than pointer loads (bench/results/attention_h200.json as of commit 62124b3); the launchers bring any
+input into the layout descriptors need (`tma_layout`).
 
 Shared with the backward (backward.py): `check_inputs`, the layout helpers `tma_layout`, `strides` and
 `lse_strides`, and the jitted `_sequence_bounds`, `_key_range` and `_tile_descriptor`.
