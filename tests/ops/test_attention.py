@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from longctx.ops.attention import (  # noqa: E402
     attention_backward, attention_forward, flash_attn_func, flash_attn_varlen_func)
-from longctx.ops.attention.backward import _bwd  # noqa: E402
+from longctx.ops.attention.backward import _bwd, compute_delta  # noqa: E402
 from longctx.ops.attention.forward import _fwd, tma_layout  # noqa: E402
 from longctx.ops.attention.naive import attention_reference  # noqa: E402
 
@@ -194,6 +194,17 @@ def test_layouts_the_descriptors_cannot_take_are_copied_and_others_are_not():
     ref, _ = attention_forward(shifted.contiguous(), shifted.contiguous(), shifted.contiguous(), causal=True)
     assert out.shape == shifted.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_delta_reads_unaligned_rows_of_odd_head_dims_in_place(monkeypatch):
+    """rowsum(dout * out) takes any layout with a contiguous head dim as it is: no padded copy."""
+    base, dout = rand(1, 9 * 30 * 2 * 20 + 3, dtype=torch.float16), rand(1, 30, 2, 20, dtype=torch.float16)
+    out = base.flatten()[3:3 + 30 * 2 * 20].view(1, 30, 2, 20)   # 6 bytes in, rows of 40 bytes
+    lse = torch.zeros(1, 2, 30)
+    monkeypatch.setattr(torch.nn.functional, "pad", None)   # a copy through tma_layout would fail here
+    delta = compute_delta(out, dout, lse, varlen=False)
+    expected = (out.double() * dout.double()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(delta.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_ring_style_merge_of_two_key_halves_equals_full_attention():

@@ -354,8 +354,9 @@ def _dq_convert_kernel(DQA, DQ, stride_ab, stride_ah, stride_qb, stride_qs, stri
 # launchers
 # ----------------------------------------------------------------------------------------------
 def compute_delta(out, dout, lse, varlen: bool, cu_seqlens_q=None, max_seqlen_q=None):
-    """Delta = rowsum(dout * out) in fp32, laid out like `lse`."""
-    out, dout = tma_layout(out), tma_layout(dout)
+    """Delta = rowsum(dout * out) in fp32, laid out like `lse`. The kernel reads with masked pointer
+    loads: any strides and alignment do, as long as the head dim is contiguous."""
+    out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (out, dout))
     heads, head_dim = out.shape[-2], out.shape[-1]
     delta = torch.empty_like(lse)
     if varlen:
