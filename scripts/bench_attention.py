@@ -427,11 +427,10 @@ DQ_CANDIDATES = {
           (128, 32, 8, 3), (64, 64, 8, 3)],
     256: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3)],
 }
-# The one pass adds dQ's shares by a TMA reduce of the whole tile. A trial on the H200 (Triton 3.6, 16K causal,
-# MHA / 8 KV heads) timed 5 candidates per head dim: at D64 (64, 64, 4, 3) 7.35 / 7.89 ms, no spill,
-# even with the two kernels (7.44 / 7.74); 8 warps or 128-row tiles 8.9-22 ms; at D128 the best 15.0 / 14.6
-# ms (spilling 8-114 registers) against 13.4 / 13.4. Kept: the best of each, and the split (dK with dQ's
-# reduce, then dV: 6 products, half the live accumulators).
+# The one pass adds dQ's shares by a TMA reduce of the whole tile. A trial on the H200 (Triton 3.6, 16K
+# causal, MHA / 8 KV heads) timed 5 candidates per head dim: 8 warps or 128-row tiles at D64 took 8.9-22
+# ms, (64, 64, 8, 3) at D128 26 ms; those left here are the best of it and the split (dK with dQ's reduce,
+# then dV: 6 products, half the live accumulators). Their times: attention_h200.json's "sweep".
 ONE_PASS_CANDIDATES = {
     64: [(64, 64, 4, 3), (64, 128, 8, 3), (64, 128, 8, 3, "split")],
     128: [(64, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3, "split"), (32, 128, 8, 3, "split")],
