@@ -69,7 +69,7 @@ def main():
         features = [documents_of(loader, sequences[i]) for i in range(iters)]
         # parity first: the same tokens, labels, positions and boundaries
         for i in range(iters):
-            ours = loader.batch_of([sequences[i]])
+            ours = loader.batch_of([i])
             theirs = collator(features[i])
             used = theirs["input_ids"].shape[1]
             for name in ("input_ids", "labels", "position_ids"):
@@ -79,7 +79,7 @@ def main():
         timings = {"longctx": [], "hf_flatten": []}  # after the parity calls above warmed both up
         for i in range(iters):
             started = time.perf_counter()
-            loader.batch_of([sequences[i]])
+            loader.batch_of([i])
             timings["longctx"].append(time.perf_counter() - started)
             started = time.perf_counter()
             collator(features[i])

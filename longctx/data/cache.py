@@ -32,7 +32,7 @@ from .config import DataConfig
 from .packing import TokenStore
 from .sharegpt import DataError, read_sharegpt, resolve_path
 
-PIPELINE_VERSION = 1  # bump when tokens or masks of the same inputs would change
+PIPELINE_VERSION = 2  # bump when tokens or masks of the same inputs would change (2: first_user.json)
 _ARRAYS = ("tokens", "loss_mask", "offsets", "exchange_starts", "exchange_offsets")
 _SMALL_DATA = 2000  # conversations below which one process tokenizes faster than a pool starts
 # A failure marker older than this process (less a launch skew) is a previous run's: ignore it.
@@ -69,6 +69,8 @@ def cache_path(cfg: DataConfig) -> Path:
     identity = {"version": PIPELINE_VERSION, "data": [str(data.resolve())] + _file_identity(data),
                 "tokenizer": _tokenizer_hash(tokenizer), "chat_template": cfg.chat_template,
                 "loss_mask": cfg.loss_mask}
+    if cfg.format != "sharegpt":   # today's keys stay as they were for conversations
+        identity.update(format=cfg.format, text_field=cfg.text_field)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.resolved_cache_dir()) / f"{data.stem}-{key}"
 
@@ -112,14 +114,24 @@ def _build(cfg: DataConfig, target: Path) -> None:
     from .template import resolve_chat_template
 
     started = time.perf_counter()
-    conversations, report = read_sharegpt(cfg.path)
+    if cfg.format == "text":
+        from .text import read_text_documents
+        documents, report = read_text_documents(cfg.path, cfg.text_field)
+    else:
+        documents, report = read_sharegpt(cfg.path)
     report["read_s"] = round(time.perf_counter() - started, 2)
+    if not documents and cfg.format == "text":
+        raise DataError(f"data.path={cfg.path}: {why_unusable(report)}; data.format=text reads records with a "
+                        f'"{cfg.text_field}" string (JSON Lines {{"{cfg.text_field}": ...}}, parquet or a datasets '
+                        f"folder); set data.text_field to the field that holds the text")
+    conversations = documents
     if not conversations:
         raise DataError(f"data.path={cfg.path}: {why_unusable(report)}; point data.path at ShareGPT records "
                         '{"conversations": [{"from": "human", "value": ...}, ...]} or OpenAI records '
                         '{"messages": [{"role": "user", "content": ...}, ...]}')
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.tokenizer, "data.tokenizer")))
-    chat_template = resolve_chat_template(tokenizer, cfg.chat_template)
+    # a text has no turns: no chat template to resolve (nor to demand of the tokenizer)
+    chat_template = resolve_chat_template(tokenizer, cfg.chat_template) if cfg.format == "sharegpt" else "none"
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
 
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
@@ -145,21 +157,30 @@ def _tokenize_into(tmp: Path, target: Path, cfg: DataConfig, conversations: list
                    chat_template: str, pad_id: int, report: dict) -> None:
     import datasets
 
+    from .long_examples import FIRST_USER_FILE, first_sentence
     from .template import tokenize_conversations
+    from .text import tokenize_texts
 
     features = datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "loss_mask": datasets.Sequence(datasets.Value("int8")),
         "exchange_starts": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"), "loss_tokens": datasets.Value("int32")})
-    raw = datasets.Dataset.from_dict({"messages": conversations})
+    if cfg.format == "text":
+        column, encode = "text", lambda batch: tokenize_texts(batch["text"], tokenizer)
+    else:
+        column = "messages"
+        encode = lambda batch: tokenize_conversations(batch["messages"], tokenizer, chat_template,  # noqa: E731
+                                                      cfg.loss_mask)
+        # what data.long_examples' recall questions ask for, per conversation
+        (tmp / FIRST_USER_FILE).write_text(json.dumps([first_sentence(c) for c in conversations]))
+    raw = datasets.Dataset.from_dict({column: conversations})
     started = time.perf_counter()
     num_proc = cfg.num_proc if len(raw) >= _SMALL_DATA else 1
     with _quiet_datasets(datasets):
         tokenized = raw.map(
-            lambda batch: tokenize_conversations(batch["messages"], tokenizer, chat_template, cfg.loss_mask),
-            batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-            remove_columns=["messages"], features=features, desc="tokenizing",
+            encode, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=[column], features=features, desc="tokenizing",
             cache_file_name=str(tmp / "dataset" / "tokenized.arrow"), new_fingerprint=target.name[-16:])
     report["tokenize_s"] = round(time.perf_counter() - started, 2)
 
@@ -179,6 +200,7 @@ def _tokenize_into(tmp: Path, target: Path, cfg: DataConfig, conversations: list
         np.save(tmp / f"{name}.npy", array)
     report["tokens"] = token_stats(lengths, table.column("loss_tokens").to_numpy())
     report["chat_template"] = chat_template
+    report["format"] = cfg.format
     (tmp / "report.json").write_text(json.dumps(report, indent=1))
     (tmp / "meta.json").write_text(json.dumps({"pad_id": int(pad_id), "chat_template": chat_template,
                                                "loss_mask": cfg.loss_mask, "key": target.name,

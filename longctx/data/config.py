@@ -3,16 +3,32 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-from .packing import OVERLONG, PACKINGS
+from .long_examples import LongExamplesConfig
+from .packing import ATTENTION_SPANS, OVERLONG, PACKINGS
 from .sharegpt import PROJECT_ROOT as REPO_ROOT, resolve_path
 from .template import CHAT_TEMPLATES, LOSS_MASKS
 
 
+DATA_FORMATS = ("sharegpt", "text")
+
+
 @dataclass
 class DataConfig:
+    # "sharegpt": conversations, the loss on replies; "text": plain-text documents (a `text_field`
+    # in JSON Lines, parquet or a datasets folder), the loss on every token, longer ones cut into
+    # seq_len pieces (continued pretraining)
+    format: str = "sharegpt"
+    # the field holding a document's text (format=text)
+    text_field: str = "text"
+    # "document": each document (conversation, text piece, long example) is its own attention span
+    # (its own cu_seqlens entry); "row": the documents of a row, each ending in its separator, are
+    # one span that attends across them (positions run 0.. through the row)
+    attention_span: str = "document"
+    # synthetic long-dependency examples made of the conversations (long_examples.py)
+    long_examples: LongExamplesConfig = field(default_factory=LongExamplesConfig)
     # ShareGPT .json/.jsonl file (cut-off files are recovered), a folder of shards, a datasets
     # folder or a .parquet file. Relative paths are tried from the cwd, then the repository root.
     path: str = "data/sharegpt_sample.json"
@@ -48,9 +64,15 @@ class DataConfig:
         for name, value, allowed in (("chat_template", self.chat_template, CHAT_TEMPLATES),
                                      ("loss_mask", self.loss_mask, LOSS_MASKS),
                                      ("overlong", self.overlong, OVERLONG),
+                                     ("format", self.format, DATA_FORMATS),
+                                     ("attention_span", self.attention_span, ATTENTION_SPANS),
                                      ("packing", self.packing, PACKINGS)):
             if value not in allowed:
                 raise ValueError(f"data.{name}={value!r} is not one of {allowed}")
+        self.long_examples = LongExamplesConfig.of(self.long_examples).validate()
+        if self.long_examples.ratio > 0 and self.format != "sharegpt":
+            raise ValueError(f"data.long_examples are made of conversations: set data.format=sharegpt (not "
+                             f"{self.format}) or data.long_examples.ratio=0")
         if self.num_proc < 1:
             raise ValueError(f"data.num_proc={self.num_proc} must be at least 1")
         if self.prepare_timeout_s <= 0:
@@ -66,6 +88,8 @@ class DataConfig:
             items = {str(k): cfg[k] for k in cfg.keys()}
         except AttributeError:
             raise TypeError(f"expected a DataConfig or a mapping of its fields, got {type(cfg).__name__}") from None
+        if "long_examples" in items:
+            items["long_examples"] = LongExamplesConfig.of(items["long_examples"])
         return cls(**items)
 
     def resolved_cache_dir(self) -> str:
@@ -88,6 +112,7 @@ def config_from_args(args: list[str], extras: dict) -> tuple[DataConfig, dict]:
     from .sharegpt import sharegpt_v3_path
 
     fields = {f.name for f in dataclasses.fields(DataConfig)}
+    fields |= {f"long_examples.{f.name}" for f in dataclasses.fields(LongExamplesConfig)}
     name, overrides, others = "sharegpt_sample", [], dict(extras)
     for arg in args:
         key, sep, value = arg.partition("=")

@@ -27,6 +27,7 @@ import numpy as np
 
 PACKINGS = ("best_fit", "greedy")
 OVERLONG = ("split", "truncate")
+ATTENTION_SPANS = ("document", "row")
 IGNORE_INDEX = -100
 
 
@@ -153,36 +154,66 @@ def pack(lengths: np.ndarray, seq_len: int, packing: str, rng: np.random.Generat
     Returns one array of piece indices per sequence, in a shuffled order; every piece is in
     exactly one sequence.
     """
+    return pack_rows(lengths, seq_len, packing, rng)[0]
+
+
+def pack_rows(lengths: np.ndarray, seq_len: int, packing: str, rng: np.random.Generator,
+              reserved: np.ndarray | None = None, overflow: bool = True) -> tuple[list[np.ndarray], np.ndarray, int]:
+    """`pack`, with rows that start out holding something else: row j of `reserved` (lengths)
+    keeps reserved[j] tokens and the pieces fill the rest. overflow=False: pieces that fit no
+    reserved row are left out instead of opening rows of their own.
+
+    Returns (piece indices per row, the reserved index of each row or -1, pieces left out); the
+    rows in a shuffled order.
+    """
     if packing not in PACKINGS:
         raise ValueError(f"unknown packing {packing!r}; expected one of {PACKINGS}")
     if len(lengths) and int(lengths.max()) > seq_len:
         raise ValueError(f"a piece of {int(lengths.max())} tokens does not fit seq_len={seq_len}")
+    reserved = np.zeros(0, dtype=np.int64) if reserved is None else np.asarray(reserved, dtype=np.int64)
     order = rng.permutation(len(lengths))
     sizes = lengths[order].tolist()
-    bins: list[list[int]] = []
+    bins: list[list[int]] = [[] for _ in range(len(reserved))]
+    rooms = (seq_len - reserved).tolist()
+    left_out = 0
     if packing == "greedy":
-        room = 0
+        current, room = (0, rooms[0]) if rooms else (-1, 0)
         for piece, size in zip(order.tolist(), sizes):
+            while size > room:   # next fit: the open row is closed, the next one opened
+                if current + 1 < len(rooms):
+                    current += 1
+                    room = rooms[current]
+                elif overflow:
+                    bins.append([])
+                    current, room = len(bins) - 1, seq_len
+                else:
+                    break
             if size > room:
-                bins.append([])
-                room = seq_len
-            bins[-1].append(piece)
+                left_out += 1
+                continue
+            bins[current].append(piece)
             room -= size
     else:
         # the open sequences, as (room left, sequence index) sorted by room: the best fit for a
         # piece is the first one with enough room
-        open_bins: list[tuple[int, int]] = []
+        open_bins: list[tuple[int, int]] = sorted((room, i) for i, room in enumerate(rooms) if room > 0)
         for piece, size in zip(order.tolist(), sizes):
             at = bisect_left(open_bins, (size, -1))
             if at < len(open_bins):
                 room, index = open_bins.pop(at)
-            else:
+            elif overflow:
                 room, index = seq_len, len(bins)
                 bins.append([])
+            else:
+                left_out += 1
+                continue
             bins[index].append(piece)
             if room - size > 0:
                 insort(open_bins, (room - size, index))
-    return [np.asarray(bins[i], dtype=np.int64) for i in rng.permutation(len(bins))]
+    permutation = rng.permutation(len(bins))
+    rows = [np.asarray(bins[i], dtype=np.int64) for i in permutation]
+    reserved_of_row = np.where(permutation < len(reserved), permutation, -1).astype(np.int64)
+    return rows, reserved_of_row, left_out
 
 
 def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -192,14 +223,24 @@ def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(starts - run_starts, lengths) + np.arange(total, dtype=np.int64)
 
 
-def assemble(store: TokenStore, pieces: Pieces, piece_ids: np.ndarray, seq_len: int, pad_id: int) -> dict:
+def assemble(store: TokenStore, pieces: Pieces, piece_ids: np.ndarray, seq_len: int, pad_id: int,
+             span: str = "document", lead: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """The arrays of one packed sequence of exactly seq_len tokens.
 
     Returns input_ids, labels, position_ids ([seq_len] int64), doc_lengths (the pieces'
     lengths, then the padding's when there is any) and tokens (how many are data, not padding). The padding is cut into documents no longer
     than the row's longest piece: attention over one long padding document would cost its length
     squared (at 512K tokens with 30 % padding, two thirds of a step) and set the row's max_seqlen.
+
+    `lead` (tokens, loss mask): a document that opens the row before the pieces (a long example).
+    span="row": the data is one attention span (one document, positions 0.. through it): the
+    pieces see each other, each ending in its own separator (a text's end-of-sequence token, a
+    conversation's end-of-turn), and the first token of a piece is trained when its mask says so.
     """
+    if span not in ATTENTION_SPANS:
+        raise ValueError(f"unknown attention span {span!r}; expected one of {ATTENTION_SPANS}")
+    lead_tokens = np.zeros(0, dtype=np.int64) if lead is None else np.asarray(lead[0], dtype=np.int64)
+    lead_mask = np.zeros(0, dtype=np.int8) if lead is None else np.asarray(lead[1])
     base = store.offsets[pieces.doc[piece_ids]]
     prefix, start, end = pieces.prefix[piece_ids], pieces.start[piece_ids], pieces.end[piece_ids]
     # two segments per piece: the copied prefix (maybe empty) and the body
@@ -208,17 +249,25 @@ def assemble(store: TokenStore, pieces: Pieces, piece_ids: np.ndarray, seq_len: 
     seg_trained = np.tile(np.array([False, True]), len(piece_ids))
     index = _ragged_arange(seg_starts, seg_lengths)
     doc_lengths = prefix + end - start
+    if lead is not None:
+        doc_lengths = np.concatenate([[len(lead_tokens)], doc_lengths]).astype(np.int64)
     used = int(doc_lengths.sum())
     if used > seq_len:
         raise ValueError(f"pieces of {used} tokens do not fit seq_len={seq_len}")
 
     input_ids = np.full(seq_len, pad_id, dtype=np.int64)
     labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
-    input_ids[:used] = store.tokens[index]
-    trained = np.repeat(seg_trained, seg_lengths) & (store.loss_mask[index] != 0)
+    input_ids[:used] = np.concatenate([lead_tokens, store.tokens[index]])
+    trained = np.concatenate([lead_mask != 0, np.repeat(seg_trained, seg_lengths) & (store.loss_mask[index] != 0)])
     labels[:used] = np.where(trained, input_ids[:used], IGNORE_INDEX)
     doc_starts = np.cumsum(doc_lengths) - doc_lengths
-    labels[doc_starts[doc_lengths > 0]] = IGNORE_INDEX  # its target would be the previous document's
+    if span == "row":
+        doc_lengths, doc_starts = doc_lengths[:0], doc_starts[:0]
+        if used:
+            doc_lengths, doc_starts = np.array([used], dtype=np.int64), np.zeros(1, dtype=np.int64)
+        labels[0] = IGNORE_INDEX
+    else:
+        labels[doc_starts[doc_lengths > 0]] = IGNORE_INDEX  # its target would be the previous document's
     if used < seq_len:
         pad_doc = max(int(doc_lengths.max(initial=0)), 1)
         pad_lengths = np.full(-(-(seq_len - used) // pad_doc), pad_doc, dtype=doc_lengths.dtype)
