@@ -2,12 +2,16 @@
 
     python -m longctx.data.inspect [data.]path=data/sharegpt_sample.json sample=3 seq_len=2048
     python -m longctx.data.inspect data=sharegpt_v3 loss_mask=last     # a configs/data option
+    python -m longctx.data.inspect seq_len=65536 long_examples.ratio=0.5 long_examples.min_tokens=16384
 
 Prints one formatted conversation with the tokens that count for the loss marked (green, or
 between >>> and <<< when the output is not a terminal), its first tokens one by one with their
-labels, the data report (kept/skipped, token statistics) and how the data packs at seq_len.
+labels, the data report (kept/skipped, token statistics) and how the data packs at seq_len; with
+data.long_examples, what the rows of the first epoch are (counts per task, lengths, answer depths,
+the answers' share of the loss) and one example's closing questions.
 Arguments: data=<configs/data option>, any DataConfig field as key=value, plus sample
-(conversation index), seq_len, tokens (how many tokens to list) and color (auto, always, never).
+(conversation index), seq_len, seed (train.seed), tokens (how many tokens to list) and color
+(auto, always, never).
 """
 from __future__ import annotations
 
@@ -16,11 +20,12 @@ import sys
 import numpy as np
 
 from .config import config_from_args
-from .loader import PackedLoader
+from .loader import PackedLoader, loader_of
 from .cache import format_report, prepare
 from .sharegpt import resolve_path
 
-EXTRAS = {"sample": 0, "seq_len": 2048, "tokens": 40, "color": "auto"}
+EXTRAS = {"sample": 0, "seq_len": 2048, "seed": 0, "tokens": 40, "color": "auto"}
+LONG_STATS_LIMIT = 400   # long examples made for the statistics (each takes milliseconds)
 
 
 def marked_text(tokenizer, ids: np.ndarray, mask: np.ndarray, color: bool) -> str:
@@ -60,15 +65,59 @@ def main(argv: list[str] | None = None) -> None:
         token = tokenizer.convert_ids_to_tokens(int(ids[position]))
         print(f"{position:6d} {int(ids[position]):7d} {token!r:32} {label}")
 
-    loader = PackedLoader(store, extra["seq_len"], packing=cfg.packing, overlong=cfg.overlong,
-                          pad_id=prepared.pad_id, key=prepared.key, report=prepared.report)
+    loader = loader_of(prepared, cfg, extra["seq_len"], seed=extra["seed"])
     print("\n=== data ===")
     print(format_report(loader.report))
+    print(rows_report(loader))
+    if loader.long_count:
+        print(long_examples_report(loader, tokenizer))
     batch = next(loader)
     cu = batch["cu_seqlens"].tolist()
-    print(f"\nfirst packed sequence: {len(cu) - 1} documents, lengths {np.diff(cu).tolist()}, "
-          f"{int((batch['labels'] != -100).sum())} loss tokens")
+    print(f"\nfirst packed sequence: {len(cu) - 1} attention spans ({cfg.attention_span}), lengths "
+          f"{np.diff(cu).tolist()}, {int((batch['labels'] != -100).sum())} loss tokens")
     print(f"cache: {prepared.path}")
+
+
+def rows_report(loader: PackedLoader) -> str:
+    """What the rows of the first epoch are made of, in one line."""
+    rows = loader._sequences(0)
+    long_rows = int((loader._plan_long >= 0).sum())
+    spans = ("one attention span per row (documents see each other, each ending in its separator)"
+             if loader.attention_span == "row" else "one attention span per document")
+    return (f"rows (epoch 0): {len(rows)} of {loader.seq_len} tokens: {long_rows} open with a long example "
+            f"({100 * long_rows / max(len(rows), 1):.1f}%), {len(rows) - long_rows} ordinary; {spans}"
+            + (f"; {loader._left_out} pieces beyond the long rows' room left out this epoch" if loader._left_out else ""))
+
+
+def long_examples_report(loader: PackedLoader, tokenizer) -> str:
+    """Counts per task, lengths, answer depths and the answers' share of the loss, over the long
+    examples of epoch 0 (the first LONG_STATS_LIMIT), and one example's closing questions."""
+    maker, lengths = loader.long_examples, loader._long_lengths
+    examples = [maker.make(0, i, int(lengths[i])) for i in range(min(len(lengths), LONG_STATS_LIMIT))]
+    tasks: dict = {}
+    for example in examples:
+        tasks[example.task] = tasks.get(example.task, 0) + 1
+    depths = np.array([a["depth"] for e in examples for a in e.answers])
+    histogram = np.histogram(depths, bins=10, range=(0.0, 1.0))[0]
+    answer_tokens = sum(int(e.loss_mask.sum()) for e in examples) * len(lengths) / max(len(examples), 1)
+    # the ordinary pieces' loss tokens (a piece's first token is not trained: it opens a span)
+    mask = np.concatenate([[0], np.cumsum(loader.store.loss_mask, dtype=np.int64)])
+    base = loader.store.offsets[loader.pieces.doc]
+    ordinary = int((mask[base + loader.pieces.end] - mask[base + loader.pieces.start]).sum())
+    p50 = int(np.median(lengths))
+    low, high = maker.cfg.length_range(loader.seq_len)
+    lines = [f"long examples (epoch 0, {len(examples)} of {len(lengths)} made for these figures): "
+             f"{', '.join(f'{k} {v}' for k, v in sorted(tasks.items()))}; lengths {maker.cfg.distribution} in "
+             f"[{low}, {high}]: min {int(lengths.min())} p50 {p50} max {int(lengths.max())}",
+             f"  answers: {len(depths)} ({len(depths) / max(len(examples), 1):.1f} an example), depth in the "
+             f"context by tenths: {histogram.tolist()} (min {depths.min():.2f}, max {depths.max():.2f})",
+             f"  loss tokens: answers ~{answer_tokens:.0f} of ~{answer_tokens + ordinary:.0f} an epoch "
+             f"({100 * answer_tokens / max(answer_tokens + ordinary, 1):.2f}%; the rest the conversations' replies)"]
+    example = examples[0]
+    lines.append(f"  example 0 ({example.task}, {len(example.tokens)} tokens, context {example.context_tokens}):")
+    for answer in example.answers:
+        lines.append(f"    at depth {answer['depth']:.2f}: {answer['question']!r} -> {answer['answer']!r}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

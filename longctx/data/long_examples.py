@@ -188,11 +188,14 @@ class LongExampleMaker:
         return [ids.astype(np.int64) for ids, _ in _encode(self.tokenizer, texts)] if texts else []
 
     def _tail(self, exchanges: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
-        from .template import tokenize_conversations
+        # tokenize_conversations' steps, with the template resolved once (resolving reads the
+        # whole vocabulary: half a second a call with a 128K one)
+        from .template import _encode, _render, loss_mask_of
         messages = [m for q, a in exchanges for m in ({"role": "user", "content": q},
                                                       {"role": "assistant", "content": a})]
-        out = tokenize_conversations([messages], self.tokenizer, self.chat_template, "assistant")
-        return out["input_ids"][0].astype(np.int64), out["loss_mask"][0]
+        rendered = _render(messages, self.tokenizer, self.chat_template)
+        ids, starts = _encode(self.tokenizer, [rendered.text])[0]
+        return ids.astype(np.int64), loss_mask_of(starts, rendered.reply_spans, "assistant")
 
     def _hex(self, rng, used: set, groups: int) -> str:
         while True:
