@@ -237,6 +237,8 @@ def on_any_rank(device, *flags: bool) -> list[bool]:
 def train(cfg: Config) -> Path:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dims = validate(cfg, world_size)               # every config error surfaces here, before any work
+    if getattr(cfg, "optim_defaults_note", None) and int(os.environ.get("RANK", 0)) == 0:
+        print(cfg.optim_defaults_note, flush=True)
     quiet_libraries()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
