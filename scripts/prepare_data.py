@@ -1,4 +1,4 @@
-"""Prepare (tokenize and cache) a ShareGPT data set and print what was kept, skipped and packed.
+"""Prepare (tokenize and cache) a ShareGPT (or, with format=text, plain-text) data set and print what was kept, skipped and packed.
 
     python scripts/prepare_data.py                                  # the shipped sample
     python scripts/prepare_data.py --full                           # the 125 MB ShareGPT_V3 file of
@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from longctx.data import PackedLoader, cache_path, format_report, prepare  # noqa: E402
+from longctx.data import cache_path, format_report, prepare  # noqa: E402
 from longctx.data.config import config_from_args  # noqa: E402
+from longctx.data.loader import loader_of  # noqa: E402
 from longctx.data.sharegpt import sharegpt_v3_path  # noqa: E402
 
 
@@ -42,8 +43,7 @@ def main():
     elapsed = time.perf_counter() - started
     report = prepared.report
     for seq_len in (int(s) for s in extra["seq_len"].split(",")):
-        loader = PackedLoader(prepared.store, seq_len, packing=cfg.packing, overlong=cfg.overlong,
-                              pad_id=prepared.pad_id, key=prepared.key, report=report)
+        loader = loader_of(prepared, cfg, seq_len)
         if seq_len == int(extra["seq_len"].split(",")[0]):
             print(format_report(loader.report))
         else:

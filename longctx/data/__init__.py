@@ -9,6 +9,8 @@
 prepared cache starts fast.
 """
 from .config import DataConfig
+from .long_examples import LongExamplesConfig
+from .text import read_text_documents
 from .loader import PackedLoader, build_loader
 from .packing import IGNORE_INDEX, TokenStore
 from .cache import cache_path, format_report, prepare
@@ -17,4 +19,4 @@ from .template import LLAMA3_CHAT_TEMPLATE, render_llama3, tokenize_conversation
 
 __all__ = ["DataConfig", "DataError", "build_loader", "read_sharegpt", "PackedLoader", "TokenStore", "IGNORE_INDEX",
            "prepare", "cache_path", "format_report", "tokenize_conversations", "render_llama3",
-           "LLAMA3_CHAT_TEMPLATE"]
+           "LLAMA3_CHAT_TEMPLATE", "LongExamplesConfig", "read_text_documents"]

@@ -308,6 +308,11 @@ def format_report(report: dict) -> str:
                      f"padding {100 * packing['padding_fraction']:.2f}%; "
                      f"{packing['steps_per_epoch']} steps per epoch of {packing['sequences_per_step']} "
                      f"sequences, {packing['dropped_sequences']} left over per epoch")
+        if packing.get("long_examples"):
+            lines.append(f"  long examples: {packing['long_examples']} rows an epoch open with one (made anew each "
+                         f"epoch; python -m longctx.data.inspect shows them)")
+        if packing.get("attention_span") == "row":
+            lines.append("  attention: one span per row (data.attention_span=row)")
         overlong = packing.get("overlong", {})
         if overlong.get("overlong_documents"):
             lines.append("  longer than seq_len: " + ", ".join(f"{k} {v}" for k, v in sorted(overlong.items())))

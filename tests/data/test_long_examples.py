@@ -78,6 +78,32 @@ def test_loss_only_on_the_answers(cache_dir, tokenizer):
     assert seen
 
 
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a helpful AI assistant.<|im_end|>\\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_chat_template_of_the_tokenizer_closes_the_example(tmp_path, tokenizer):
+    """SmolLM2's kind of template (ChatML with a default system prompt): the questions are user
+    turns, the answers assistant turns, and only the answers (and their end of turn) are trained."""
+    import json
+    import shutil
+    folder = tmp_path / "chatml_tokenizer"
+    shutil.copytree(resolve_path("data/tokenizer"), folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings | {"chat_template": CHATML}))
+    cfg = dataclasses.replace(config(str(tmp_path / "cache")), tokenizer=str(folder))
+    maker = build_loader(cfg, seq_len=SEQ_LEN).long_examples
+    assert maker.chat_template == "tokenizer"
+    for index in range(6):
+        example = maker.make(0, index, 3000)
+        tail = tokenizer.decode(example.tokens[example.context_tokens:].tolist())
+        assert tail.startswith("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n<|im_start|>user\n")
+        trained = tokenizer.decode(example.tokens[example.loss_mask != 0].tolist())
+        assert trained == "".join(a["answer"] + "<|im_end|>\n" for a in example.answers)
+
+
 def follow_chain(context: str, start: str) -> str:
     links = dict(re.findall(r"Note: key (\S+) points to key (\S+)\.", context))
     values = dict(re.findall(r"Note: the value stored under key (\S+) is (\S+)\.", context))
