@@ -211,16 +211,17 @@ def build_loader(cfg: DataConfig, seq_len: int, micro_batch: int = 1, dp_rank: i
 def loader_of(prepared, cfg: DataConfig, seq_len: int, seed: int = 0, **kwargs) -> PackedLoader:
     """The loader of prepared data with every data option of `cfg` (PackedLoader's other
     arguments as keywords)."""
-    maker = long_example_maker(prepared, cfg, seed) if cfg.long_examples.ratio > 0 else None
-    try:
-        return PackedLoader(prepared.store, seq_len, seed=seed, packing=cfg.packing, overlong=cfg.overlong,
-                            pad_id=prepared.pad_id, key=prepared.key, report=prepared.report,
-                            max_token_id=prepared.max_token_id, format=cfg.format,
-                            attention_span=cfg.attention_span, long_examples=maker, **kwargs)
-    except ValueError as error:   # a long-example length that cannot be (checked against seq_len here)
-        if isinstance(error, DataError):
-            raise
-        raise DataError(str(error)) from None
+    maker = None
+    if cfg.long_examples.ratio > 0:
+        try:   # the lengths against seq_len, known only here
+            cfg.long_examples.length_range(seq_len)
+        except ValueError as error:
+            raise DataError(str(error)) from None
+        maker = long_example_maker(prepared, cfg, seed)
+    return PackedLoader(prepared.store, seq_len, seed=seed, packing=cfg.packing, overlong=cfg.overlong,
+                        pad_id=prepared.pad_id, key=prepared.key, report=prepared.report,
+                        max_token_id=prepared.max_token_id, format=cfg.format,
+                        attention_span=cfg.attention_span, long_examples=maker, **kwargs)
 
 
 def long_example_maker(prepared, cfg: DataConfig, seed: int) -> LongExampleMaker:

@@ -309,6 +309,8 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     if cfg.lora.enabled:
         _check_lora(cfg, shape)
     cfg.data.validate()
+    if cfg.data.long_examples.ratio > 0:   # a long example is one row: its lengths against train.seq_len
+        cfg.data.long_examples.length_range(t.seq_len)
     return dims
 
 

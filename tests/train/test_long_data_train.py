@@ -44,3 +44,10 @@ def test_long_examples_in_row_spans_train_and_resume_only_alike(tmp_path, monkey
                                                f"run_dir={run_dir}", "train.steps=6"])
     with pytest.raises((ConfigError, DataError), match="long_examples"):
         train(other)
+
+
+def test_long_example_lengths_are_checked_against_seq_len_before_any_work():
+    from longctx.train.config import validate
+    cfg = compose_config(SMALL + ["data.long_examples.ratio=0.5", "data.long_examples.max_tokens=4096"])
+    with pytest.raises(ConfigError, match=r"max_tokens=4096 is longer than train.seq_len=1024"):
+        validate(cfg, 1)
