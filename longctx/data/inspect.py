@@ -100,10 +100,12 @@ def long_examples_report(loader: PackedLoader, tokenizer) -> str:
     depths = np.array([a["depth"] for e in examples for a in e.answers])
     histogram = np.histogram(depths, bins=10, range=(0.0, 1.0))[0]
     answer_tokens = sum(int(e.loss_mask.sum()) for e in examples) * len(lengths) / max(len(examples), 1)
-    # the ordinary pieces' loss tokens (a piece's first token is not trained: it opens a span)
+    # the loss tokens of the ordinary pieces placed in epoch 0's rows (about: a piece's first
+    # token opens a span and is not trained, a split piece's copied prefix never is)
+    placed = np.concatenate(loader._sequences(0))
     mask = np.concatenate([[0], np.cumsum(loader.store.loss_mask, dtype=np.int64)])
-    base = loader.store.offsets[loader.pieces.doc]
-    ordinary = int((mask[base + loader.pieces.end] - mask[base + loader.pieces.start]).sum())
+    base = loader.store.offsets[loader.pieces.doc[placed]]
+    ordinary = int((mask[base + loader.pieces.end[placed]] - mask[base + loader.pieces.start[placed]]).sum())
     p50 = int(np.median(lengths))
     low, high = maker.cfg.length_range(loader.seq_len)
     lines = [f"long examples (epoch 0, {len(examples)} of {len(lengths)} made for these figures): "
