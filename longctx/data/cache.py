@@ -123,7 +123,7 @@ def _build(cfg: DataConfig, target: Path) -> None:
     if not documents and cfg.format == "text":
         raise DataError(f"data.path={cfg.path}: {why_unusable(report)}; data.format=text reads records with a "
                         f'"{cfg.text_field}" string (JSON Lines {{"{cfg.text_field}": ...}}, parquet or a datasets '
-                        f"folder); set data.text_field to the field that holds the text")
+                        f"folder): point data.path at such data, or set data.text_field to the field that holds the text")
     conversations = documents
     if not conversations:
         raise DataError(f"data.path={cfg.path}: {why_unusable(report)}; point data.path at ShareGPT records "

@@ -110,5 +110,5 @@ def test_text_cache_key_and_errors(files, tmp_path):
     keys = {cache_path(text_config(path, "text", tmp_path)), cache_path(text_config(path, "source", tmp_path)),
             cache_path(dataclasses.replace(text_config(path, "text", tmp_path), format="sharegpt"))}
     assert len(keys) == 3
-    with pytest.raises(DataError, match=r'none of its 10 records .*skipped: no_body_field 10.*data.text_field'):
+    with pytest.raises(DataError, match=r'none of its 10 records .*skipped: no_body_field 10.*point data.path at such data, or set data.text_field'):
         prepare(text_config(path, "body", tmp_path))
