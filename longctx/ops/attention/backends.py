@@ -127,14 +127,17 @@ def _varlen_args(cu_seqlens, max_seqlen):
 
 
 def _torch_forward(q, k, v, *, causal, softmax_scale=None, cu_seqlens=None, max_seqlen=None, out_dtype=None):
-    return naive.attention_forward(q, k, v, softmax_scale=softmax_scale, causal=causal, out_dtype=out_dtype,
-                                   **_varlen_args(cu_seqlens, max_seqlen))
+    # autocast would run the fp32 (or float64) products in bf16 again
+    with torch.autocast(q.device.type, enabled=False):
+        return naive.attention_forward(q, k, v, softmax_scale=softmax_scale, causal=causal, out_dtype=out_dtype,
+                                       **_varlen_args(cu_seqlens, max_seqlen))
 
 
 def _torch_backward(dout, q, k, v, out, lse, *, causal, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
                     delta=None, grad_dtype=None):
-    return naive.attention_backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
-                                    delta=delta, grad_dtype=grad_dtype, **_varlen_args(cu_seqlens, max_seqlen))
+    with torch.autocast(q.device.type, enabled=False):
+        return naive.attention_backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
+                                        delta=delta, grad_dtype=grad_dtype, **_varlen_args(cu_seqlens, max_seqlen))
 
 
 def _torch_supports(device, dtype, head_dim, causal, gqa, varlen):
