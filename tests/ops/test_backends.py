@@ -146,7 +146,7 @@ def test_merge_of_two_key_halves_is_attention_to_all_keys(layout):
     float64); a query row no key reaches yet stays 0 with lse -inf."""
     torch.manual_seed(3)
     batch, sq, sk, heads, dim = 2, 7, 12, 3, 8
-    q, dout = torch.randn(batch, sq, heads, dim, dtype=torch.float64), None
+    q = torch.randn(batch, sq, heads, dim, dtype=torch.float64)
     k, v = (torch.randn(batch, sk, heads, dim, dtype=torch.float64) for _ in range(2))
     torch_backend = seam.backends()["torch"]
     whole, whole_lse = torch_backend.forward(q, k, v, causal=False)

@@ -461,6 +461,12 @@ def _select(name, device, dtype, head_dim, causal, gqa_ratio, varlen, bucket, of
     return chosen
 
 
+def clear_selection() -> None:
+    """Forget the choices made so far (after a new table is written, or the environment changed)."""
+    _select.cache_clear()
+    _LOGGED.clear()
+
+
 def select(name: str, *, device, dtype, head_dim: int, causal: bool = True, gqa: int = 1,
            varlen: bool = False, seqlen: Optional[int] = None, table_path: str = TABLE_PATH) -> Backend:
     """The backend `name` means for this call; `gqa` is the query-to-key/value head ratio (1: none).
