@@ -17,7 +17,7 @@ and a per-head decay (H,) >= 0:
 
 Softmax attention itself runs through the seam of `longctx.ops.attention.backends`: `config.attention`
 names a backend (`auto`, `triton`, `cudnn`, `torch`, or the aliases `flash` = triton and `sdpa` =
-cuDNN where it runs, else torch), and `softmax_attention` runs it over whole sequences. A
+cuDNN where it runs), and `softmax_attention` runs it over whole sequences. A
 sequence-parallel method of `longctx.parallel` registers its mixers here when imported (so the model
 never imports parallel code); `apply_sequence_parallel` names the method's mixer on each layer
 (`sequence_mixer`), and the mixer is called with `backend=config.attention`: the user's backend
@@ -79,7 +79,7 @@ def check_attention(name: str, sequence_parallel: bool = False) -> None:
     what = ("the backend the sequence-parallel method runs its attention on" if sequence_parallel
             else "the attention backend")
     raise ValueError(f"model.attention={name!r} is not {what}: choose one of {', '.join(seam.names())} "
-                     f"(flash = triton; sdpa = cudnn where it runs, else torch; auto picks by shape)")
+                     f"(flash = triton; sdpa = cudnn where it runs; auto picks by shape)")
 
 
 def get_linear_attention(name: str) -> Callable:

@@ -73,10 +73,11 @@ def resolve_attention(name: str, q: torch.Tensor, k: torch.Tensor | None = None,
                       varlen: bool = False) -> str:
     """The backend `name` runs for queries like q (..., H, D) (and keys like k): "auto" and the
     aliases resolved by the seam (`longctx.ops.attention.backends.select`); a registered mixer's
-    name as it is. A q without a head dim (a device probe) is taken as bf16 heads of 128."""
+    name as it is. A q that is not (..., H, D) floating point (a device probe, token ids) is taken
+    as bf16 heads of 128 on its device."""
     if is_registered(name):
         return name
-    if q.dim() < 2:
+    if q.dim() < 3 or not q.is_floating_point():
         return seam.select(name, device=q.device, dtype=torch.bfloat16, head_dim=128, causal=causal,
                            varlen=varlen).name
     return seam.select_for(name, q, q if k is None else k, causal=causal, varlen=varlen).name

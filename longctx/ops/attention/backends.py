@@ -28,7 +28,7 @@ FlashAttention-4 (`flash_attn.cute`) is not a backend yet: nothing here could ve
 Names: a backend's name, "auto" (the measured table `auto_table.json`, written by
 `scripts/bench_attention.py --write-auto-table`; without an entry for the shape, the first backend of
 AUTO_ORDER that supports the call) and the aliases of the names configs used before the seam:
-`flash` is `triton`; `sdpa` is `cudnn` where cuDNN takes the call, else `torch`.
+`flash` is `triton`; `sdpa` is `cudnn` where cuDNN takes the call, else `triton` (CUDA) or `torch`.
 """
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ log = logging.getLogger("longctx.attention")
 OFF_ENV = "LONGCTX_ATTENTION_OFF"
 CUDNN_VARLEN_ENV = "LONGCTX_CUDNN_VARLEN"
 AUTO_ORDER = ("triton", "cudnn", "torch")     # "auto" without a table entry: the first that supports
-ALIASES = {"flash": ("triton",), "sdpa": ("cudnn", "torch")}
+# the names configs used before the seam: (candidates on CUDA, elsewhere); the first that supports
+# the call runs. Off CUDA "sdpa" is plain PyTorch, never the interpreted kernels.
+ALIASES = {"flash": (("triton",), ("triton",)), "sdpa": (("cudnn", "triton", "torch"), ("torch",))}
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_table.json")
 
 
@@ -324,11 +326,16 @@ def _cudnn_backward(dout, q, k, v, out, lse, *, causal, softmax_scale=None, cu_s
     return tuple(g if grad_dtype is None else g.to(grad_dtype) for g in grads)
 
 
+def _no_dropout_state(device):
+    """The philox seed and offset the backward takes (unused without dropout): 0-d, as the forward's."""
+    return torch.zeros((), dtype=torch.long, device=device)
+
+
 def _cudnn_dense_backward(dout, q, k, v, out, lse, causal, scale):
     heads, kv_heads = q.shape[2], k.shape[2]
     native = _NATIVE_GQA[0] is not False or heads == kv_heads
     kk, vv = (k, v) if native else (_repeat(k, heads, 2), _repeat(v, heads, 2))
-    empty = torch.empty(0, dtype=torch.long, device=q.device)
+    empty = _no_dropout_state(q.device)
     stats = lse.float().unsqueeze(-1).contiguous()            # cuDNN's (B, H, S, 1)
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
@@ -364,7 +371,7 @@ def _cudnn_varlen_backward(dout, q, k, v, out, lse, causal, scale, cu_seqlens, m
                               torch.tensor([0, 2], dtype=torch.int32, device=q.device), 2)
     stats = lse.float().t().contiguous().unsqueeze(-1) if _VARLEN_TOKEN_MAJOR[0] else lse.float().contiguous()
     cu = cu_seqlens.to(torch.int32)
-    empty = torch.empty(0, dtype=torch.long, device=q.device)
+    empty = _no_dropout_state(q.device)
     return torch.ops.aten._cudnn_attention_backward(dout.contiguous(), q, k, v, out, stats, empty, empty, None,
                                                     cu, cu, max_seqlen, max_seqlen, 0.0, causal, scale=scale)
 
@@ -419,7 +426,7 @@ def check_name(name: str) -> None:
     """A one-line ValueError for a name that is neither a backend, an alias nor "auto"."""
     if name not in names():
         raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(names())} "
-                         f"(flash = triton; sdpa = cudnn where it runs, else torch)")
+                         f"(flash = triton; sdpa = cudnn where it runs, else triton on CUDA, torch elsewhere)")
 
 
 _LOGGED: set = set()
@@ -447,7 +454,7 @@ def _select(name, device, dtype, head_dim, causal, gqa_ratio, varlen, bucket, of
         chosen = (first([measured]) if measured in _BACKENDS else None) or first(order)
         source = f"table entry {key}" if chosen is not None and chosen.name == measured else "first that supports it"
     else:
-        chosen = first(ALIASES.get(name, (name,)))
+        chosen = first(ALIASES[name][device.type != "cuda"] if name in ALIASES else (name,))
         source = f"alias {name}" if name in ALIASES else "named"
     if chosen is None:
         reasons = "; ".join(f"{n}: {r}" for n, r in why.items())
