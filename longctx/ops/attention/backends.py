@@ -18,7 +18,7 @@ final out and lse of its rows (ring attention passes the merged ones), not neces
 
 Backends: `triton` (the FlashAttention-2 kernels beside this file), `torch` (plain PyTorch in any
 dtype, float64 included: the reference and what CPUs run), `cudnn` (PyTorch's private cuDNN
-attention ops, fp16/bf16 on sm80+). `LONGCTX_ATTENTION_OFF=cudnn,triton` turns backends off.
+attention ops, fp16/bf16 on sm80+; `cudnn.py`). `LONGCTX_ATTENTION_OFF=cudnn,triton` turns backends off.
 cuDNN's packed (varlen) path is trusted only where its backward is known good: PyTorch sized the
 varlen backward's dQ buffer by the head dim before pytorch#186142 (June 2026), an illegal address as
 soon as a document is longer than the head dim, so varlen needs torch >= 2.13 or
@@ -42,12 +42,12 @@ from typing import Callable, Optional
 
 import torch
 
-from . import naive
+from . import cudnn, naive
+from .cudnn import CUDNN_VARLEN_ENV, capability, cudnn_varlen_trusted  # noqa: F401 (part of the seam's API)
 
 log = logging.getLogger("longctx.attention")
 
 OFF_ENV = "LONGCTX_ATTENTION_OFF"
-CUDNN_VARLEN_ENV = "LONGCTX_CUDNN_VARLEN"
 AUTO_ORDER = ("triton", "cudnn", "torch")     # "auto" without a table entry: the first that supports
 # the names configs used before the seam: (candidates on CUDA, elsewhere); the first that supports
 # the call runs. Off CUDA "sdpa" is plain PyTorch, never the interpreted kernels.
@@ -90,12 +90,6 @@ def names() -> list[str]:
 
 def _turned_off(name: str) -> bool:
     return name in {n.strip() for n in os.environ.get(OFF_ENV, "").split(",") if n.strip()}
-
-
-def _lse_like(q, varlen, dtype):
-    heads = q.shape[-2]
-    shape = (heads, q.shape[0]) if varlen else (q.shape[0], heads, q.shape[1])
-    return torch.full(shape, -math.inf, dtype=dtype, device=q.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,184 +195,18 @@ register_backend(Backend(
 
 
 # ------------------------------------------------------------------------------------------------
-# cudnn: PyTorch's private cuDNN attention ops (dense: B, H, S, D views of our B, S, H, D tensors)
+# cudnn: PyTorch's private cuDNN attention ops (cudnn.py)
 # ------------------------------------------------------------------------------------------------
-def _op(name):
-    return getattr(torch.ops.aten, name, None)
-
-
 def _cudnn_available():
     if _turned_off("cudnn"):
         return False, f"turned off by {OFF_ENV}"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    if not torch.backends.cudnn.is_available():
-        return False, "this torch has no cuDNN"
-    if _op("_scaled_dot_product_cudnn_attention") is None:
-        return False, "this torch has no _scaled_dot_product_cudnn_attention"
-    return True, ""
-
-
-def _torch_version() -> tuple:
-    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-
-
-def cudnn_varlen_trusted() -> bool:
-    """Whether cuDNN's packed path may run (see the module's notes on pytorch#186142)."""
-    if _op("_cudnn_attention_forward") is None or _op("_cudnn_attention_backward") is None:
-        return False
-    forced = os.environ.get(CUDNN_VARLEN_ENV)
-    if forced is not None and forced != "":
-        return forced not in ("0", "false", "False")
-    return _torch_version() >= (2, 13)
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple:
-    return torch.cuda.get_device_capability(device)
-
-
-def _cudnn_supports(device, dtype, head_dim, causal, gqa, varlen):
-    if device.type != "cuda":
-        return False, f"cuDNN attention runs on CUDA, not {device.type}"
-    if _capability(device) < (8, 0):
-        return False, "cuDNN attention needs sm80 or newer"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return False, f"cuDNN attention takes fp16/bf16, not {dtype}"
-    if head_dim % 8 or head_dim > 128:
-        return False, f"cuDNN attention takes head dims that are multiples of 8 up to 128, not {head_dim}"
-    if varlen and not cudnn_varlen_trusted():
-        return False, (f"cuDNN's packed backward is not trusted on torch {torch.__version__} (pytorch#186142); "
-                       f"{CUDNN_VARLEN_ENV}=1 after scripts/check_backends_gpu.py passes")
-    if varlen and gqa:
-        return False, "cuDNN's packed path takes as many key/value heads as query heads"
-    return True, ""
-
-
-# whether cuDNN took grouped-query K/V as they are (None: not tried yet); else K/V heads are repeated
-_NATIVE_GQA: list = [None]
-
-
-def _repeat(x, heads, dim):
-    return x if x.shape[dim] == heads else x.repeat_interleave(heads // x.shape[dim], dim=dim)
-
-
-def _fold(grad, kv_heads, dim):
-    """Sum the gradients of repeated key/value heads back to their own head."""
-    heads = grad.shape[dim]
-    if heads == kv_heads:
-        return grad
-    shape = list(grad.shape)
-    shape[dim:dim + 1] = [kv_heads, heads // kv_heads]
-    return grad.reshape(shape).sum(dim + 1)
-
-
-def _no_causal_offset(q, k, causal):
-    if causal and q.shape[-3] != k.shape[-3]:
-        raise ValueError(f"cuDNN attention masks causal blocks top-left; the seam's causal rule is bottom-right: "
-                         f"a causal call with {q.shape[-3]} queries and {k.shape[-3]} keys needs the triton or "
-                         f"torch backend")
-
-
-def _cudnn_dense_forward(q, k, v, causal, scale):
-    heads = q.shape[2]
-    op = torch.ops.aten._scaled_dot_product_cudnn_attention
-    qt = q.transpose(1, 2)
-    if _NATIVE_GQA[0] is not False:
-        try:
-            result = op(qt, k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale)
-            _NATIVE_GQA[0] = _NATIVE_GQA[0] or (k.shape[2] != heads) or None
-            return result
-        except RuntimeError:
-            if k.shape[2] == heads:
-                raise
-            _NATIVE_GQA[0] = False
-    kt, vt = (_repeat(x, heads, 2).transpose(1, 2) for x in (k, v))
-    return op(qt, kt, vt, None, True, 0.0, causal, False, scale=scale)
-
-
-def _cudnn_forward(q, k, v, *, causal, softmax_scale=None, cu_seqlens=None, max_seqlen=None, out_dtype=None):
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    _no_causal_offset(q, k, causal)
-    varlen = cu_seqlens is not None
-    if k.shape[-3] == 0:
-        return q.new_zeros(q.shape, dtype=out_dtype or q.dtype), _lse_like(q, varlen, torch.float32)
-    if varlen:
-        out, lse = _cudnn_varlen_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen)
-    else:
-        result = _cudnn_dense_forward(q, k, v, causal, scale)
-        out = result[0].transpose(1, 2)                       # (B, S, H, D)
-        lse = result[1].reshape(q.shape[0], q.shape[2], q.shape[1])
-    return (out if out_dtype is None else out.to(out_dtype)), lse.float()
-
-
-def _cudnn_backward(dout, q, k, v, out, lse, *, causal, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-                    delta=None, grad_dtype=None):
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    _no_causal_offset(q, k, causal)
-    dout, out = dout.to(q.dtype), out.to(q.dtype)
-    if k.shape[-3] == 0:
-        grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
-    elif cu_seqlens is not None:
-        grads = _cudnn_varlen_backward(dout, q, k, v, out, lse, causal, scale, cu_seqlens, max_seqlen)
-    else:
-        grads = _cudnn_dense_backward(dout, q, k, v, out, lse, causal, scale)
-    return tuple(g if grad_dtype is None else g.to(grad_dtype) for g in grads)
-
-
-def _no_dropout_state(device):
-    """The philox seed and offset the backward takes (unused without dropout): 0-d, as the forward's."""
-    return torch.zeros((), dtype=torch.long, device=device)
-
-
-def _cudnn_dense_backward(dout, q, k, v, out, lse, causal, scale):
-    heads, kv_heads = q.shape[2], k.shape[2]
-    native = _NATIVE_GQA[0] is not False or heads == kv_heads
-    kk, vv = (k, v) if native else (_repeat(k, heads, 2), _repeat(v, heads, 2))
-    empty = _no_dropout_state(q.device)
-    stats = lse.float().unsqueeze(-1).contiguous()            # cuDNN's (B, H, S, 1)
-    t = lambda x: x.transpose(1, 2)  # noqa: E731
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        t(dout), t(q), t(kk), t(vv), t(out), stats, empty, empty, None, None, None,
-        q.shape[1], k.shape[1], 0.0, causal, scale=scale)
-    dq, dk, dv = t(dq), t(dk), t(dv)
-    return dq, _fold(dk, kv_heads, 2), _fold(dv, kv_heads, 2)
-
-
-# cuDNN's packed lse: head-major (H, T) or token-major (T, H[, 1]); found by the first forward
-_VARLEN_TOKEN_MAJOR: list = [None]
-
-
-def _cudnn_varlen_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen):
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    cu = cu_seqlens.to(torch.int32)
-    result = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_seqlen, max_seqlen, True, 0.0,
-                                                     causal, False, scale=scale)
-    out, lse = result[0], result[1]
-    tokens, heads = q.shape[0], q.shape[1]
-    token_major = lse.shape[0] == tokens and (tokens != heads or lse.dim() == 3)
-    _VARLEN_TOKEN_MAJOR[0] = token_major
-    lse = lse.reshape(tokens, heads).t() if token_major else lse.reshape(heads, tokens)
-    return out, lse
-
-
-def _cudnn_varlen_backward(dout, q, k, v, out, lse, causal, scale, cu_seqlens, max_seqlen):
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    if _VARLEN_TOKEN_MAJOR[0] is None:      # no forward in this process yet: ask cuDNN its layout
-        _cudnn_varlen_forward(q[:2], k[:2], v[:2], False, scale,
-                              torch.tensor([0, 2], dtype=torch.int32, device=q.device), 2)
-    stats = lse.float().t().contiguous().unsqueeze(-1) if _VARLEN_TOKEN_MAJOR[0] else lse.float().contiguous()
-    cu = cu_seqlens.to(torch.int32)
-    empty = _no_dropout_state(q.device)
-    return torch.ops.aten._cudnn_attention_backward(dout.contiguous(), q, k, v, out, stats, empty, empty, None,
-                                                    cu, cu, max_seqlen, max_seqlen, 0.0, causal, scale=scale)
+    return cudnn.cudnn_available()
 
 
 register_backend(Backend(
     name="cudnn", summary="PyTorch's cuDNN attention ops (CUDA sm80+, fp16/bf16, head dims to 128)",
-    available=_cudnn_available, supports=_cudnn_supports, forward=_cudnn_forward, backward=_cudnn_backward))
+    available=_cudnn_available, supports=cudnn.cudnn_supports, forward=cudnn.cudnn_forward,
+    backward=cudnn.cudnn_backward))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -394,7 +222,7 @@ def length_bucket(seqlen: Optional[int]) -> int:
 def table_key(device, dtype, head_dim, causal, gqa_ratio, varlen, seqlen) -> str:
     device = torch.device(device)
     if device.type == "cuda":
-        major, minor = _capability(device)
+        major, minor = capability(device)
         where = f"sm{major}{minor}"
     else:
         where = device.type
