@@ -6,8 +6,8 @@ Dense calls take (B, H, S, D) views of the seam's (B, S, H, D) tensors; the log-
 the varlen backward's dQ buffer by the head dim before pytorch#186142 (June 2026), an illegal
 address once a document is longer than the head dim. cuDNN's causal mask is top-left, so a causal
 call with fewer queries than keys is refused (the seam's rule is bottom-right; ring attention's
-causal blocks are square). Grouped-query K/V go to cuDNN as they are; if it refuses them, they are
-repeated per query head from then on (and the gradients summed back).
+causal blocks are square). Grouped-query K/V go to cuDNN as they are; if it refuses them (or with
+LONGCTX_CUDNN_GQA=repeat), they are repeated per query head (and the gradients summed back).
 """
 from __future__ import annotations
 
@@ -76,8 +76,10 @@ def cudnn_supports(device, dtype, head_dim, causal, gqa, varlen):
     return True, ""
 
 
-# whether cuDNN took grouped-query K/V as they are (None: not tried yet); else K/V heads are repeated
-_NATIVE_GQA: list = [None]
+# set once cuDNN refuses grouped-query K/V as they are: from then on they are repeated per query head.
+# LONGCTX_CUDNN_GQA=repeat sets it from the start (where scripts/check_backends_gpu.py finds cuDNN's
+# own grouped-query path wrong rather than refused)
+_GQA_REPEATED: list = [os.environ.get("LONGCTX_CUDNN_GQA", "") == "repeat"]
 
 
 def _repeat(x, heads, dim):
@@ -105,15 +107,14 @@ def _cudnn_dense_forward(q, k, v, causal, scale):
     heads = q.shape[2]
     op = torch.ops.aten._scaled_dot_product_cudnn_attention
     qt = q.transpose(1, 2)
-    if _NATIVE_GQA[0] is not False:
+    grouped = k.shape[2] != heads
+    if not (grouped and _GQA_REPEATED[0]):
         try:
-            result = op(qt, k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale)
-            _NATIVE_GQA[0] = _NATIVE_GQA[0] or (k.shape[2] != heads) or None
-            return result
+            return op(qt, k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale)
         except RuntimeError:
-            if k.shape[2] == heads:
+            if not grouped:
                 raise
-            _NATIVE_GQA[0] = False
+            _GQA_REPEATED[0] = True
     kt, vt = (_repeat(x, heads, 2).transpose(1, 2) for x in (k, v))
     return op(qt, kt, vt, None, True, 0.0, causal, False, scale=scale)
 
@@ -134,7 +135,7 @@ def cudnn_forward(q, k, v, *, causal, softmax_scale=None, cu_seqlens=None, max_s
 
 
 def cudnn_backward(dout, q, k, v, out, lse, *, causal, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-                    delta=None, grad_dtype=None):
+                   delta=None, grad_dtype=None):
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     _no_causal_offset(q, k, causal)
     dout, out = dout.to(q.dtype), out.to(q.dtype)
@@ -154,16 +155,24 @@ def _no_dropout_state(device):
 
 def _cudnn_dense_backward(dout, q, k, v, out, lse, causal, scale):
     heads, kv_heads = q.shape[2], k.shape[2]
-    native = _NATIVE_GQA[0] is not False or heads == kv_heads
-    kk, vv = (k, v) if native else (_repeat(k, heads, 2), _repeat(v, heads, 2))
     empty = _no_dropout_state(q.device)
     stats = lse.float().unsqueeze(-1).contiguous()            # cuDNN's (B, H, S, 1)
     t = lambda x: x.transpose(1, 2)  # noqa: E731
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        t(dout), t(q), t(kk), t(vv), t(out), stats, empty, empty, None, None, None,
-        q.shape[1], k.shape[1], 0.0, causal, scale=scale)
-    dq, dk, dv = t(dq), t(dk), t(dv)
-    return dq, _fold(dk, kv_heads, 2), _fold(dv, kv_heads, 2)
+
+    def run(kk, vv):
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            t(dout), t(q), t(kk), t(vv), t(out), stats, empty, empty, None, None, None,
+            q.shape[1], k.shape[1], 0.0, causal, scale=scale)
+    if heads == kv_heads or not _GQA_REPEATED[0]:
+        try:
+            dq, dk, dv = run(k, v)
+            return t(dq), t(dk), t(dv)
+        except RuntimeError:
+            if heads == kv_heads:
+                raise
+            _GQA_REPEATED[0] = True
+    dq, dk, dv = run(_repeat(k, heads, 2), _repeat(v, heads, 2))
+    return t(dq), _fold(t(dk), kv_heads, 2), _fold(t(dv), kv_heads, 2)
 
 
 # cuDNN's packed lse: head-major (H, T) or token-major (T, H[, 1]); found by the first forward
