@@ -161,11 +161,9 @@ def part_loopback(args):
     for rank in range(world):
         plan, loopback = ring_plan(rank, world, check_len // world, True), LoopbackComm(world, rank)
         results = {}
-        for impl in ("torch", "triton"):
-            ring_module.BLOCK_IMPL = impl
-            out, lse = ring_forward(loopback, plan, q, k, v, scale)
-            results[impl] = [out, *ring_backward(loopback, plan, dout, q, k, v, out, lse, scale)]
-        ring_module.BLOCK_IMPL = None
+        for impl in ("torch", "triton"):   # the blocks on each backend of the seam
+            out, lse = ring_forward(loopback, plan, q, k, v, scale, backend=impl)
+            results[impl] = [out, *ring_backward(loopback, plan, dout, q, k, v, out, lse, scale, backend=impl)]
         for name, got, expected in zip(("out", "dq", "dk", "dv"), results["triton"], results["torch"]):
             err = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
             errors[f"rank{rank}_{name}"] = err

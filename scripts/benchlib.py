@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the head of their JSON (DESIGN.md's format:
-{"device", "torch", "triton", "commit", "command", "rows"}) and two measures.
+{"device", "torch", "triton", "commit", "command", "rows"}), the timing helpers (median time,
+attention FLOPs, peak memory) and error measures.
 
 Imported by the scripts beside it (their folder is on sys.path when they run).
 """
@@ -59,6 +60,21 @@ def print_rows(rows: list, columns: list, named_by: int) -> None:
         shown = columns[:named_by] if "error" in r else columns
         line = " ".join(f"{str(cell(r)):>{width}}" for _, width, cell in shown)
         print(line + (f"  {r['error'][:60]}" if "error" in r else ""))
+
+
+def median_ms(fn, seqlen: int = 0) -> float:
+    """The median time of `fn` in ms (triton's do_bench: CUDA events, cache flushed between runs);
+    runs past 16K tokens get a longer budget (do_bench's warmup and rep are milliseconds)."""
+    import triton
+    rep = 100 if seqlen <= 16384 else 300
+    return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")
+
+
+def attention_flops(seqlen: int, heads: int, head_dim: int, causal: bool, mode: str) -> float:
+    """FLOPs of softmax attention over one sequence, as flash-attn's benchmarks count them: the
+    forward 4 S^2 H D (halved when causal), the backward 2.5 forwards ("fwd_bwd": 3.5 in all)."""
+    forward = 4 * seqlen * seqlen * heads * head_dim * (0.5 if causal else 1.0)
+    return forward * (3.5 if mode == "fwd_bwd" else 1.0)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from longctx.model.llama import Attention, Llama
 from longctx.model.rotary import rotary_cos_sin
+from longctx.ops.attention.backends import merge_into
 from longctx.ops.attention.naive import accumulation_dtype
 
 
@@ -221,9 +222,9 @@ def attend_cached(q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor
         block_lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - block_lse[..., None])
         block_out = torch.einsum("bkgs,bskd->bkgd", probs.to(values.dtype), values).to(accum)
-        merged = torch.logaddexp(lse, block_lse)
-        out = out * torch.exp(lse - merged)[..., None] + block_out * torch.exp(block_lse - merged)[..., None]
-        lse = merged
+        # the seam's one merge, on views in its layout: out (B, 1, Hkv*G, D) with lse (B, Hkv*G, 1)
+        merge_into(out.view(batch, 1, heads, dim), lse.view(batch, heads, 1),
+                   block_out.reshape(batch, 1, heads, dim), block_lse.reshape(batch, heads, 1))
     if world > 1:
         top = lse.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)

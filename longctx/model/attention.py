@@ -15,9 +15,14 @@ and a per-head decay (H,) >= 0:
 
     fn(q, k, v, decay, *, cu_seqlens=None) -> out      (sequence-parallel ones: and group=)
 
-Implementations register themselves: the model registers `sdpa`, `flash` and `lightning`; each
-sequence-parallel method of `longctx.parallel` registers its mixers when imported, so the model
-never imports parallel code.
+Softmax attention itself runs through the seam of `longctx.ops.attention.backends`: `config.attention`
+names a backend (`auto`, `triton`, `cudnn`, `torch`, or the aliases `flash` = triton and `sdpa` =
+cuDNN where it runs), and `softmax_attention` runs it over whole sequences. A
+sequence-parallel method of `longctx.parallel` registers its mixers here when imported (so the model
+never imports parallel code); `apply_sequence_parallel` names the method's mixer on each layer
+(`sequence_mixer`), and the mixer is called with `backend=config.attention`: the user's backend
+choice holds under every method. A name registered here that is not a backend (a test's spy) is
+called as it is. The model registers the linear mixer `lightning`.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from longctx.ops.attention import backends as seam
 
 _SOFTMAX: dict[str, Callable] = {}
 _LINEAR: dict[str, Callable] = {}
@@ -57,6 +64,22 @@ def _lookup(table: dict, name: str, kind: str) -> Callable:
 
 def get_attention(name: str) -> Callable:
     return _lookup(_SOFTMAX, name, "softmax")
+
+
+def is_registered(name: str) -> bool:
+    """Whether `name` is a registered softmax mixer (a sequence-parallel method's, or a test's)."""
+    return name in _SOFTMAX
+
+
+def check_attention(name: str, sequence_parallel: bool = False) -> None:
+    """One line for a `model.attention` that names no backend (nor, without sequence parallelism,
+    a registered mixer): called when the config is validated, before anything runs."""
+    if name in seam.names() or (not sequence_parallel and name in _SOFTMAX):
+        return
+    what = ("the backend the sequence-parallel method runs its attention on" if sequence_parallel
+            else "the attention backend")
+    raise ValueError(f"model.attention={name!r} is not {what}: choose one of {', '.join(seam.names())} "
+                     f"(flash = triton; sdpa = cudnn where it runs; auto picks by shape)")
 
 
 def get_linear_attention(name: str) -> Callable:
@@ -107,9 +130,24 @@ def document_ranges(cu_seqlens: torch.Tensor | None, total: int) -> list[tuple[i
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-@register_attention("sdpa")
+def softmax_attention(q, k, v, *, backend: str = "auto", cu_seqlens=None, max_seqlen=None, softmax_scale=None,
+                      causal: bool = True):
+    """Softmax attention of whole sequences through the seam: q (B, S, H, D), k, v (B, S, Hkv, D);
+    `cu_seqlens` (int32) the packed documents of the flattened B*S tokens, in one call."""
+    if cu_seqlens is None:
+        return seam.attention(q, k, v, backend=backend, causal=causal, softmax_scale=softmax_scale)
+    if max_seqlen is None:
+        bounds = document_bounds(cu_seqlens)
+        max_seqlen = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+    flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]   # [B*S, H, D] (views)
+    out = seam.attention(*flat, backend=backend, causal=causal, softmax_scale=softmax_scale,
+                         cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return out.view(q.shape)
+
+
 def sdpa_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
-    """PyTorch's scaled_dot_product_attention; packed documents run one at a time."""
+    """PyTorch's scaled_dot_product_attention, packed documents one at a time: not a backend (it
+    gives no log-sum-exp), a plain causal reference for tests and for mixers that wrap it."""
     batch, seqlen = q.shape[:2]
     gqa = q.shape[2] != k.shape[2]
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D]
@@ -127,17 +165,3 @@ def sdpa_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax_scale=N
             qt[:, :, start:end], kt[:, :, start:end], vt[:, :, start:end],
             is_causal=True, scale=softmax_scale, enable_gqa=gqa)
     return out.transpose(1, 2)
-
-
-@register_attention("flash")
-def flash_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
-    """The Triton FlashAttention-2 kernel (longctx.ops.attention); packed documents in one launch."""
-    from longctx.ops.attention import flash_attn_func, flash_attn_varlen_func
-    if cu_seqlens is None:
-        return flash_attn_func(q, k, v, causal=True, softmax_scale=softmax_scale)
-    flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]   # [B*S, H, D]
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                 causal=True, softmax_scale=softmax_scale)
-    return out.view(q.shape)

@@ -35,10 +35,12 @@ class MixerProjections(nn.Module):
     `output(out, x)`, where x (the mixer's input) is read only if `gated_output`.
 
     `mixer_group`: None, or the process group(s) a sequence-parallel mixer runs over, passed to
-    it as `group=` (set by `longctx.parallel`, which also names the mixer in the config)."""
+    it as `group=`; `sequence_mixer`: None, or the name of that method's mixer for this layer
+    (both set by `longctx.parallel`'s apply_sequence_parallel; the config keeps the user's choice)."""
 
     gated_output = False
     mixer_group = None
+    sequence_mixer = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -74,7 +74,7 @@ class LinearAttention(MixerProjections):
         return q, k, v
 
     def mix(self, q, k, v, cu_seqlens=None, max_seqlen=None):
-        mixer = get_linear_attention(self.config.linear_attention)
+        mixer = get_linear_attention(self.sequence_mixer or self.config.linear_attention)
         out = mixer(q, k, v, self.decay, cu_seqlens=cu_seqlens, **self.mixer_kwargs())
         return out.flatten(2)
 

@@ -19,7 +19,9 @@ from longctx.ops.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
 from longctx.ops.rotary import apply_rotary
 from longctx.ops.swiglu import silu_mul
 
-from .attention import document_bounds, get_attention
+from longctx.ops.attention import backends as seam
+
+from .attention import document_bounds, get_attention, is_registered, softmax_attention
 from .config import ModelConfig
 from .layers import MixerProjections, RMSNorm
 from .linear_attention import LinearAttention
@@ -50,20 +52,35 @@ class Attention(MixerProjections):
         return q, k, v
 
     def mix(self, q, k, v, cu_seqlens, max_seqlen):
-        mixer = get_attention(resolve_attention(self.config.attention, q))
-        out = mixer(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, softmax_scale=self.config.head_dim ** -0.5,
-                    **self.mixer_kwargs())
+        scale = self.config.head_dim ** -0.5
+        name = self.config.attention
+        if self.sequence_mixer is not None:   # a sequence-parallel method's mixer, on the user's backend
+            out = get_attention(self.sequence_mixer)(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                                     softmax_scale=scale, backend=name, **self.mixer_kwargs())
+        elif is_registered(name):             # a mixer registered under this name (tests' spies)
+            out = get_attention(name)(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, softmax_scale=scale,
+                                      **self.mixer_kwargs())
+        else:                                 # a backend of the seam (longctx.ops.attention.backends)
+            out = softmax_attention(q, k, v, backend=name, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                    softmax_scale=scale)
         return out.flatten(2)
 
     def output(self, out, x):
         return self.o_proj(out)
 
 
-def resolve_attention(name: str, x: torch.Tensor) -> str:
-    """'auto' is the Triton kernel on CUDA and PyTorch's SDPA elsewhere."""
-    if name != "auto":
+def resolve_attention(name: str, q: torch.Tensor, k: torch.Tensor | None = None, causal: bool = True,
+                      varlen: bool = False) -> str:
+    """The backend `name` runs for queries like q (..., H, D) (and keys like k): "auto" and the
+    aliases resolved by the seam (`longctx.ops.attention.backends.select`); a registered mixer's
+    name as it is. A q that is not (..., H, D) floating point (a device probe, token ids) is taken
+    as bf16 heads of 128 on its device."""
+    if is_registered(name):
         return name
-    return "flash" if x.is_cuda else "sdpa"
+    if q.dim() < 3 or not q.is_floating_point():
+        return seam.select(name, device=q.device, dtype=torch.bfloat16, head_dim=128, causal=causal,
+                           varlen=varlen).name
+    return seam.select_for(name, q, q if k is None else k, causal=causal, varlen=varlen).name
 
 
 class MLP(nn.Module):

@@ -6,33 +6,20 @@ the queries of the document that continues from earlier shards attend to its ear
 two results are merged by their log-sum-exp. The backward returns those keys' gradients with a
 reduce-scatter that overlaps the diagonal block's backward. `cu_seqlens` describes the whole
 sequence, as for LASP, whose view of the shard's documents (`shard_documents`) this reuses.
+Both blocks run on the attention backend the caller names (the model's `config.attention`) through
+the seam (`longctx.ops.attention.backends`), merged with its one merge: any device and dtype the
+backend takes (float64 on a CPU with `torch`).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from longctx.model.attention import document_ranges, per_step, register_attention
-from longctx.ops.dispatch import use_kernel
+from longctx.model.attention import register_attention
+from longctx.ops.attention import backends as seam
+from longctx.ops.attention.naive import accumulation_dtype
 
-from .lasp import ShardDocuments, _expand_heads, _group_info, kernel_bounds, shard_documents
-
-class _GatherSequence(torch.autograd.Function):
-    """All-gather along the sequence (dim 1); the backward sums every rank's gradient of this shard.
-    (The PyTorch path of `allgather_kv_attention`.)"""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        rank, world = _group_info(group)
-        ctx.group, ctx.rank, ctx.world = group, rank, world
-        shares = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(shares, x.contiguous(), group=group)
-        return torch.cat(shares, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_rows(torch.stack(grad.chunk(ctx.world, dim=1)), ctx.group, ctx.rank), None
+from .lasp import ShardDocuments, _group_info, kernel_bounds, shard_documents
 
 
 def _reduce_scatter_rows(rows: torch.Tensor, group, rank: int, async_op: bool = False):
@@ -52,19 +39,29 @@ def _diagonal_args(docs: ShardDocuments, device) -> dict:
         return {}
     bounds = kernel_bounds(docs, device)
     longest = max(b - a for a, b in zip(docs.kernel_bounds[:-1], docs.kernel_bounds[1:]))
-    return dict(cu_seqlens_q=bounds, cu_seqlens_k=bounds, max_seqlen_q=longest, max_seqlen_k=longest)
+    return dict(cu_seqlens=bounds, max_seqlen=longest)
+
+
+def _backends(name, q, k, docs: ShardDocuments):
+    """(diagonal block's backend, earlier keys' backend) that `name` means for these shapes."""
+    packed = docs.kernel_bounds is not None
+    longest = (max(b - a for a, b in zip(docs.kernel_bounds[:-1], docs.kernel_bounds[1:])) if packed
+               else q.shape[1])
+    return (seam.select_for(name, q, k, causal=True, varlen=packed, seqlen=longest),
+            seam.select_for(name, q, k, causal=False, seqlen=q.shape[1]))
 
 
 class _AllGatherKVAttention(torch.autograd.Function):
-    """Flash-attention kernels with the log-sum-exp: the shard's own causal (diagonal) block runs
+    """Attention with the log-sum-exp (the seam's backends): the shard's own causal (diagonal) block runs
     while K and V are gathered; then the queries of the document that continues from earlier shards
     attend to its earlier keys, and the two results are merged. The backward sends the earlier
     keys' gradients back to their owners (reduce-scatter) while the diagonal block's backward runs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, docs: ShardDocuments, scale):
-        from longctx.ops.attention import attention_forward
+    def forward(ctx, q, k, v, group, docs: ShardDocuments, scale, backend):
         rank, world = _group_info(group)
+        diagonal_backend, past_backend = _backends(backend, q, k, docs)
+        accum = accumulation_dtype(q.dtype)
         batch, length = q.shape[:2]
         dk = k.shape[-1]
         kv = torch.cat([k, v], dim=-1).contiguous()  # one message: [B, L, Hkv, Dk + Dv]
@@ -73,11 +70,12 @@ class _AllGatherKVAttention(torch.autograd.Function):
 
         diagonal = _diagonal_args(docs, q.device)
         if diagonal:
-            out, lse = attention_forward(q[0], k[0], v[0], causal=True, softmax_scale=scale,
-                                         out_dtype=torch.float32, **diagonal)
+            out, lse = diagonal_backend.forward(q[0], k[0], v[0], causal=True, softmax_scale=scale,
+                                                out_dtype=accum, **diagonal)
             out, lse = out[None], lse[None]  # [1, L, H, D], [1, H, L]
         else:
-            out, lse = attention_forward(q, k, v, causal=True, softmax_scale=scale, out_dtype=torch.float32)
+            out, lse = diagonal_backend.forward(q, k, v, causal=True, softmax_scale=scale, out_dtype=accum)
+        lse = lse.to(accum)
         if work is not None:
             work.wait()
 
@@ -86,23 +84,21 @@ class _AllGatherKVAttention(torch.autograd.Function):
         if seen:
             past = torch.cat(gathered[:rank], dim=1)[:, docs.past_start:]
             past_k, past_v = past[..., :dk], past[..., dk:]
-            out_past, lse_past = attention_forward(q[:, :seen], past_k, past_v, causal=False, softmax_scale=scale,
-                                                   out_dtype=torch.float32)
-            merged = torch.logaddexp(lse[..., :seen], lse_past)                     # [B, H, seen]
-            keep = torch.exp(lse[..., :seen] - merged).transpose(1, 2)[..., None]   # [B, seen, H, 1]
-            add = torch.exp(lse_past - merged).transpose(1, 2)[..., None]
-            out[:, :seen] = out[:, :seen] * keep + out_past * add
-            lse[..., :seen] = merged
+            out_past, lse_past = past_backend.forward(q[:, :seen], past_k, past_v, causal=False,
+                                                      softmax_scale=scale, out_dtype=accum)
+            seam.merge_into(out[:, :seen], lse[..., :seen], out_past, lse_past)   # in place, on the views
         del gathered
         out = out.to(q.dtype)
         ctx.group, ctx.docs, ctx.scale, ctx.seen = group, docs, scale, seen
+        ctx.backends = diagonal_backend, past_backend
         ctx.save_for_backward(q, k, v, out, lse, past_k, past_v)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        from longctx.ops.attention import attention_backward
         q, k, v, out, lse, past_k, past_v = ctx.saved_tensors
+        diagonal_backend, past_backend = ctx.backends
+        accum = accumulation_dtype(q.dtype)
         group, docs, scale, seen = ctx.group, ctx.docs, ctx.scale, ctx.seen
         rank, world = _group_info(group)
         batch, length = q.shape[:2]
@@ -113,9 +109,9 @@ class _AllGatherKVAttention(torch.autograd.Function):
         rows = torch.zeros(world, batch, length, k.shape[2], dk + v.shape[-1], dtype=k.dtype, device=k.device)
         dq_past = None
         if seen:
-            dq_past, dk_past, dv_past = attention_backward(
+            dq_past, dk_past, dv_past = past_backend.backward(
                 dout[:, :seen], q[:, :seen], past_k, past_v, out[:, :seen], lse[..., :seen].contiguous(),
-                causal=False, softmax_scale=scale, grad_dtype=torch.float32)
+                causal=False, softmax_scale=scale, grad_dtype=accum)
             grad_past = torch.cat([dk_past, dv_past], dim=-1).to(k.dtype)  # [B, rank*L - past_start, Hkv, Dk+Dv]
             if batch == 1:
                 rows.view(1, world * length, *rows.shape[3:])[:, docs.past_start:rank * length] = grad_past
@@ -125,65 +121,33 @@ class _AllGatherKVAttention(torch.autograd.Function):
 
         diagonal = _diagonal_args(docs, q.device)
         if diagonal:
-            dq, dk_local, dv_local = attention_backward(dout[0], q[0], k[0], v[0], out[0], lse[0], causal=True,
-                                                        softmax_scale=scale, grad_dtype=torch.float32, **diagonal)
+            dq, dk_local, dv_local = diagonal_backend.backward(dout[0], q[0], k[0], v[0], out[0], lse[0], causal=True,
+                                                               softmax_scale=scale, grad_dtype=accum, **diagonal)
             dq, dk_local, dv_local = dq[None], dk_local[None], dv_local[None]
         else:
-            dq, dk_local, dv_local = attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=scale,
-                                                        grad_dtype=torch.float32)
+            dq, dk_local, dv_local = diagonal_backend.backward(dout, q, k, v, out, lse, causal=True,
+                                                               softmax_scale=scale, grad_dtype=accum)
         if dq_past is not None:
             dq[:, :seen] += dq_past
         if work is not None:
             work.wait()
         dk_local += share[..., :dk]
         dv_local += share[..., dk:]
-        return dq.to(q.dtype), dk_local.to(k.dtype), dv_local.to(v.dtype), None, None, None
-
-
-def _segments(cu_seqlens, start, end, total):
-    """(q_start, q_end) local and (k_start, k_end) global of each document piece in [start, end)."""
-    if cu_seqlens is None:
-        return [(0, end - start, 0, end)]
-
-    def compute():
-        pieces = []
-        for doc_start, doc_end in document_ranges(cu_seqlens, total):
-            lo, hi = max(doc_start, start), min(doc_end, end)
-            if lo < hi:
-                pieces.append((lo - start, hi - start, doc_start, hi))
-        return pieces
-    return per_step(cu_seqlens, ("allgather_kv", start, end, total), compute)
-
-
-def _sdpa_bottom_right(q, k, v, scale):
-    """Causal attention with the queries at the end of the keys: q (B, Sq, H, D), k/v (B, Sk, Hkv, D)."""
-    heads = q.shape[2]
-    qt, kt, vt = q.transpose(1, 2), _expand_heads(k, heads).transpose(1, 2), _expand_heads(v, heads).transpose(1, 2)
-    sq, sk = q.shape[1], k.shape[1]
-    mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale).transpose(1, 2)
+        return dq.to(q.dtype), dk_local.to(k.dtype), dv_local.to(v.dtype), None, None, None, None
 
 
 @register_attention("allgather_kv")
 def allgather_kv_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None,
-                           kernel: bool | None = None):
-    """Causal softmax attention for contiguous shards over `group`: K and V are
-    all-gathered (GQA keeps them small) and this rank's queries attend to the keys up to its
-    shard's end. `cu_seqlens` describes the whole sequence, as for `lasp`. With the flash kernels
-    (on CUDA, or kernel=True under the Triton interpreter) the gather overlaps the shard's own causal block; otherwise
-    PyTorch's SDPA runs each document piece on the gathered keys."""
+                           backend: str = "auto"):
+    """Causal softmax attention for contiguous shards over `group`: K and V are all-gathered (GQA
+    keeps them small) while the shard's own causal block runs, and this rank's queries attend to
+    the keys up to its shard's end. `cu_seqlens` describes the whole sequence, as for `lasp`;
+    `backend` names the attention backend (`longctx.ops.attention.backends`) both blocks run on."""
     rank, world = _group_info(group)
     batch, length = q.shape[:2]
     if cu_seqlens is not None and batch != 1:
         raise ValueError(f"packed documents (cu_seqlens) need batch size 1 under sequence parallelism, got {batch}")
+    seam.check_name(backend)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    supported = q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    if use_kernel("all-gather-KV attention", q.device, supported, kernel, f"fp16/bf16/fp32, got {q.dtype}"):
-        docs = shard_documents(cu_seqlens, rank, world, length)
-        return _AllGatherKVAttention.apply(q, k, v, group, docs, scale)
-    if world > 1:
-        k, v = _GatherSequence.apply(k, group), _GatherSequence.apply(v, group)
-    start, end = rank * length, (rank + 1) * length
-    segments = _segments(cu_seqlens, start, end, world * length)
-    pieces = [_sdpa_bottom_right(q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], scale) for qs, qe, ks, ke in segments]
-    return torch.cat(pieces, dim=1)
+    docs = shard_documents(cu_seqlens, rank, world, length)
+    return _AllGatherKVAttention.apply(q, k, v, group, docs, scale, backend)

@@ -17,17 +17,16 @@ from .registry import check_model
 def apply_sequence_parallel(model, dims: ParallelDims) -> None:
     """Point the model's token mixers at the method's mixers, over the groups `dims` holds (made by
     `dims.build_mesh`), and remember the dims on the model (`model.sequence_dims`) for the code
-    that feeds it a sequence (evaluation). As torchtitan's apply_cp: the model keeps its modules."""
+    that feeds it a sequence (evaluation). As torchtitan's apply_cp: the model keeps its modules.
+    Each layer names its method mixer (`sequence_mixer`); `model.config.attention` stays the user's
+    backend choice, which the method's softmax mixer runs its attention on."""
     method = dims.method
     model.sequence_dims = dims
     if method is None:
         return
     check_model(method, dims, model.config)
-    if method.softmax is not None:
-        model.config.attention = method.softmax
-    if method.linear is not None:
-        model.config.linear_attention = method.linear
-    for layer in model.layers:
+    for index, layer in enumerate(model.layers):
+        layer.self_attn.sequence_mixer = method.mixer_for(model.config.layer_type(index))
         layer.self_attn.mixer_group = dims.mixer_group
 
 

@@ -15,8 +15,9 @@ What a record says:
 - `groups(dims)`: the process group(s) its mixers take, made from the device mesh once.
 - `check(dims, model_config)`: head and size constraints, raising ValueError with one line.
 - `memory(m, tokens, a, dims)`: its own buffers for the memory planner, {name: bytes per rank}.
-- `needs_kernel`: it has no PyTorch path (Ulysses runs the flash kernel): a CPU run without
-  TRITON_INTERPRET=1 is a config error.
+- `needs_kernel`: it has no PyTorch path, so a CPU run without TRITON_INTERPRET=1 is a config error
+  (no method sets it since softmax attention runs through the seam, whose `torch` backend runs
+  anywhere).
 - `reads`: the `parallel.*` sizes besides `sp` it takes (USP: "ulysses"); another method given one
   of them is a config error rather than a silently ignored key.
 - `bytes_per_layer(m, seqlen, a, dims, kind)`: bytes one rank sends per layer of `kind`

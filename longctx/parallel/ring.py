@@ -19,9 +19,11 @@ the causal cases are kernel arguments. Packed documents (`cu_seqlens` of the who
 sequence) cut these blocks further: a pair of different chunks shares at most one document (a dense
 sub-block), and the local causal block is one varlen call over the local documents.
 
-The block math dispatches: the Triton kernel (`longctx.ops.attention`) on CUDA, the plain-PyTorch
-block functions of `ops/attention/naive.py` on CPU. Registered as the model's `ring` token mixer
-and as the sequence-parallel method `ring` (its record at the end).
+Each block runs on the attention backend the caller names (`backend=`, the model's
+`config.attention`: "auto", "triton", "cudnn", "torch", ...), selected per block shape through the
+seam (`longctx.ops.attention.backends`); the partial results are folded with the seam's one merge.
+Registered as the model's `ring` token mixer and as the sequence-parallel method `ring` (its record
+at the end).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.model.attention import document_bounds, per_step, register_attention
+from longctx.ops.attention import backends as seam
 from longctx.ops.attention import naive
 
 from .registry import SequenceMethod, register_method
@@ -248,19 +251,12 @@ def ring_plan(rank: int, world_size: int, local_len: int, causal: bool, batch: i
 
 
 # ------------------------------------------------------------------------------------------------
-# the block math: Triton on CUDA, PyTorch on CPU
+# the block math: through the seam, on the backend the caller names
 # ------------------------------------------------------------------------------------------------
-# "triton", "torch", or None: by device (Triton on CUDA). Tests set "triton" to run the kernel under
-# TRITON_INTERPRET=1 on the CPU.
-BLOCK_IMPL: str | None = None
-
-
-def _block_functions(device: torch.device):
-    impl = BLOCK_IMPL or ("triton" if device.type == "cuda" else "torch")
-    if impl == "triton":
-        from longctx.ops.attention import attention_backward, attention_forward
-        return attention_forward, attention_backward
-    return naive.attention_forward, naive.attention_backward
+def _block_backend(name: str, block: "Block", q, k, local_len: int) -> seam.Backend:
+    """The backend `name` means for this block's shape (selected once per shape: cached)."""
+    return seam.select_for(name, q, k, causal=block.causal, varlen=block.cu_seqlens is not None,
+                           seqlen=block.max_seqlen if block.cu_seqlens is not None else local_len)
 
 
 def _rows(block: Block, x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
@@ -283,23 +279,7 @@ def _lse_rows(block: Block, lse: torch.Tensor) -> torch.Tensor:
 
 
 def _varlen_args(block: Block) -> dict:
-    if block.cu_seqlens is None:
-        return {}
-    return dict(cu_seqlens_q=block.cu_seqlens, cu_seqlens_k=block.cu_seqlens,
-                max_seqlen_q=block.max_seqlen, max_seqlen_k=block.max_seqlen)
-
-
-def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
-    """Fold a block's partial result into the running (out, lse), in place, in their dtype."""
-    # out [b, S', H, D], lse [b, H, S'] (varlen blocks come as [S', H, D], [H, S'])
-    if out.dim() == 3:
-        out, lse, block_out, block_lse = out[None], lse[None], block_out[None], block_lse[None]
-    merged = torch.logaddexp(lse, block_lse)
-    finite = torch.where(torch.isinf(merged), torch.zeros_like(merged), merged)  # rows seeing nothing yet
-    keep = torch.exp(lse - finite).transpose(1, 2)[..., None]
-    take = torch.exp(block_lse - finite).transpose(1, 2)[..., None]
-    out.mul_(keep).add_(block_out * take)
-    lse.copy_(merged)
+    return dict(cu_seqlens=block.cu_seqlens, max_seqlen=block.max_seqlen)
 
 
 def _check(q, k, v, world_size):
@@ -346,31 +326,30 @@ def _kv_blocks(ring: RingComm, k, v):
         yield step, k_now, v_now
 
 
-def ring_forward(ring: RingComm, plan, q, k, v, scale):
+def ring_forward(ring: RingComm, plan, q, k, v, scale, backend: str = "auto"):
     """(out, lse): out like q, lse (B, H, S_local) in the accumulation dtype."""
-    forward, _ = _block_functions(q.device)
     accum = naive.accumulation_dtype(q.dtype)
     batch, seqlen, heads, _ = q.shape
     out = lse = None  # the running state, fp32; the first block that covers every row starts it
     for step, k_now, v_now in _kv_blocks(ring, k, v):
         for block in plan[step]:
+            forward = _block_backend(backend, block, q, k, seqlen).forward
             block_out, block_lse = forward(
                 _rows(block, q, block.q_rows), _rows(block, k_now, block.k_rows),
                 _rows(block, v_now, block.k_rows), softmax_scale=scale, causal=block.causal,
                 out_dtype=accum, **_varlen_args(block))
             if out is None and block.batch is None and block.q_rows == (0, seqlen):
-                out, lse = block_out, block_lse
+                out, lse = block_out, block_lse.to(accum)
                 continue
             if out is None:
                 out = torch.zeros(q.shape, dtype=accum, device=q.device)
                 lse = torch.full((batch, heads, seqlen), float("-inf"), dtype=accum, device=q.device)
-            _merge(_rows(block, out, block.q_rows), _lse_rows(block, lse), block_out, block_lse)
+            seam.merge_into(_rows(block, out, block.q_rows), _lse_rows(block, lse), block_out, block_lse)
     return out.to(q.dtype), lse
 
 
-def ring_backward(ring: RingComm, plan, dout, q, k, v, out, lse, scale):
+def ring_backward(ring: RingComm, plan, dout, q, k, v, out, lse, scale, backend: str = "auto"):
     """(dq, dk, dv) for this rank's shares; dk, dv gathered from every rank's queries."""
-    _, backward = _block_functions(q.device)
     accum = naive.accumulation_dtype(q.dtype)
     world = ring.world_size
     delta = (dout.to(accum) * out.to(accum)).sum(-1).transpose(1, 2).contiguous()  # [B, H, S] rowsum(dO * O)
@@ -382,6 +361,7 @@ def ring_backward(ring: RingComm, plan, dout, q, k, v, out, lse, scale):
         grads = []
         for block in plan[step]:
             q_rows = block.q_rows
+            backward = _block_backend(backend, block, q, k, q.shape[1]).backward
             block_dq, block_dk, block_dv = backward(
                 _rows(block, dout, q_rows), _rows(block, q, q_rows), _rows(block, k_now, block.k_rows),
                 _rows(block, v_now, block.k_rows), _rows(block, out, q_rows), _lse_rows(block, lse),
@@ -416,39 +396,43 @@ def _cached_plan(ring, local_len, causal, batch, cu_seqlens, device):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring, plan, scale):
-        out, lse = ring_forward(ring, plan, q, k, v, scale)
+    def forward(ctx, q, k, v, ring, plan, scale, backend):
+        out, lse = ring_forward(ring, plan, q, k, v, scale, backend)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring, ctx.plan, ctx.scale = ring, plan, scale
+        ctx.ring, ctx.plan, ctx.scale, ctx.backend = ring, plan, scale, backend
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(ctx.ring, ctx.plan, dout.contiguous(), q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = ring_backward(ctx.ring, ctx.plan, dout.contiguous(), q, k, v, out, lse, ctx.scale,
+                                   ctx.backend)
+        return dq, dk, dv, None, None, None, None
 
 
 def ring_attn_func(q, k, v, group=None, causal: bool = True, softmax_scale: float | None = None,
-                   cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                   cu_seqlens: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Attention of this rank's zigzag share of the queries to the whole sequence's keys/values.
 
     q (B, S_local, H, D); k, v (B, S_local, Hkv, D), each split with
     `split_sequence(x, group, dim=1, layout="zigzag")`; the output (B, S_local, H, D) is in the same
     layout. `cu_seqlens` (int32): starts of the packed documents of the whole, unsplit, flattened
-    (B x S) sequence, plus its total. Differentiable in q, k, v.
+    (B x S) sequence, plus its total. `backend`: the attention backend every block runs on (a name
+    of `longctx.ops.attention.backends`, selected per block shape). Differentiable in q, k, v.
     """
+    seam.check_name(backend)
     ring = init_ring(group, q.device if q.is_cuda else "cpu")
     _check(q, k, v, ring.world_size)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     plan = _cached_plan(ring, q.shape[1], causal, q.shape[0], cu_seqlens, q.device)
-    return _RingAttention.apply(q, k, v, ring, plan, scale)
+    return _RingAttention.apply(q, k, v, ring, plan, scale, backend)
 
 
 @register_attention("ring")
-def ring_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+def ring_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None, backend="auto"):
     """The model's `ring` token mixer: causal ring attention over `group` (None: the default group)."""
-    return ring_attn_func(q, k, v, group, causal=True, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens)
+    return ring_attn_func(q, k, v, group, causal=True, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
+                          backend=backend)
 
 
 # ------------------------------------------------------------------------------------------------

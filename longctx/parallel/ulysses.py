@@ -2,9 +2,11 @@
 
 Each of the U ranks holds a contiguous shard of S/U tokens of q, k, v with all their heads (layout
 "contiguous" of `parallel/sequence.py`). One all-to-all, q, k and v packed in one buffer, turns it
-into the whole sequence for H/U query heads (and their key/value heads); each rank runs the flash
-kernel (`longctx.ops.attention`) over the whole sequence for its heads, packed documents exact
-through the varlen kernel with the global `cu_seqlens`; one all-to-all brings the output back to
+into the whole sequence for H/U query heads (and their key/value heads); each rank runs softmax
+attention over the whole sequence for its heads on the backend the caller names (`backend=`, the
+model's `config.attention`, through the seam `longctx.ops.attention.backends`: any device and dtype
+the backend takes, float64 on a CPU with `torch`), packed documents exact in one call with the
+global `cu_seqlens`; one all-to-all brings the output back to
 the rank's sequence shard with all heads. The backward runs the same two exchanges the other way
 round: the output gradient to head shards, then dq, dk, dv together back to sequence shards.
 
@@ -27,8 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from longctx.model.attention import document_bounds, per_step, register_attention, register_linear_attention
-from longctx.ops.attention import flash_attn_func, flash_attn_varlen_func
+from longctx.model.attention import (document_bounds, per_step, register_attention, register_linear_attention,
+                                     softmax_attention)
 from longctx.ops.linear import lightning_attn_func
 
 from .registry import SequenceMethod, register_method
@@ -205,27 +207,18 @@ def _longest_document(cu_seqlens, tokens: int, what: str) -> int:
     return per_step(cu_seqlens, "longest_document", lambda: max(b - a for a, b in zip(bounds, bounds[1:])))
 
 
-def _attend_whole(q, k, v, causal, cu_seqlens, max_seqlen, softmax_scale):
-    """The flash kernel over whole sequences [B, S, h, D]; documents of the flattened B*S tokens."""
-    if cu_seqlens is None:
-        return flash_attn_func(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    batch, seqlen = q.shape[:2]
-    flat = [x.flatten(0, 1) for x in (q, k, v)]  # [B*S, h, D] views
-    out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                 causal=causal, softmax_scale=softmax_scale)
-    return out.view(batch, seqlen, *out.shape[1:])
-
-
 def ulysses_attn_func(q, k, v, group=None, causal: bool = True, cu_seqlens: torch.Tensor | None = None,
-                      max_seqlen: int | None = None, softmax_scale: float | None = None) -> torch.Tensor:
+                      max_seqlen: int | None = None, softmax_scale: float | None = None,
+                      backend: str = "auto") -> torch.Tensor:
     """Softmax attention of this rank's contiguous sequence shard over the whole sequence (Ulysses).
 
     q (B, S/U, H, D), k, v (B, S/U, Hkv, D): this rank's shard of `split_sequence(x, group, dim=1,
     layout="contiguous")`; or packed q (T/U, H, D), k, v (T/U, Hkv, D). `cu_seqlens` (int32): the
     starts of the documents of the whole flattened (B x S, or T) sequence plus its total;
     `max_seqlen` the longest of them (read from `cu_seqlens` when None). H must be divisible by the
-    group size U, and Hkv divisible by U or dividing it (see `check_heads`). Returns this rank's
-    output shard, q's shape. Differentiable in q, k, v.
+    group size U, and Hkv divisible by U or dividing it (see `check_heads`). `backend`: the
+    attention backend of the whole-sequence call (a name of `longctx.ops.attention.backends`).
+    Returns this rank's output shard, q's shape. Differentiable in q, k, v.
     """
     packed = check_shards(q, k, v, "ulysses attention")
     if packed:
@@ -234,7 +227,8 @@ def ulysses_attn_func(q, k, v, group=None, causal: bool = True, cu_seqlens: torc
         longest = _longest_document(cu_seqlens, q.shape[0] * q.shape[1] * _world_size(group), "ulysses attention")
         max_seqlen = longest if max_seqlen is None else max_seqlen
     q_heads, k_heads, v_heads = sequence_to_heads(q, k, v, group)
-    out = _attend_whole(q_heads, k_heads, v_heads, causal, cu_seqlens, max_seqlen, softmax_scale)
+    out = softmax_attention(q_heads, k_heads, v_heads, backend=backend, causal=causal, cu_seqlens=cu_seqlens,
+                            max_seqlen=max_seqlen, softmax_scale=softmax_scale)
     out = heads_to_sequence(out, group)
     return out[0] if packed else out
 
@@ -284,10 +278,11 @@ def ulysses_bytes_per_layer(seqlen: int, heads: int, kv_heads: int, head_dim: in
 # the model's mixers and the method's record (longctx/parallel/registry.py)
 # ------------------------------------------------------------------------------------------------
 @register_attention("ulysses")
-def ulysses_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
-    """The model's `ulysses` token mixer: causal Ulysses attention over `group`."""
+def ulysses_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None,
+                      backend="auto"):
+    """The model's `ulysses` token mixer: causal Ulysses attention over `group`, on `backend`."""
     return ulysses_attn_func(q, k, v, group, causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                             softmax_scale=softmax_scale)
+                             softmax_scale=softmax_scale, backend=backend)
 
 
 @register_linear_attention("ulysses_lightning")
@@ -330,4 +325,4 @@ register_method(SequenceMethod(
                             "for H/U heads (softmax and linear layers)",
     softmax="ulysses", linear="ulysses_lightning", split=_split, gather=_gather, divisor=_divisor,
     groups=lambda dims: dims.sp_group, bytes_per_layer=_bytes, check=heads_check(lambda dims: dims.sp),
-    memory=lambda m, tokens, a, dims: heads_exchange_memory(dims.sp, m, tokens, a), needs_kernel=True))
+    memory=lambda m, tokens, a, dims: heads_exchange_memory(dims.sp, m, tokens, a)))

@@ -31,7 +31,7 @@ __all__ = ["usp_attn_func", "build_usp_groups", "usp_group_ranks", "usp_bytes_pe
 
 def usp_attn_func(q, k, v, ulysses_group, ring_group, causal: bool = True,
                   cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                  softmax_scale: float | None = None) -> torch.Tensor:
+                  softmax_scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Softmax attention of this rank's USP share over the whole sequence.
 
     q (B, S/(U R), H, D), k, v (B, S/(U R), Hkv, D): this rank's share of
@@ -39,14 +39,16 @@ def usp_attn_func(q, k, v, ulysses_group, ring_group, causal: bool = True,
     (T/(U R), Hkv, D). `cu_seqlens` (int32): the documents of the whole flattened sequence (every
     batch row starting one, as ring attention needs). H must be divisible by U and Hkv fit it as in
     `ulysses.check_heads`. `max_seqlen` is accepted for the common signature; the ring plans its
-    blocks from `cu_seqlens`. Returns this rank's output share, q's shape; differentiable in q, k, v.
+    blocks from `cu_seqlens`. `backend`: the attention backend of the ring's blocks (a name of
+    `longctx.ops.attention.backends`). Returns this rank's output share, q's shape; differentiable
+    in q, k, v.
     """
     packed = check_shards(q, k, v, "USP attention")
     if packed:
         q, k, v = q[None], k[None], v[None]
     q_heads, k_heads, v_heads = sequence_to_heads(q, k, v, ulysses_group)  # the ring's zigzag share
     out = ring_attn_func(q_heads, k_heads, v_heads, ring_group, causal=causal, softmax_scale=softmax_scale,
-                         cu_seqlens=cu_seqlens)
+                         cu_seqlens=cu_seqlens, backend=backend)
     out = heads_to_sequence(out, ulysses_group)
     return out[0] if packed else out
 
@@ -99,11 +101,11 @@ def usp_bytes_per_layer(seqlen: int, heads: int, kv_heads: int, head_dim: int, u
 # the model's mixer and the method's record (longctx/parallel/registry.py)
 # ------------------------------------------------------------------------------------------------
 @register_attention("usp")
-def usp_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+def usp_attention(q, k, v, *, group=None, cu_seqlens=None, max_seqlen=None, softmax_scale=None, backend="auto"):
     """The model's `usp` token mixer; `group` is the pair (Ulysses group, ring group)."""
     ulysses_group, ring_group = group
     return usp_attn_func(q, k, v, ulysses_group, ring_group, causal=True, cu_seqlens=cu_seqlens,
-                         softmax_scale=softmax_scale)
+                         softmax_scale=softmax_scale, backend=backend)
 
 
 def _ring_size(dims) -> int:

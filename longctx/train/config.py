@@ -278,6 +278,8 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     p = cfg.parallel
     dims = ParallelDims.from_sizes(world_size, dp=p.dp, sp=p.sp, sp_method=p.sp_method, ulysses=p.ulysses,
                                    dp_backend=p.dp_backend if world_size > 1 else "none")
+    from longctx.model.attention import check_attention
+    check_attention(cfg.model.attention, sequence_parallel=dims.method is not None)
     if world_size > 1 and dims.dp_backend == "none":
         raise ValueError(f"{world_size} processes need a data-parallel backend to reduce gradients: "
                          f"set parallel.dp_backend to one of ddp, fsdp, deepspeed")

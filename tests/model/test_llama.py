@@ -143,7 +143,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         model(torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="int32"):
         model(torch.zeros(1, 8, dtype=torch.long), cu_seqlens=torch.tensor([0, 8]))
-    with pytest.raises(KeyError, match="unknown softmax attention 'nope'"):
+    with pytest.raises(ValueError, match="unknown attention backend 'nope': choose one of auto, "):
         Llama(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                           num_attention_heads=4, num_key_value_heads=2, attention="nope"))(
             torch.zeros(1, 4, dtype=torch.long))

@@ -70,11 +70,14 @@ def _lasp_worker(rank, world, seed):
             results[packed, variant] = [out.detach()] + [x.grad for x in local]
     if world == 2:  # the softmax layers of hybrid models on the same contiguous shards
         for packed in (True, False):
-            q, k, v, dout, _, cu = _softmax_case(seed, world, packed)
-            local = [split_sequence(x, None, dim=1, layout="contiguous").requires_grad_(True) for x in (q, k, v)]
-            out = allgather_kv_attention(*local, cu_seqlens=cu, kernel=True)
-            out.backward(split_sequence(dout, None, dim=1, layout="contiguous"))
-            results[packed, "allgather_kv"] = [out.detach()] + [x.grad for x in local]
+            # the Triton kernels (interpreted) in fp32, and the torch backend in float64
+            for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+                q, k, v, dout, _, cu = _softmax_case(seed, world, packed)
+                local = [split_sequence(x.to(dtype), None, dim=1, layout="contiguous").requires_grad_(True)
+                         for x in (q, k, v)]
+                out = allgather_kv_attention(*local, cu_seqlens=cu, backend=backend)
+                out.backward(split_sequence(dout.to(dtype), None, dim=1, layout="contiguous"))
+                results[packed, "allgather_kv", backend] = [out.detach()] + [x.grad for x in local]
     if world == 4:  # a 2-D mesh: two sequence groups {0, 1} and {2, 3} side by side, on different data
         import torch.distributed as dist
         groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -135,8 +138,12 @@ def test_lasp_matches_one_process(world):
         for packed in (True, False):
             single, truth = _softmax_reference(*_softmax_case(seed, world, packed))
             for i, name in enumerate(("out", "dq", "dk", "dv")):
-                got = torch.cat([results[r][packed, "allgather_kv"][i] for r in range(world)], dim=1)
+                got = torch.cat([results[r][packed, "allgather_kv", "triton"][i] for r in range(world)], dim=1)
                 _assert_close(got, single[i], truth[i], f"allgather_kv packed={packed} {name} (seed {seed})")
+                got = torch.cat([results[r][packed, "allgather_kv", "torch"][i] for r in range(world)], dim=1)
+                error = ((got - truth[i]).norm() / truth[i].norm()).item()
+                assert got.dtype == torch.float64 and error < 1e-10, (
+                    f"allgather_kv on torch, float64, packed={packed} {name}: relative error {error:.2e}")
     if world == 4:
         for index, ranks in enumerate(([0, 1], [2, 3])):
             single, truth = _reference(*_case(seed + index, 2, True))

@@ -13,7 +13,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton cases run the kerne
 import pytest
 import torch
 
-import longctx.parallel.ring as ring_module
 from distributed import run_distributed
 from longctx.ops.attention.naive import attention_reference
 from longctx.parallel.ring import ring_attn_func, ring_plan
@@ -91,9 +90,10 @@ def low_precision_reference(case):
 
 
 def _run_case(case, group):
-    ring_module.BLOCK_IMPL = case.get("impl")
     q, k, v, dout = (split_sequence(case[n], group).requires_grad_(n != "dout") for n in ("q", "k", "v", "dout"))
-    out = ring_attn_func(q, k, v, group, causal=case["causal"], cu_seqlens=case["cu_seqlens"])
+    # the blocks on the backend the case names: auto is the torch backend on a CPU
+    out = ring_attn_func(q, k, v, group, causal=case["causal"], cu_seqlens=case["cu_seqlens"],
+                         backend=case.get("impl", "auto"))
     out.backward(dout)
     return [out.detach(), q.grad, k.grad, v.grad]
 
@@ -132,9 +132,14 @@ def _model_step(case, group):
     import torch.distributed as dist
     from longctx.model import Llama, ModelConfig
     from longctx.model.llama import positions_from_cu_seqlens, shift_labels
-    ring_module.BLOCK_IMPL = None
-    model = Llama(ModelConfig(**case["config"], attention="ring"))
+    from longctx.parallel.mesh import sequence_dims
+    from longctx.parallel.parallelize import apply_sequence_parallel
+    model = Llama(ModelConfig(**case["config"], attention="torch"))
     model.load_state_dict(case["state"])
+    apply_sequence_parallel(model, sequence_dims("ring", group))
+    # the user's backend stays in the config; the layers name the method's mixer, which runs on it
+    assert model.config.attention == "torch"
+    assert [layer.self_attn.sequence_mixer for layer in model.layers] == ["ring"] * len(model.layers)
     input_ids, cu = case["input_ids"], case["cu_seqlens"]
     labels = shift_labels(case["labels"])
     positions = (positions_from_cu_seqlens(cu, input_ids.shape) if cu is not None

@@ -23,8 +23,6 @@ CASES = {
     # Ulysses over pairs of adjacent ranks x a ring of 2
     "usp": ["parallel.sp=4", "parallel.ulysses=2"] + SOFTMAX,
 }
-# Ulysses runs the flash kernel over the whole sequence: under the Triton interpreter on a CPU
-NEEDS_KERNEL = {"ulysses"}
 COMMON = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
           "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.attention=sdpa",
           "train.seq_len=64", "train.grad_accum=2", "train.precision=fp32", "train.device=cpu",
@@ -52,13 +50,12 @@ def _check_worker(rank, world, configs):
     return {name: check(cfg) for name, cfg in configs.items()}
 
 
-@pytest.mark.parametrize("kernel", [False, True], ids=["pytorch-paths", "kernel-paths"])
-def test_a_training_step_of_each_method_matches_one_process(monkeypatch, kernel):
-    """ring, LASP and USP on their PyTorch paths (their kernels are tested apiece); Ulysses with the
-    flash kernel (interpreted on a CPU)."""
-    if not kernel:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    configs = {name: method_config(name) for name in CASES if (name in NEEDS_KERNEL) == kernel}
+def test_a_training_step_of_each_method_matches_one_process(monkeypatch):
+    """Every method on a CPU without the Triton interpreter: softmax attention on the seam's torch
+    backend (model.attention=sdpa), linear attention on its PyTorch paths (the kernels are tested
+    apiece)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    configs = {name: method_config(name) for name in CASES}
     reports = run_distributed(_check_worker, 4, configs)[0]
     assert set(reports) == set(configs)
     for name, report in reports.items():
@@ -114,13 +111,14 @@ def test_impossible_layouts_are_one_line_errors(overrides, world, message):
     assert "\n" not in str(error.value)
 
 
-def test_a_kernel_only_method_on_a_cpu_is_a_one_line_error(monkeypatch):
+def test_every_method_validates_on_a_cpu_without_the_interpreter(monkeypatch):
+    """No method needs the Triton kernels any more: Ulysses' whole-sequence call runs on the seam's
+    torch backend on a CPU."""
     import longctx.ops.dispatch as dispatch
     monkeypatch.setattr(dispatch, "INTERPRETED", False)
-    with pytest.raises(ConfigError, match="parallel.sp_method=ulysses runs Triton kernels only: train on CUDA GPUs"):
-        validate(compose(["parallel.sp=2", "parallel.sp_method=ulysses", "train.device=cpu"]), 2)
-    validate(compose(["parallel.sp_method=usp", "parallel.sp=4", "parallel.ulysses=2",
-                      "train.device=cpu"]), 4)   # USP's ring has a PyTorch path
+    assert not any(method.needs_kernel for method in methods().values())
+    validate(compose(["parallel.sp=2", "parallel.sp_method=ulysses", "train.device=cpu"]), 2)
+    validate(compose(["parallel.sp_method=usp", "parallel.sp=4", "parallel.ulysses=2", "train.device=cpu"]), 4)
 
 
 def test_the_bytes_table_script_reads_the_registry():

@@ -1,11 +1,12 @@
 """Ulysses (and USP) attention on 2 and 4 gloo processes against one process.
 
-Each case draws fresh random fp32 inputs of the whole sequence in the parent; the ranks take their
-shares, run forward and backward, and return their local output and q, k, v gradients. Those must
-equal the shares of the float64 truth within twice the error of the single-process fp32 kernel
-(the Triton kernel, interpreted on the CPU) plus a few fp32 roundings: Ulysses runs that same
-kernel on the same numbers, only for fewer heads per process. One spawned pool runs every case of
-a process count.
+Each case draws fresh random inputs of the whole sequence in the parent; the ranks take their
+shares, run forward and backward on the attention backend the case names (`auto`: the torch backend
+on a CPU; `triton`: the kernel, interpreted), and return their local output and q, k, v gradients.
+Float64 cases must equal the shares of the float64 truth to float64 round-off; fp32 cases within
+twice the error of the same backend on one process plus a few fp32 roundings: Ulysses runs that
+same attention on the same numbers, only for fewer heads per process. One spawned pool runs every
+case of a process count.
 """
 import os
 
@@ -15,15 +16,14 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from longctx.ops.attention import flash_attn_func, flash_attn_varlen_func
+from longctx.model.attention import softmax_attention
 from longctx.ops.linear import lightning_attn_func
 from longctx.ops.linear.naive import lightning_attn_recurrent
-import longctx.parallel.ring as ring_module
 from longctx.parallel.sequence import gather_sequence_usp, split_sequence, split_sequence_usp
 from longctx.parallel.ulysses import check_heads, ulysses_attn_func, ulysses_bytes_per_layer, ulysses_lightning_func
 from longctx.parallel.ring import ring_bytes_per_layer
 from longctx.parallel.usp import build_usp_groups, usp_attn_func, usp_bytes_per_layer, usp_group_ranks
-from test_ring import reference, rel_err, zigzag_share
+from test_ring import FLOAT64_TOL, reference, rel_err, zigzag_share
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -31,26 +31,22 @@ EPS32 = torch.finfo(torch.float32).eps
 # ------------------------------------------------------------------------------------------------
 # cases and references
 # ------------------------------------------------------------------------------------------------
-def softmax_case(batch, seqlen, heads, kv_heads, causal=True, cu_seqlens=None, packed=False, head_dim=16):
-    """Whole-sequence fp32 inputs. `cu_seqlens`: document starts of the flattened (B x S) sequence
+def softmax_case(batch, seqlen, heads, kv_heads, causal=True, cu_seqlens=None, packed=False, head_dim=16,
+                 dtype=torch.float32, backend="auto"):
+    """Whole-sequence inputs. `cu_seqlens`: document starts of the flattened (B x S) sequence
     plus its total; `packed`: the ranks get (T/U, H, D) shares instead of (B, S/U, H, D)."""
     gen = torch.Generator().manual_seed(int(torch.randint(2**31, ()).item()))
     shapes = dict(q=heads, k=kv_heads, v=kv_heads, dout=heads)
-    case = {n: torch.randn(batch, seqlen, h, head_dim, generator=gen) for n, h in shapes.items()}
+    case = {n: torch.randn(batch, seqlen, h, head_dim, generator=gen, dtype=torch.float64).to(dtype)
+            for n, h in shapes.items()}
     cu = torch.tensor(cu_seqlens, dtype=torch.int32) if cu_seqlens is not None else None
-    return dict(case, causal=causal, cu_seqlens=cu, packed=packed)
+    return dict(case, causal=causal, cu_seqlens=cu, packed=packed, backend=backend)
 
 
-def kernel_reference(case):
-    """Output and gradients of the single-process fp32 kernel over the whole sequence."""
+def single_reference(case):
+    """Output and gradients of the case's backend on one process over the whole sequence."""
     q, k, v = (case[n].clone().requires_grad_() for n in ("q", "k", "v"))
-    cu = case["cu_seqlens"]
-    if cu is None:
-        out = flash_attn_func(q, k, v, causal=case["causal"])
-    else:
-        longest = int((cu[1:] - cu[:-1]).max())
-        out = flash_attn_varlen_func(*(x.flatten(0, 1) for x in (q, k, v)), cu, cu, longest, longest,
-                                     causal=case["causal"]).view(q.shape)
+    out = softmax_attention(q, k, v, backend=case["backend"], causal=case["causal"], cu_seqlens=case["cu_seqlens"])
     return [out.detach(), *torch.autograd.grad(out, (q, k, v), case["dout"])]
 
 
@@ -88,18 +84,19 @@ def _ulysses_case(case, group):
     if "decay" in case:
         out = ulysses_lightning_func(q, k, v, case["decay"], group, cu_seqlens=case["cu_seqlens"])
     else:
-        out = ulysses_attn_func(q, k, v, group, causal=case["causal"], cu_seqlens=case["cu_seqlens"])
+        out = ulysses_attn_func(q, k, v, group, causal=case["causal"], cu_seqlens=case["cu_seqlens"],
+                                backend=case["backend"])
     out.backward(local["dout"])
     return [out.detach(), q.grad, k.grad, v.grad]
 
 
 def _usp_case(case, ulysses_group, ring_group):
-    ring_module.BLOCK_IMPL = case.get("ring_impl")  # None: PyTorch blocks on the CPU
     local = {n: split_sequence_usp(case[n], ulysses_group, ring_group) for n in ("q", "k", "v", "dout")}
     if case.get("packed"):
         local = {n: x[0] for n, x in local.items()}
     q, k, v = (local[n].requires_grad_() for n in ("q", "k", "v"))
-    out = usp_attn_func(q, k, v, ulysses_group, ring_group, causal=case["causal"], cu_seqlens=case["cu_seqlens"])
+    out = usp_attn_func(q, k, v, ulysses_group, ring_group, causal=case["causal"], cu_seqlens=case["cu_seqlens"],
+                        backend=case["backend"])
     out.backward(local["dout"])
     return [out.detach(), q.grad, k.grad, v.grad]
 
@@ -150,7 +147,10 @@ def _assert_shares(name, results, world, truth, single, packed=False, share=_loc
     process's error plus a few fp32 roundings of the values' size."""
     for i, what in enumerate(("out", "dq", "dk", "dv")):
         t, s = truth[i].double(), single[i].double()
-        tolerance = 2 * (s - t).abs().max().item() + 8 * EPS32 * t.abs().max().item()
+        if single[i].dtype == torch.float64:   # float64 round-off, relative to the values' size
+            tolerance = FLOAT64_TOL * t.abs().max().item()
+        else:
+            tolerance = 2 * (s - t).abs().max().item() + 8 * EPS32 * t.abs().max().item()
         for rank in range(world):
             got = results[rank][name][i].double()
             error = (got - share(t, rank, world, packed)).abs().max().item()
@@ -173,7 +173,7 @@ def _check(results, cases, world, share=_local_share):
         if "decay" in case:
             single, truth = lightning_reference(case)
         else:
-            single, truth = kernel_reference(case), reference(case)
+            single, truth = single_reference(case), reference(case)
         _assert_shares(name, results, world, truth, single, case.get("packed", False), share)
     for rank in range(world):
         heads, kv_heads = results[rank]["error_heads"], results[rank]["error_kv_heads"]
@@ -189,11 +189,13 @@ def _check(results, cases, world, share=_local_share):
 def test_ulysses_two_processes():
     cases = {
         "mha": softmax_case(2, 16, 4, 4),
-        "gqa": softmax_case(1, 16, 4, 2),
+        "gqa": softmax_case(1, 16, 4, 2, dtype=torch.float64),
         "mqa": softmax_case(1, 16, 4, 1),                 # one KV head replicated to both ranks
-        "full": softmax_case(1, 12, 2, 2, causal=False),
+        "full": softmax_case(1, 12, 2, 2, causal=False, dtype=torch.float64),
         # packed (T/U, H, D) shares; [6, 17) crosses the shard boundary at 12; [5, 6) is one token
-        "packed": softmax_case(1, 24, 2, 1, cu_seqlens=[0, 5, 6, 17, 24], packed=True),
+        "packed": softmax_case(1, 24, 2, 1, cu_seqlens=[0, 5, 6, 17, 24], packed=True, dtype=torch.float64),
+        # the whole-sequence call through the Triton kernel (interpreted), as on a GPU
+        "packed_triton": softmax_case(1, 24, 2, 1, cu_seqlens=[0, 5, 6, 17, 24], packed=True, backend="triton"),
         # batch rows with documents of the flattened (2 x 12) sequence, one crossing the row and shard
         "docs_batch": softmax_case(2, 12, 4, 2, cu_seqlens=[0, 3, 4, 10, 19, 24]),
         "lightning": lightning_case(32, 4, 2),
@@ -205,7 +207,7 @@ def test_ulysses_two_processes():
 def test_ulysses_four_processes():
     cases = {
         "mha": softmax_case(1, 16, 4, 4),
-        "gqa_replicated": softmax_case(1, 16, 8, 2),      # 2 KV heads, each on 2 of the 4 ranks
+        "gqa_replicated": softmax_case(1, 16, 8, 2, dtype=torch.float64),  # 2 KV heads, each on 2 of the 4 ranks
         "mqa": softmax_case(1, 16, 4, 1),
         "packed": softmax_case(1, 24, 4, 2, cu_seqlens=[0, 1, 7, 14, 23, 24], packed=True),
         "lightning_replicated": lightning_case(32, 4, 2, cu_seqlens=[0, 11, 12, 32]),
@@ -214,14 +216,14 @@ def test_ulysses_four_processes():
     # share cut in two over the Ulysses pair
     usp_cases = {
         "usp_mha": softmax_case(1, 16, 4, 4),
-        "usp_gqa": softmax_case(2, 16, 4, 2),
+        "usp_gqa": softmax_case(2, 16, 4, 2, dtype=torch.float64),
         "usp_mqa": softmax_case(1, 16, 4, 1),             # one KV head replicated over the Ulysses pair
         "usp_full": softmax_case(1, 16, 2, 2, causal=False),
         # [4, 13) and [13, 27) cross chunks and shards; [3, 4) is one token
-        "usp_packed": softmax_case(1, 32, 4, 2, cu_seqlens=[0, 3, 4, 13, 27, 32], packed=True),
+        "usp_packed": softmax_case(1, 32, 4, 2, cu_seqlens=[0, 3, 4, 13, 27, 32], packed=True, dtype=torch.float64),
         "usp_docs_batch": softmax_case(2, 16, 2, 1, cu_seqlens=[0, 7, 8, 16, 21, 32]),
         # the ring's blocks through the Triton kernel's low level, as on a GPU
-        "usp_triton": dict(softmax_case(1, 32, 4, 2, cu_seqlens=[0, 5, 6, 20, 32]), ring_impl="triton"),
+        "usp_triton": softmax_case(1, 32, 4, 2, cu_seqlens=[0, 5, 6, 20, 32], backend="triton"),
     }
     results = run_distributed(_worker, 4, cases, usp_cases)
     _check(results, cases, 4)
