@@ -65,7 +65,7 @@ def _tokenizer_hash(path: Path) -> str:
 
 
 def cache_path(cfg: DataConfig) -> Path:
-    data, tokenizer = resolve_path(cfg.path, "data.path"), resolve_path(cfg.tokenizer, "data.tokenizer")
+    data, tokenizer = resolve_path(cfg.path, "data.path"), resolve_path(cfg.tokenizer_path, "data.tokenizer")
     identity = {"version": PIPELINE_VERSION, "data": [str(data.resolve())] + _file_identity(data),
                 "tokenizer": _tokenizer_hash(tokenizer), "chat_template": cfg.chat_template,
                 "loss_mask": cfg.loss_mask}
@@ -118,7 +118,7 @@ def _build(cfg: DataConfig, target: Path) -> None:
         raise DataError(f"data.path={cfg.path}: {why_unusable(report)}; point data.path at ShareGPT records "
                         '{"conversations": [{"from": "human", "value": ...}, ...]} or OpenAI records '
                         '{"messages": [{"role": "user", "content": ...}, ...]}')
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.tokenizer, "data.tokenizer")))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.tokenizer_path, "data.tokenizer")))
     chat_template = resolve_chat_template(tokenizer, cfg.chat_template)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
 
