@@ -33,6 +33,15 @@ class ModelSection(ModelConfig):
                                            # over the shape, and its tokenizer is data.tokenizer's default
 
 
+def _model_section() -> ModelSection:
+    """The schema's model section with head_dim left unset: the dataclass resolves it on creation from
+    its own defaults (256 / 8 = 32), which would stick over a YAML or override that changes the hidden
+    size or heads; unset, the composed section resolves it from theirs."""
+    section = ModelSection()
+    section.head_dim = None
+    return section
+
+
 @dataclass
 class ParallelSection:
     dp_backend: str = "ddp"                # none | ddp | fsdp | deepspeed
@@ -113,7 +122,7 @@ class LoggingSection:
 
 @dataclass
 class Config:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelSection = field(default_factory=_model_section)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     optim: OptimSection = field(default_factory=OptimSection)
