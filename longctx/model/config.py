@@ -2,7 +2,7 @@
 (Llama, Mistral, Qwen2, Qwen3: `families.py` holds what differs between them)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from .families import get_family

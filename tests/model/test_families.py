@@ -176,3 +176,25 @@ def test_parameter_count_is_the_models():
         with torch.device("meta"):
             model = Llama(config)
         assert config.num_parameters() == sum(p.numel() for p in model.parameters()), case
+
+
+def test_qk_norm_of_a_share_of_the_heads_is_that_share_of_the_norm():
+    """Ulysses hands each rank a share of the heads after `project` has normalised them: a rank
+    normalising its share itself (after the all-to-all) gets the same values, the norm's weight being
+    one per head dim, shared by all heads (the 4-process step of tests/parallel/test_families_sp.py
+    runs the whole path)."""
+    from longctx.model.llama import Attention
+    torch.manual_seed(0)
+    config = ModelConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=24, family="qwen3",
+                         qk_norm=True)
+    layer = Attention(config).double()
+    with torch.no_grad():
+        layer.q_norm.weight.add_(0.1 * torch.randn(24, dtype=torch.float64))
+        x = torch.randn(2, 9, 48, dtype=torch.float64)
+        q, k, _ = layer.heads(x)
+        raw_q = layer.q_proj(x).view(2, 9, 4, 24)
+        for share in (slice(0, 2), slice(2, 4)):   # two Ulysses ranks' heads
+            torch.testing.assert_close(layer.q_norm(raw_q[:, :, share].contiguous()), q[:, :, share], rtol=0, atol=0)
+        # and it is transformers' Qwen3 q_norm: RMSNorm over each head's vector
+        expected = raw_q * torch.rsqrt(raw_q.pow(2).mean(-1, keepdim=True) + 1e-6) * layer.q_norm.weight
+        torch.testing.assert_close(q, expected)
