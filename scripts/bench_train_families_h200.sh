@@ -4,15 +4,16 @@
 # hf): longctx full finetuning in bf16 with fp32 masters and AdamW on the host (optim.offload), full
 # checkpointing, blockwise MLP in chunks of 8K; against transformers' Qwen3ForCausalLM /
 # Qwen2ForCausalLM with Liger's kernels for that family (all-bf16, AdamW on the GPU), in the same run.
-# The Llama-3-8B pair goes first as the baseline of this run (same card, same process order).
-#   scripts/bench_train_families_h200.sh                       # every part, about 9 minutes
-#   scripts/bench_train_families_h200.sh qwen3 qwen3_hf        # some parts (appended to the file there is)
+# The Llama-3-8B pair comes last, as this run's link to train_8b_h200.json (same card).
+#   scripts/bench_train_families_h200.sh                       # every part: 12-15 minutes, two device calls:
+#   scripts/bench_train_families_h200.sh qwen3 qwen3_hf qwen25 qwen25_hf    # about 7-9 minutes
+#   scripts/bench_train_families_h200.sh check llama llama_hf               # about 5 minutes
 # One step each, no warm-up (the first row of a process includes the kernels' compilation; the HF
 # row at 16K is HF's warm-up).
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 FILE=$OUT/train_families_h200.json
-PARTS=${*:-check llama llama_hf qwen3 qwen3_hf qwen25 qwen25_hf}
+PARTS=${*:-check qwen3 qwen3_hf qwen25 qwen25_hf llama llama_hf}
 mkdir -p "$OUT"
 bench() {   # time limit, bench_train.py arguments...
     local limit=$1; shift
@@ -33,7 +34,7 @@ for part in $PARTS; do
         qwen3_hf) bench 140 --model qwen3-8b "${HF[@]}" ;;
         qwen25) bench 150 --model qwen2.5-7b "${LONGCTX[@]}" ;;
         qwen25_hf) bench 120 --model qwen2.5-7b "${HF[@]}" ;;
-        *) echo "unknown part $part (check llama llama_hf qwen3 qwen3_hf qwen25 qwen25_hf)"; exit 2 ;;
+        *) echo "unknown part $part (check qwen3 qwen3_hf qwen25 qwen25_hf llama llama_hf)"; exit 2 ;;
     esac
 done
 free -g | head -2
