@@ -56,8 +56,11 @@ def _file_identity(path: Path) -> list:
 
 
 def _tokenizer_hash(path: Path) -> str:
+    """The hash of a tokenizer's files. A model folder (data.tokenizer following model.pretrained)
+    holds gigabytes of weights beside them, which are not read: only files that are not weights."""
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()
+                                                 and p.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf"))
     for file in files:
         digest.update(file.name.encode())
         digest.update(file.read_bytes())

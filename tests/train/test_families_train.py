@@ -99,3 +99,24 @@ def test_a_config_its_family_cannot_export_fails_before_any_work():
     with pytest.raises(ConfigError, match="model.family=llama cannot be exported .* set model.family=qwen3"):
         validate(cfg, 1)
     validate(compose_config(COMMON + ["model.qk_norm=true", "checkpoint.export_hf=false"]), 1)
+
+
+def test_the_data_cache_key_of_a_model_folder_reads_no_weights(tmp_path, monkeypatch):
+    """data.tokenizer following model.pretrained points the data cache at a folder of gigabytes of
+    weights: its key hashes the tokenizer's files alone."""
+    from pathlib import Path
+
+    from longctx.data.cache import cache_path
+    from longctx.data.config import DataConfig
+    folder = qwen3_folder(tmp_path / "qwen3")
+    key = cache_path(DataConfig(tokenizer=str(folder)))
+    real = Path.read_bytes
+
+    def no_weights(self):
+        assert self.suffix != ".safetensors", f"read {self.name}"
+        return real(self)
+    monkeypatch.setattr(Path, "read_bytes", no_weights)
+    assert cache_path(DataConfig(tokenizer=str(folder))) == key
+    (folder / "tokenizer_config.json").write_text((folder / "tokenizer_config.json").read_text().replace(
+        "<|im_end|>", "<|im_end|> "))
+    assert cache_path(DataConfig(tokenizer=str(folder))) != key   # the tokenizer's own files still count
