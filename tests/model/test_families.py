@@ -198,3 +198,30 @@ def test_qk_norm_of_a_share_of_the_heads_is_that_share_of_the_norm():
         # and it is transformers' Qwen3 q_norm: RMSNorm over each head's vector
         expected = raw_q * torch.rsqrt(raw_q.pow(2).mean(-1, keepdim=True) + 1e-6) * layer.q_norm.weight
         torch.testing.assert_close(q, expected)
+
+
+def test_qk_norm_then_rotary_on_the_kernel_paths():
+    """On a GPU, q_norm's output (a view the RMSNorm kernel returns) is rotated in place by Liger's
+    kernel: values and gradients as on the PyTorch paths (the kernels under Triton's interpreter here)."""
+    from longctx.model.rotary import rotary_cos_sin
+    from longctx.ops.rms_norm import rms_norm
+    from longctx.ops.rotary import apply_rotary
+    torch.manual_seed(0)
+    batch, seqlen, heads, kv_heads, d = 1, 12, 4, 2, 16
+    q_proj, k_proj = torch.nn.Linear(32, heads * d), torch.nn.Linear(32, kv_heads * d)
+    q_weight = torch.nn.Parameter(1 + 0.1 * torch.randn(d))
+    k_weight = torch.nn.Parameter(1 + 0.1 * torch.randn(d))
+    x = torch.randn(batch, seqlen, 32)
+    cos, sin = rotary_cos_sin(1.0 / (1e4 ** (torch.arange(0, d, 2).float() / d)), torch.arange(seqlen)[None],
+                              torch.float32)
+    results = []
+    for kernel in (False, True):
+        for p in (q_proj.weight, q_weight, k_weight):
+            p.grad = None
+        q = rms_norm(q_proj(x).view(batch, seqlen, heads, d), q_weight, 1e-6, kernel=kernel)
+        k = rms_norm(k_proj(x).view(batch, seqlen, kv_heads, d), k_weight, 1e-6, kernel=kernel)
+        q, k = apply_rotary(q, k, cos, sin, kernel=kernel)
+        (q.square().sum() + (1.5 * k).sum()).backward()
+        results.append([q.detach(), k.detach(), q_proj.weight.grad.clone(), q_weight.grad.clone(), k_weight.grad.clone()])
+    for ours, reference in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
