@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""A full training step (forward, backward, gradient clipping, AdamW) of a LLaMA shape on one GPU:
-longctx against Hugging Face `LlamaForCausalLM` (SDPA) with Liger's kernels (`hf_liger`: RMSNorm,
+"""A full training step (forward, backward, gradient clipping, AdamW) of a model shape on one GPU:
+longctx against Hugging Face's model of its family (`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...: SDPA)
+with Liger's kernels for that family (`hf_liger`: RMSNorm,
 RoPE, SwiGLU and the fused linear cross entropy, what LLaMA-Factory's `enable_liger_kernel` and
 axolotl's Liger plugin switch on) and without them (`hf`), in the same run, at equal activation
 checkpointing and precision. Every training-step row of bench/results/ comes from here:
@@ -12,6 +13,7 @@ checkpointing and precision. Every training-step row of bench/results/ comes fro
         --lora --seqlens 1048576 --layers 4 --checkpoint-group 2 --activation-offload --documents-of 8192
     python scripts/bench_train.py --check                  # bf16 correctness on the GPU, nothing timed
     scripts/bench_train_8b_h200.sh                         # bench/results/train_8b_h200.json
+    scripts/bench_train_families_h200.sh                   # the Qwen3-8B and Qwen2.5-7B rows at 128K
 
 longctx's rows are built from its Hydra config as the trainer builds them (`build_train_model`:
 model, LoRA, bf16 weights, checkpointing, optimizer), with the blockwise MLP at 64K tokens and the
@@ -101,6 +103,12 @@ from longctx.train.offload_adamw import OffloadedAdamW  # noqa: E402
 from benchlib import device_slug, host_peak_gib, model_config, print_rows, reset_host_peak, result_head  # noqa: E402
 
 MODEL_ALIASES = {"1b": "llama3.2-1b", "8b": "llama3-8b"}
+# the peers per model family (model.family, longctx/model/families.py): Liger's patch for it and the
+# transformers module it patches (restored after the rows); the shapes are configs/model/ (--model)
+HF_FAMILIES = {"llama": ("apply_liger_kernel_to_llama", "llama", "LlamaForCausalLM"),
+               "mistral": ("apply_liger_kernel_to_mistral", "mistral", "MistralForCausalLM"),
+               "qwen2": ("apply_liger_kernel_to_qwen2", "qwen2", "Qwen2ForCausalLM"),
+               "qwen3": ("apply_liger_kernel_to_qwen3", "qwen3", "Qwen3ForCausalLM")}
 PRECISIONS = ("bf16_autocast", "bf16_pure")
 HF_WEIGHT_DTYPE = {"bf16_autocast": torch.float32, "bf16_pure": torch.bfloat16}
 BENCH_DEFAULTS = ["model.mlp_chunk_size=65536", "model.loss_chunk_size=8192"]
@@ -218,22 +226,24 @@ def longctx_step(built, run: Run, device: torch.device):
 
 
 @contextmanager
-def liger_patched(kernels: tuple):
-    """transformers' Llama with Liger's kernels while the block runs. apply_liger_kernel_to_llama
-    swaps classes and functions in transformers' modeling_llama for every model made afterwards,
-    so they are put back on leaving: later `hf` rows get plain Hugging Face."""
-    from liger_kernel.transformers import apply_liger_kernel_to_llama
-    from transformers.models.llama import modeling_llama
-    saved = dict(vars(modeling_llama))
-    saved_forward = modeling_llama.LlamaForCausalLM.forward
-    apply_liger_kernel_to_llama(**{k: k in kernels for k in LIGER_KERNELS})
+def liger_patched(kernels: tuple, family: str = "llama"):
+    """transformers' model of `family` with Liger's kernels while the block runs. Liger's
+    apply_liger_kernel_to_<family> swaps classes and functions in transformers' modeling_<family> for
+    every model made afterwards, so they are put back on leaving: later `hf` rows get plain Hugging Face."""
+    import importlib
+    import liger_kernel.transformers as liger
+    patch, module_name, model_class = HF_FAMILIES[family]
+    modeling = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    saved = dict(vars(modeling))
+    saved_forward = getattr(modeling, model_class).forward
+    getattr(liger, patch)(**{k: k in kernels for k in LIGER_KERNELS})
     try:
         yield
     finally:
         for name, value in saved.items():
-            if getattr(modeling_llama, name) is not value:
-                setattr(modeling_llama, name, value)
-        modeling_llama.LlamaForCausalLM.forward = saved_forward
+            if getattr(modeling, name) is not value:
+                setattr(modeling, name, value)
+        getattr(modeling, model_class).forward = saved_forward
 
 
 def build_hf(run: Run, device: torch.device):
@@ -364,7 +374,7 @@ def measure(run: Run, name: str, device: torch.device, steps: int, warmup: int, 
     reset_host_peak()
     parts = step = None
     try:
-        with liger_patched(liger) if liger else nullcontext():
+        with liger_patched(liger, run.cfg.model.family) if liger else nullcontext():
             parts = built.get(key)
             if parts is None:
                 start = time.perf_counter()
@@ -545,7 +555,8 @@ def main():
     models = sorted(f[:-5] for f in os.listdir(os.path.join(REPO_ROOT, "configs", "model")) if f.endswith(".yaml"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama3.2-1b", choices=models + sorted(MODEL_ALIASES),
-                        help="a shape of configs/model/ (1b: llama3.2-1b, 8b: llama3-8b)")
+                        help="a shape of configs/model/ (1b: llama3.2-1b, 8b: llama3-8b; qwen3-8b, qwen2.5-7b, "
+                             "mistral-7b: the peers are that family's transformers model with Liger's patch for it)")
     parser.add_argument("--seqlens", type=int, nargs="+", default=None, help="default 8192 32768 131072 (smoke: 64)")
     parser.add_argument("--impls", nargs="+", default=["longctx", "hf_liger", "hf"],
                         choices=("longctx", "hf_liger", "hf"))

@@ -15,8 +15,9 @@ from .loader import PackedLoader, build_loader
 from .packing import IGNORE_INDEX, TokenStore
 from .cache import cache_path, format_report, prepare
 from .sharegpt import DataError, read_sharegpt
-from .template import LLAMA3_CHAT_TEMPLATE, render_llama3, tokenize_conversations
+from .template import CHATML_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE, render_chatml, render_llama3, tokenize_conversations
 
 __all__ = ["DataConfig", "DataError", "build_loader", "read_sharegpt", "PackedLoader", "TokenStore", "IGNORE_INDEX",
            "prepare", "cache_path", "format_report", "tokenize_conversations", "render_llama3",
-           "LLAMA3_CHAT_TEMPLATE", "LongExamplesConfig", "read_text_documents"]
+           "LLAMA3_CHAT_TEMPLATE", "render_chatml", "CHATML_CHAT_TEMPLATE", "LongExamplesConfig",
+           "read_text_documents"]

@@ -56,8 +56,11 @@ def _file_identity(path: Path) -> list:
 
 
 def _tokenizer_hash(path: Path) -> str:
+    """The hash of a tokenizer's files. A model folder (data.tokenizer following model.pretrained)
+    holds gigabytes of weights beside them, which are not read: only files that are not weights."""
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()
+                                                 and p.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf"))
     for file in files:
         digest.update(file.name.encode())
         digest.update(file.read_bytes())
@@ -65,7 +68,7 @@ def _tokenizer_hash(path: Path) -> str:
 
 
 def cache_path(cfg: DataConfig) -> Path:
-    data, tokenizer = resolve_path(cfg.path, "data.path"), resolve_path(cfg.tokenizer, "data.tokenizer")
+    data, tokenizer = resolve_path(cfg.path, "data.path"), resolve_path(cfg.tokenizer_path, "data.tokenizer")
     identity = {"version": PIPELINE_VERSION, "data": [str(data.resolve())] + _file_identity(data),
                 "tokenizer": _tokenizer_hash(tokenizer), "chat_template": cfg.chat_template,
                 "loss_mask": cfg.loss_mask}
@@ -129,7 +132,7 @@ def _build(cfg: DataConfig, target: Path) -> None:
         raise DataError(f"data.path={cfg.path}: {why_unusable(report)}; point data.path at ShareGPT records "
                         '{"conversations": [{"from": "human", "value": ...}, ...]} or OpenAI records '
                         '{"messages": [{"role": "user", "content": ...}, ...]}')
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.tokenizer, "data.tokenizer")))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.tokenizer_path, "data.tokenizer")))
     # a text has no turns: no chat template to resolve (nor to demand of the tokenizer)
     chat_template = resolve_chat_template(tokenizer, cfg.chat_template) if cfg.format == "sharegpt" else "none"
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)

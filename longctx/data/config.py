@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from .long_examples import LongExamplesConfig
@@ -13,6 +14,7 @@ from .template import CHAT_TEMPLATES, LOSS_MASKS
 
 
 DATA_FORMATS = ("sharegpt", "text")
+DEFAULT_TOKENIZER = "data/tokenizer"   # the Llama-3 tokenizer shipped with the repository
 
 
 @dataclass
@@ -32,10 +34,12 @@ class DataConfig:
     # ShareGPT .json/.jsonl file (cut-off files are recovered), a folder of shards, a datasets
     # folder or a .parquet file. Relative paths are tried from the cwd, then the repository root.
     path: str = "data/sharegpt_sample.json"
-    # a local Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json)
-    tokenizer: str = "data/tokenizer"
-    # "auto": the tokenizer's chat_template if it has one, else the built-in Llama-3 format;
-    # "llama3": always the built-in format; "tokenizer": the tokenizer's template (error if none)
+    # a local Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json); None: in training
+    # the tokenizer of model.pretrained's folder if it holds one, else DEFAULT_TOKENIZER (Llama-3's)
+    tokenizer: Optional[str] = None
+    # "auto": the tokenizer's chat_template if it renders prefixes as prefixes, else the built-in ChatML
+    # format for a tokenizer with ChatML's tokens (Qwen), else the built-in Llama-3 format;
+    # "llama3" / "chatml": always that built-in format; "tokenizer": the tokenizer's template (error if none)
     chat_template: str = "auto"
     # which tokens count for the loss: "assistant" replies, the "last" reply only, or "all"
     loss_mask: str = "assistant"
@@ -56,10 +60,9 @@ class DataConfig:
     def validate(self) -> "DataConfig":
         """Cheap checks (no tokenizing): paths exist and every choice is a known one."""
         resolve_path(self.path, "data.path")
-        tokenizer = resolve_path(self.tokenizer, "data.tokenizer")
-        tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
-        if tokenizer.is_dir() and not any((tokenizer / f).exists() for f in tokenizer_files):
-            raise FileNotFoundError(f"data.tokenizer {self.tokenizer!r} holds no tokenizer.json or "
+        tokenizer = resolve_path(self.tokenizer_path, "data.tokenizer")
+        if tokenizer.is_dir() and not holds_tokenizer(tokenizer):
+            raise FileNotFoundError(f"data.tokenizer {self.tokenizer_path!r} holds no tokenizer.json or "
                                     f"tokenizer_config.json; point it at a Hugging Face tokenizer folder")
         for name, value, allowed in (("chat_template", self.chat_template, CHAT_TEMPLATES),
                                      ("loss_mask", self.loss_mask, LOSS_MASKS),
@@ -92,11 +95,21 @@ class DataConfig:
             items["long_examples"] = LongExamplesConfig.of(items["long_examples"])
         return cls(**items)
 
+    @property
+    def tokenizer_path(self) -> str:
+        """data.tokenizer, or the default where it is None (a trainer sets it from model.pretrained first)."""
+        return self.tokenizer or DEFAULT_TOKENIZER
+
     def resolved_cache_dir(self) -> str:
         if self.cache_dir:
             return os.path.expanduser(self.cache_dir)
         return os.environ.get("LONGCTX_DATA_CACHE",
                               os.path.join(os.path.expanduser("~"), ".cache", "longctx", "data"))
+
+
+def holds_tokenizer(folder) -> bool:
+    """Whether a folder holds a Hugging Face tokenizer (its tokenizer.json or tokenizer_config.json)."""
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def config_from_args(args: list[str], extras: dict) -> tuple[DataConfig, dict]:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     index = extra["sample"]
     if not 0 <= index < len(store):
         raise SystemExit(f"sample={index} is out of range: the data has {len(store)} conversations")
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.tokenizer, "data.tokenizer")))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.tokenizer_path, "data.tokenizer")))
     begin, end = store.offsets[index], store.offsets[index + 1]
     ids, mask = np.asarray(store.tokens[begin:end]), np.asarray(store.loss_mask[begin:end])
     color = extra["color"] == "always" or (extra["color"] == "auto" and sys.stdout.isatty())

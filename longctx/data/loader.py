@@ -233,7 +233,7 @@ def long_example_maker(prepared, cfg: DataConfig, seed: int) -> LongExampleMaker
     if cfg.format != "sharegpt":
         raise DataError(f"data.long_examples are made of conversations: set data.format=sharegpt (not "
                         f"{cfg.format}) or data.long_examples.ratio=0")
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.tokenizer, "data.tokenizer")))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.tokenizer_path, "data.tokenizer")))
     chat_template = prepared.report.get("chat_template") or cfg.chat_template
     return LongExampleMaker(prepared.store, load_first_user(prepared.path), tokenizer, chat_template,
                             cfg.long_examples, seed)

@@ -6,13 +6,20 @@ starts. The text is tokenized once, with offsets, and a token counts for the los
 character lies in a loss span. So the mask follows the very tokens the model sees, and decoding
 the ids gives back the rendered text.
 
-Two renderers:
+Three renderers:
 - "llama3": the built-in Llama-3 format
       <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>...
   (`LLAMA3_CHAT_TEMPLATE` is the same format as a Jinja template).
+- "chatml": the built-in ChatML format of Qwen2/2.5/3 and SmolLM2
+      <|im_start|>{role}\\n{content}<|im_end|>\\n...
+  (`CHATML_CHAT_TEMPLATE` as a Jinja template).
 - "tokenizer": the tokenizer's own `chat_template`. Spans are found by rendering growing prefixes
   of the conversation (a reply starts where the generation prompt of the turns before it ends),
   which needs a template whose output for a prefix of the turns is a prefix of the output.
+
+"auto" takes the tokenizer's own template where it renders prefixes so; else ChatML for a tokenizer
+with ChatML's tokens (Qwen3's template renders the last reply with an empty <think> block, so a
+conversation's prefix is not a prefix of it), else the Llama-3 format.
 
 Loss masks: "assistant" (every reply), "last" (the last reply only), "all" (every token).
 """
@@ -22,9 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CHAT_TEMPLATES = ("auto", "llama3", "tokenizer")
+CHAT_TEMPLATES = ("auto", "llama3", "chatml", "tokenizer")
 LOSS_MASKS = ("assistant", "last", "all")
 LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 LLAMA3_CHAT_TEMPLATE = (
     "{{ '<|begin_of_text|>' }}"
@@ -32,6 +40,14 @@ LLAMA3_CHAT_TEMPLATE = (
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+CHATML_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
@@ -55,6 +71,22 @@ def render_llama3(conversation: list[dict]) -> Rendered:
             spans.append((pos + len(header), pos + len(header) + len(body)))
         parts += (header, body)
         pos += len(header) + len(body)
+    return Rendered("".join(parts), spans, starts)
+
+
+def render_chatml(conversation: list[dict]) -> Rendered:
+    """ChatML: a reply's loss span is its content and <|im_end|> (the newline after it is the
+    template's, which generation never produces: it stops at <|im_end|>)."""
+    parts, pos, spans, starts = [], 0, [], []
+    for message in conversation:
+        header = f"<|im_start|>{message['role']}\n"
+        body = message["content"] + "<|im_end|>"
+        if message["role"] == "user":
+            starts.append(pos)
+        elif message["role"] == "assistant":
+            spans.append((pos + len(header), pos + len(header) + len(body)))
+        parts += (header, body, "\n")
+        pos += len(header) + len(body) + 1
     return Rendered("".join(parts), spans, starts)
 
 
@@ -87,40 +119,71 @@ def resolve_chat_template(tokenizer, chat_template: str) -> str:
     """"llama3" or "tokenizer": what "auto" means for this tokenizer, checked to be usable."""
     if chat_template not in CHAT_TEMPLATES:
         raise ValueError(f"unknown chat_template {chat_template!r}; expected one of {CHAT_TEMPLATES}")
+    own = getattr(tokenizer, "chat_template", None)
     if chat_template == "auto":
-        chat_template = "tokenizer" if getattr(tokenizer, "chat_template", None) else "llama3"
-    if chat_template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        chatml = not _missing(tokenizer, CHATML_SPECIAL_TOKENS)
+        if own and (not chatml or renders_prefixes(tokenizer)):
+            chat_template = "tokenizer"   # where it cannot locate the replies, its own error says so
+        else:
+            chat_template = "chatml" if chatml else "llama3"
+    if chat_template == "tokenizer" and not own:
         raise ValueError("data.chat_template=tokenizer, but the tokenizer has no chat_template; "
-                         "use data.chat_template=llama3 (or auto)")
-    if chat_template == "llama3":
-        vocab = tokenizer.get_vocab()
-        missing = [t for t in LLAMA3_SPECIAL_TOKENS if t not in vocab]
+                         "use data.chat_template=llama3 or chatml (or auto)")
+    for name, tokens in (("llama3", LLAMA3_SPECIAL_TOKENS), ("chatml", CHATML_SPECIAL_TOKENS)):
+        missing = _missing(tokenizer, tokens) if chat_template == name else []
         if missing:
-            raise ValueError(f"the built-in Llama-3 format needs the special tokens {missing}, which "
+            raise ValueError(f"the built-in {name} format needs the special tokens {missing}, which "
                              f"this tokenizer lacks; use a tokenizer with a chat_template and "
                              f"data.chat_template=tokenizer")
     return chat_template
 
 
+def _missing(tokenizer, tokens) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    return [t for t in tokens if t not in vocab]
+
+
+_PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+          {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+          {"role": "assistant", "content": "a2"}]
+_RENDERS_PREFIXES: dict[str, bool] = {}   # chat_template text -> whether it renders prefixes as prefixes
+
+
+def renders_prefixes(tokenizer) -> bool:
+    """Whether the tokenizer's chat_template renders each prefix of a two-exchange conversation as a
+    prefix of the whole (what `render_with_template` needs to locate the replies)."""
+    template = tokenizer.chat_template
+    if template not in _RENDERS_PREFIXES:
+        try:
+            render_with_template(_PROBE, tokenizer)
+            _RENDERS_PREFIXES[template] = True
+        except Exception:   # the prefix check, or a template that refuses the probe (e.g. no system role)
+            _RENDERS_PREFIXES[template] = False
+    return _RENDERS_PREFIXES[template]
+
+
 def export_tokenizer(tokenizer, chat_template: str):
     """`tokenizer` carrying the chat template its conversations were rendered with in training, so
     that a saved copy formats chats (`apply_chat_template`, `pipeline`) as the model learned them."""
-    if resolve_chat_template(tokenizer, chat_template) == "llama3":
-        tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+    resolved = resolve_chat_template(tokenizer, chat_template)
+    if resolved != "tokenizer":
+        tokenizer.chat_template = {"llama3": LLAMA3_CHAT_TEMPLATE, "chatml": CHATML_CHAT_TEMPLATE}[resolved]
     return tokenizer
 
 
 def stop_token_ids(tokenizer) -> list[int]:
     """The tokens that end a generation: the end of the text and the end of a chat turn (as in the
-    generation_config.json of Meta's instruct checkpoints)."""
+    generation_config.json of Meta's and Qwen's instruct checkpoints)."""
     vocab = tokenizer.get_vocab()
-    names = [tokenizer.eos_token, "<|eot_id|>", "<|end_of_text|>"]
+    names = [tokenizer.eos_token, "<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"]
     return list(dict.fromkeys(vocab[name] for name in names if name in vocab))
 
 
 def _render(conversation, tokenizer, chat_template: str) -> Rendered:
     if chat_template == "llama3":
         return render_llama3(conversation)
+    if chat_template == "chatml":
+        return render_chatml(conversation)
     return render_with_template(conversation, tokenizer)
 
 

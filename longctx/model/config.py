@@ -1,14 +1,22 @@
-"""The LLaMA-style model's shape, and its conversion to and from a Hugging Face `LlamaConfig`."""
+"""The LLaMA-style model's shape, and its conversion to and from a Hugging Face config of its family
+(Llama, Mistral, Qwen2, Qwen3: `families.py` holds what differs between them)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-# LlamaConfig fields that change the computation and that this model does not implement.
-_UNSUPPORTED = {
-    "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1, "hidden_act": "silu",
-}
+from .families import get_family
+
 ROPE_TYPES = ("default", "linear", "llama3")
+
+# the fields a Hugging Face config states as they are in every family (the families' differences and
+# the rope settings are converted apart)
+HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+             "initializer_range", "bos_token_id", "eos_token_id")
+# the knobs that choose an implementation or a chunking, not the model: no checkpoint states them, a
+# pretrained folder's config.json does not set them, and a resumed run may change them
+IMPLEMENTATION_FIELDS = ("attention", "linear_attention", "loss_chunk_size", "mlp_chunk_size")
 
 
 @dataclass
@@ -33,8 +41,19 @@ class ModelConfig:
     layer_types: Optional[List[str]] = None  # per layer "softmax" | "linear"; None: all softmax
     loss_chunk_size: int = 4096             # tokens per chunk of the seq x vocab loss
     mlp_chunk_size: int = 0                 # tokens per chunk of a blockwise, recomputed MLP (0: whole)
+    # what the families vary (model/families.py): the checkpoint format, biases, q/k norm, window
+    family: str = "llama"                   # llama | mistral | qwen2 | qwen3: the Hugging Face config it exports as
+    attention_bias: bool = False            # biases on the q, k and v projections (Qwen2)
+    attention_output_bias: bool = False     # a bias on the output projection (Llama/Qwen3 attention_bias=true)
+    qk_norm: bool = False                   # RMSNorm over each head of q and k before the rotary embedding (Qwen3)
+    sliding_window: Optional[int] = None    # refused when set: longctx trains full causal attention
 
     def __post_init__(self):
+        get_family(self.family)
+        if self.sliding_window is not None:
+            raise ValueError(f"model.sliding_window={self.sliding_window} ({self.family}: a window smaller than the "
+                             f"context): longctx trains full causal attention only; set model.sliding_window=null "
+                             f"to train this model with full attention")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -57,6 +76,8 @@ class ModelConfig:
     def num_parameters(self, embeddings: bool = True) -> int:
         h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         attn = h * q * 2 + h * kv * 2
+        attn += (q + 2 * kv) * self.attention_bias + h * self.attention_output_bias
+        attn += 2 * self.head_dim * self.qk_norm
         linear = attn + h * q + q             # a linear layer adds its gate and output norm
         mlp = 3 * h * self.intermediate_size
         layers = sum((linear if self.layer_type(i) == "linear" else attn) + mlp + 2 * h
@@ -66,12 +87,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: Any, **overrides) -> "ModelConfig":
-        """From a transformers `LlamaConfig` (or its dict); unsupported settings raise."""
+        """From a transformers config of a supported family (or its dict); unsupported settings raise."""
         d = hf if isinstance(hf, dict) else hf.to_dict()
-        bad = {k: d[k] for k, ok in _UNSUPPORTED.items() if k in d and d[k] not in (ok, None)}
-        if bad:
-            raise ValueError(f"unsupported LlamaConfig settings {bad}: longctx implements "
-                             f"{ {k: v for k, v in _UNSUPPORTED.items() if k in bad} }")
+        family = get_family(d.get("model_type", "llama"))
+        differences = family.read(d)
+        if differences["sliding_window"] is not None:
+            raise ValueError(
+                f"this {family.name} checkpoint attends within a sliding window of {differences['sliding_window']} "
+                f"tokens (max_position_embeddings {d.get('max_position_embeddings')}): longctx trains full causal "
+                f"attention only; to train it with full attention set sliding_window to null (Qwen2/Qwen3: "
+                f"use_sliding_window to false) in its config.json")
         rope_scaling = d.get("rope_scaling")
         rope_theta = d.get("rope_theta")
         rope_params = d.get("rope_parameters")  # transformers >= 5 keeps theta and scaling here
@@ -79,26 +104,30 @@ class ModelConfig:
             rope_theta = rope_params.get("rope_theta", rope_theta)
             kind = rope_params.get("rope_type", "default")
             rope_scaling = None if kind == "default" else {k: v for k, v in rope_params.items() if k != "rope_theta"}
-        names = {f for f in cls.__dataclass_fields__}
+        names = HF_FIELDS
         kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
         kwargs.update(rope_scaling=rope_scaling, rope_theta=rope_theta if rope_theta is not None else 10000.0)
+        kwargs.update(differences, family=family.name)
         kwargs.update(overrides)
         return cls(**kwargs)
 
     def to_hf(self):
-        """A transformers `LlamaConfig` with the rope settings as trained."""
-        from transformers import LlamaConfig
-        mine = {"attention", "linear_attention", "layer_types", "loss_chunk_size", "mlp_chunk_size"}
-        d = {k: v for k, v in asdict(self).items() if k not in mine}
+        """The transformers config of the model's family (`LlamaConfig`, `Qwen2Config`, ...) with the rope
+        settings as trained; a ValueError (one line) for what that family cannot state."""
+        import transformers
         if self.layer_types is not None and "linear" in self.layer_types:
-            raise ValueError("a model with linear-attention layers has no transformers LlamaForCausalLM "
-                             "equivalent; save it with longctx's own checkpoint instead")
+            raise ValueError("a model with linear-attention layers has no transformers equivalent; "
+                             "save it with longctx's own checkpoint instead")
+        family = get_family(self.family)
+        family.check_exportable(self)
+        d = {k: getattr(self, k) for k in HF_FIELDS + ("rope_theta",)}
+        d.update(family.write(self))
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope.update(self.rope_scaling)
             rope.setdefault("rope_type", rope.pop("type", "default"))
         d["rope_scaling"] = rope if self.rope_scaling else None
-        config = LlamaConfig(**d, architectures=["LlamaForCausalLM"])
+        config = getattr(transformers, family.config_class)(**d, architectures=[family.architecture])
         if hasattr(config, "rope_parameters"):
             config.rope_parameters = rope
         return config

@@ -1,4 +1,4 @@
-"""Hugging Face `LlamaForCausalLM` checkpoints in and out.
+"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2 (Qwen2.5) and Qwen3 (`families.py`).
 
 A checkpoint folder is `config.json` plus safetensors weights (one file, or shards listed in
 `model.safetensors.index.json`). Our parameter names are Hugging Face's without the `model.`
@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .config import ModelConfig
+from .families import FAMILIES
 from .llama import Llama
 
 
@@ -33,10 +34,14 @@ def load_hf_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a Hugging Face checkpoint folder: no config.json in it")
-    hf = AutoConfig.from_pretrained(folder)
-    if hf.model_type != "llama":
-        raise ValueError(f"{folder}: model_type {hf.model_type!r} is not 'llama'; longctx loads LlamaForCausalLM checkpoints")
-    return ModelConfig.from_hf(hf, **overrides)
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{folder}: model_type {model_type!r} is not supported; longctx loads "
+                         f"{', '.join(FAMILIES)} checkpoints (model/families.py)")
+    try:
+        return ModelConfig.from_hf(AutoConfig.from_pretrained(folder), **overrides)
+    except ValueError as error:
+        raise ValueError(f"{folder}: {error}") from None
 
 
 def load_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -97,7 +102,8 @@ def load_hf(path: str | os.PathLike, attention: str = "auto", dtype: Optional[to
 
 def save_hf(model: Llama, path: str | os.PathLike, state: Optional[dict[str, torch.Tensor]] = None,
             max_shard_size: str = "5GB", tokenizer=None, stop_token_ids: Optional[list[int]] = None) -> None:
-    """Write a folder that `transformers.LlamaForCausalLM.from_pretrained` loads unchanged.
+    """Write a folder that transformers loads unchanged as the model's family (`LlamaForCausalLM`,
+    `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`: model.config.family).
 
     `state` defaults to the model's own state dict; a sharded (FSDP/ZeRO) caller passes the
     gathered full state. With a `tokenizer` its files go in too (so that `AutoTokenizer` and

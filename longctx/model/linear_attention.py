@@ -66,12 +66,8 @@ class LinearAttention(MixerProjections):
     gated_output = True   # output() gates with the mixer's input
 
     def project(self, x, cos=None, sin=None, position_ids=None):
-        batch, seqlen, _ = x.shape
-        d = self.config.head_dim
-        q = F.silu(self.q_proj(x)).view(batch, seqlen, self.num_heads, d)
-        k = F.silu(self.k_proj(x)).view(batch, seqlen, self.num_kv_heads, d)
-        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, d)
-        return q, k, v
+        q, k, v = self.heads(x)   # with qk_norm, the feature map applies to the normalised heads
+        return F.silu(q), F.silu(k), v
 
     def mix(self, q, k, v, cu_seqlens=None, max_seqlen=None):
         mixer = get_linear_attention(self.sequence_mixer or self.config.linear_attention)

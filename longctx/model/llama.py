@@ -40,15 +40,12 @@ class CausalLMOutput:
 pytree.register_dataclass(CausalLMOutput)
 
 class Attention(MixerProjections):
-    """Grouped-query softmax attention with rotary embeddings (q and k rotated in `project`)."""
+    """Grouped-query softmax attention with rotary embeddings (q and k rotated in `project`, after the
+    per-head q/k norm of Qwen3 where the config has one)."""
 
     def project(self, x, cos, sin, position_ids=None):
-        batch, seqlen, _ = x.shape
-        d = self.config.head_dim
-        q = self.q_proj(x).view(batch, seqlen, self.num_heads, d)
-        k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, d)
+        q, k, v = self.heads(x)   # q and k normalised per head first (Qwen3), as transformers does
         q, k = apply_rotary(q, k, cos, sin)   # in place: the projections' outputs are not kept unrotated
-        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, d)
         return q, k, v
 
     def mix(self, q, k, v, cu_seqlens, max_seqlen):
@@ -180,6 +177,8 @@ class Llama(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.normal_(0.0, self.config.initializer_range)
+                if getattr(module, "bias", None) is not None:   # q/k/v biases (Qwen2) start at 0, as in transformers
+                    module.bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
             elif module is not self and hasattr(module, "init_weights"):

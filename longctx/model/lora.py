@@ -11,8 +11,8 @@ and data-parallel backends, so that those see the adapters as ordinary submodule
 The state dict's names change with it (`...q_proj.weight` becomes `...q_proj.base_layer.weight`,
 beside `...q_proj.lora_A.default.weight`); `plain_state` gives the state under the plain names,
 with the adapters merged into the weights or left out, and `save_adapter` writes peft's adapter
-folder under Hugging Face LLaMA's module names, which `peft.PeftModel.from_pretrained` loads onto a
-transformers `LlamaForCausalLM`.
+folder under Hugging Face's module names, which `peft.PeftModel.from_pretrained` loads onto the
+transformers model of the family (`LlamaForCausalLM`, `Qwen2ForCausalLM`, ...).
 """
 from __future__ import annotations
 
@@ -119,7 +119,8 @@ def plain_state(state: dict[str, torch.Tensor], merge_scale: Optional[float]) ->
     for key, value in state.items():
         if is_adapter_key(key):
             continue
-        if ".base_layer." in key and merge_scale is not None:
+        # only the weight takes B @ A: a projection's bias (Qwen2's q, k, v) is the base's, renamed
+        if key.endswith(".base_layer.weight") and merge_scale is not None:
             prefix = key[:key.index(".base_layer.")]
             a, b = state[f"{prefix}.lora_A.{ADAPTER}.weight"], state[f"{prefix}.lora_B.{ADAPTER}.weight"]
             value = (value.float() + merge_scale * (b.float() @ a.float())).to(value.dtype)

@@ -29,7 +29,17 @@ if TYPE_CHECKING:
 class ModelSection(ModelConfig):
     """A model shape (every field of longctx.model.ModelConfig), or a pretrained HF folder."""
     name: str = "tiny"
-    pretrained: Optional[str] = None       # a Hugging Face LLaMA folder; its config.json wins over the shape
+    pretrained: Optional[str] = None       # a Hugging Face folder (llama, mistral, qwen2, qwen3); its config.json wins
+                                           # over the shape, and its tokenizer is data.tokenizer's default
+
+
+def _model_section() -> ModelSection:
+    """The schema's model section with head_dim left unset: the dataclass resolves it on creation from
+    its own defaults (256 / 8 = 32), which would stick over a YAML or override that changes the hidden
+    size or heads; unset, the composed section resolves it from theirs."""
+    section = ModelSection()
+    section.head_dim = None
+    return section
 
 
 @dataclass
@@ -120,7 +130,7 @@ class LoggingSection:
 
 @dataclass
 class Config:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelSection = field(default_factory=_model_section)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -225,6 +235,15 @@ def _check_ranges(cfg: Config) -> None:
     _in_range("logging.comm_every", cfg.logging.comm_every, 0)
 
 
+def resolve_tokenizer(cfg: Config) -> None:
+    """data.tokenizer left unset (null) follows the model: model.pretrained's own tokenizer (and with it
+    its chat template) where its folder holds one, else the repository's Llama-3 tokenizer."""
+    from longctx.data.config import DEFAULT_TOKENIZER, holds_tokenizer
+    if cfg.data.tokenizer is None:
+        pretrained = cfg.model.pretrained
+        cfg.data.tokenizer = pretrained if pretrained and holds_tokenizer(pretrained) else DEFAULT_TOKENIZER
+
+
 def check_tokenizer_fits(cfg: Config, max_token_id: int) -> None:
     """The model must have an embedding row for every token id the data holds (else an IndexError
     on a CPU, a device assert on a GPU, at the first step). Ids the tokenizer has but the data never
@@ -297,7 +316,12 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     m = cfg.model
     if m.pretrained is not None and not os.path.isfile(os.path.join(m.pretrained, "config.json")):
         raise ValueError(f"model.pretrained={m.pretrained}: no Hugging Face config.json there")
+    resolve_tokenizer(cfg)
     shape = model_shape(cfg)   # the model's real shape: a pretrained folder's config.json wins
+    if cfg.checkpoint.export_hf and shape.layer_types is None:
+        # found now, not at the end of the run: what the family's checkpoint cannot state
+        from longctx.model.families import get_family
+        get_family(shape.family).check_exportable(shape)
     _check_checkpoint_group(cfg, shape.num_hidden_layers)
     if dims.method is not None:   # the method's head constraints and layer kinds
         from longctx.parallel.registry import check_model

@@ -33,8 +33,11 @@ class Estimate:
 
 def _layer_params(m) -> int:
     h, d = m.hidden_size, m.head_dim
-    return (h * m.num_attention_heads * d * 2 + h * m.num_key_value_heads * d * 2
-            + 3 * h * m.intermediate_size + 2 * h)
+    q, kv = m.num_attention_heads * d, m.num_key_value_heads * d
+    # the families' extras: q/k/v biases (Qwen2), an output bias, the per-head q/k norms (Qwen3)
+    extras = (q + 2 * kv) * getattr(m, "attention_bias", False) + h * getattr(m, "attention_output_bias", False) \
+        + 2 * d * getattr(m, "qk_norm", False)
+    return h * q * 2 + h * kv * 2 + 3 * h * m.intermediate_size + 2 * h + extras
 
 
 def saved_per_token(m, a: int) -> tuple[int, int]:
@@ -44,6 +47,8 @@ def saved_per_token(m, a: int) -> tuple[int, int]:
     # the norms' inputs and outputs (and a scale per row), the rotated q and k, v, the attention
     # output and its log-sum-exp (the rotation keeps only the angles)
     attention = 2 * (2 * a * h + 4) + a * (2 * heads * d + 2 * kv * d) + 4 * heads
+    if getattr(m, "qk_norm", False):   # Qwen3's per-head norms keep their inputs and a scale per head
+        attention += (a * d + 4) * (heads + kv)
     mlp = 3 * m.intermediate_size * a   # gate, up and silu(gate) * up (ops.swiglu recomputes silu)
     return attention, mlp
 

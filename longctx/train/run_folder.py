@@ -22,11 +22,13 @@ import torch.distributed as dist
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
+from longctx.model.config import IMPLEMENTATION_FIELDS
+
 from .config import Config, ConfigError
 
 # settings that choose implementations, places or output, not what a step computes
-_NOT_MATH = {"model.name", "model.attention", "model.loss_chunk_size", "model.mlp_chunk_size",
-             "data.num_proc", "data.cache_dir", "data.prepare_timeout_s", "data.verbose", "lora.merge_on_export"}
+_NOT_MATH = {"model.name", *(f"model.{name}" for name in IMPLEMENTATION_FIELDS), "data.num_proc",
+             "data.cache_dir", "data.prepare_timeout_s", "data.verbose", "lora.merge_on_export"}
 
 
 class RunLock:
@@ -87,6 +89,9 @@ def math_settings(cfg: Config, dp: int) -> dict:
 
 def check_resume_settings(saved: dict, current: dict, checkpoint: Path, force: bool) -> None:
     """Stop (one line) when the run resumes a checkpoint made with other math settings, unless forced."""
+    # a setting newer than the checkpoint (model.family, ...) counts as its default there
+    defaults = {k: v for k, v in math_settings(Config(), 1).items() if k not in saved}
+    saved = {**defaults, **saved}
     changed = [f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
                if saved.get(key) != current.get(key)]
     if not changed:

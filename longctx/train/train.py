@@ -21,6 +21,7 @@ from longctx.data import build_loader
 from longctx.data.sharegpt import resolve_path
 from longctx.data.template import export_tokenizer, stop_token_ids
 from longctx.model import Llama, ModelConfig, load_hf, save_hf
+from longctx.model.config import IMPLEMENTATION_FIELDS
 from longctx.model.hf import check_state_dict, load_hf_config, load_hf_state_dict
 from longctx.model.attention import with_host_bounds
 from longctx.model.llama import shift_labels
@@ -100,7 +101,8 @@ def build_model(cfg: Config, device: torch.device, on_meta: bool = False, zero3_
     weights. bf16 copies of the weights are the data-parallel backend's business (FSDP2's policy,
     DeepSpeed's bf16 mode), which keep fp32 masters."""
     m = cfg.model
-    overrides = {k: getattr(m, k) for k in ("attention", "linear_attention", "loss_chunk_size")}
+    # the implementation knobs are the run's, also over a pretrained folder (whose config.json wins for the rest)
+    overrides = {k: getattr(m, k) for k in IMPLEMENTATION_FIELDS}
     if m.pretrained and not on_meta and zero3_config is None:
         return load_hf(m.pretrained, device=device, **overrides)
     config = load_hf_config(m.pretrained, **overrides) if m.pretrained else ModelConfig(**model_fields(m))
@@ -424,7 +426,7 @@ def export(train_model, model, run_dir: Path, cfg: Config) -> Path:
         state = plain_state(state, lora.alpha / lora.rank if lora.merge_on_export else None)
         print(f"exported the LoRA adapter (peft) to {run_dir / 'adapter'}")
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.data.tokenizer, "data.tokenizer")))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(cfg.data.tokenizer_path, "data.tokenizer")))
     tokenizer = export_tokenizer(tokenizer, cfg.data.chat_template)
     save_hf(model, folder, state=state, tokenizer=tokenizer, stop_token_ids=stop_token_ids(tokenizer))
     return folder

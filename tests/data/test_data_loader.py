@@ -127,8 +127,8 @@ def test_data_parallel_shares_are_disjoint_and_cover_the_epoch(cfg):
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="data.chat_template='chatml'"):
-        DataConfig(chat_template="chatml").validate()
+    with pytest.raises(ValueError, match="data.chat_template='vicuna'"):
+        DataConfig(chat_template="vicuna").validate()
     with pytest.raises(ValueError, match="data.packing"):
         DataConfig(packing="first_fit").validate()
     with pytest.raises(FileNotFoundError, match="data.tokenizer.*no/such/tokenizer"):

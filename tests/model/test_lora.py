@@ -14,19 +14,24 @@ from longctx.parallel.parallelize import apply_activation_checkpointing
 RANK, ALPHA = 4, 8.0
 
 
-def lora_model(seed, trainable=("norm",), tie=False):
-    """A tiny Llama with adapters on every projection; B drawn at random (peft starts it at zero,
-    which would leave A without a gradient and the merge without effect)."""
+# the families' own fields (model/families.py): Qwen2's q/k/v biases, Qwen3's q/k norms and head_dim
+FAMILIES = {"llama": {}, "qwen2": dict(family="qwen2", attention_bias=True),
+            "qwen3": dict(family="qwen3", qk_norm=True, head_dim=16)}
+
+
+def lora_model(seed, trainable=("norm",), tie=False, family="llama"):
+    """A tiny model of `family` with adapters on every projection; B drawn at random (peft starts it
+    at zero, which would leave A without a gradient and the merge without effect)."""
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, attention="sdpa",
-                         tie_word_embeddings=tie, mlp_chunk_size=5)
+                         tie_word_embeddings=tie, mlp_chunk_size=5, **FAMILIES[family])
     model = apply_lora(Llama(config), RANK, ALPHA, trainable=trainable)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_B." in name:
                 param.normal_(0, 0.1)
-            elif name.endswith("norm.weight"):
+            elif name.endswith("norm.weight") or name.endswith("bias"):
                 param.add_(0.1 * torch.randn_like(param))
     return model
 
@@ -41,11 +46,12 @@ def is_trained(name):
     return is_adapter_key(name) or name.endswith("norm.weight")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["none", "selective", "full", "full+offload"])
-def test_only_adapters_and_trainable_modules_get_gradients(mode):
+def test_only_adapters_and_trainable_modules_get_gradients(mode, family):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    reference = lora_model(seed)
-    model = lora_model(seed)
+    reference = lora_model(seed, family=family)
+    model = lora_model(seed, family=family)
     offloader = apply_activation_checkpointing(model, mode.split("+")[0], offload=mode.endswith("offload"))
     if offloader is not None:
         offloader.min_bytes = 0
@@ -62,8 +68,9 @@ def test_only_adapters_and_trainable_modules_get_gradients(mode):
             trained += 1
         else:
             assert not param.requires_grad and param.grad is None, name
-    # 7 projections x (A, B) + 2 norms per layer, and the final norm
-    assert trained == 2 * (7 * 2 + 2) + 1
+    # 7 projections x (A, B) + 2 norms (Qwen3: 4, with q_norm and k_norm) per layer, and the final
+    # norm; Qwen2's q/k/v biases stay frozen with the base layers
+    assert trained == 2 * (7 * 2 + (4 if family == "qwen3" else 2)) + 1
     from longctx.train.config import Config
     from longctx.train.train import build_optimizer
     optimizer, _ = build_optimizer(model, Config())
@@ -93,13 +100,15 @@ def test_merged_equals_unmerged_and_peft_merge():
                            plain_state(lora_model(seed).state_dict(), None)["layers.0.self_attn.q_proj.weight"])
 
 
-@pytest.mark.parametrize("tie, trainable", [(False, ("norm",)), (True, ("embed_tokens", "input_layernorm"))],
-                         ids=["untied-norms", "tied-embeddings"])
-def test_exports_load_in_transformers_and_peft(tmp_path, tie, trainable):
+@pytest.mark.parametrize("tie, trainable, family", [(False, ("norm",), "llama"),
+                                                   (True, ("embed_tokens", "input_layernorm"), "llama"),
+                                                   (False, ("norm",), "qwen2"), (True, ("norm",), "qwen3")],
+                         ids=["untied-norms", "tied-embeddings", "qwen2-biases", "qwen3-qk-norms-tied"])
+def test_exports_load_in_transformers_and_peft(tmp_path, tie, trainable, family):
     import transformers
     from peft import PeftModel
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    model = lora_model(seed, trainable, tie)
+    model = lora_model(seed, trainable, tie, family)
     if "embed_tokens" in trainable:
         with torch.no_grad():
             model.embed_tokens.weight.add_(0.1 * torch.randn_like(model.embed_tokens.weight))
@@ -109,19 +118,21 @@ def test_exports_load_in_transformers_and_peft(tmp_path, tie, trainable):
     state = model.state_dict()
     save_hf(model, tmp_path / "merged", state=plain_state(state, ALPHA / RANK))
     # the base is the model before training: the trainable modules as they were
-    base_state = plain_state(lora_model(seed, trainable, tie).state_dict(), None)
+    base_state = plain_state(lora_model(seed, trainable, tie, family).state_dict(), None)
     if "embed_tokens" in trainable:
         base_state["embed_tokens.weight"] = base_state["embed_tokens.weight"] + 1.0
     save_hf(model, tmp_path / "base", state=base_state)
     save_adapter(tmp_path / "adapter", state, model.config, RANK, ALPHA, trainable=trainable,
                  base_model=str(tmp_path / "base"))
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
-    hf_merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(hf_merged).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                        "qwen3": "Qwen3ForCausalLM"}[family]
     with torch.no_grad():
         torch.testing.assert_close(hf_merged(input_ids=ids).logits, ours, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(load_hf(tmp_path / "merged", attention="sdpa")(ids).logits, ours,
                                    atol=1e-5, rtol=1e-4)
-    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     with torch.no_grad():
         assert not torch.allclose(base(input_ids=ids).logits, ours, atol=1e-3)
     adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")

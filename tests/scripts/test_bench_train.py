@@ -137,23 +137,28 @@ def test_check_and_plan_only_run_on_a_cpu(tmp_path):
     assert row["plan_host_gib"] > 89   # 12 bytes a parameter of 8B on the host
 
 
-def test_liger_patch_is_undone_after_its_rows():
+@pytest.mark.parametrize("family, prefix", [("llama", "Llama"), ("qwen3", "Qwen3"), ("qwen2", "Qwen2"),
+                                            ("mistral", "Mistral")])
+def test_liger_patch_is_undone_after_its_rows(family, prefix):
+    """Each family's peer gets Liger's patch for that family (bench_train.HF_FAMILIES), undone after."""
     pytest.importorskip("liger_kernel", reason="pip install liger-kernel (a dependency of longctx)")
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
-    from transformers.models.llama import modeling_llama
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     sys.path.insert(0, str(SCRIPT.parent))   # where a script finds benchlib when run
     spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     sys.modules["bench_train"] = bench   # where its dataclasses look themselves up
     spec.loader.exec_module(bench)
-    plain_norm, plain_rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
-    plain_forward = modeling_llama.LlamaForCausalLM.forward
-    with bench.liger_patched(bench.LIGER_KERNELS):
-        assert modeling_llama.LlamaRMSNorm is LigerRMSNorm
-        assert modeling_llama.apply_rotary_pos_emb is not plain_rope
-        assert modeling_llama.LlamaForCausalLM.forward is not plain_forward
-    assert modeling_llama.LlamaRMSNorm is plain_norm and modeling_llama.apply_rotary_pos_emb is plain_rope
-    assert modeling_llama.LlamaForCausalLM.forward is plain_forward
+    model_class = getattr(modeling, f"{prefix}ForCausalLM")
+    plain_norm, plain_rope = getattr(modeling, f"{prefix}RMSNorm"), modeling.apply_rotary_pos_emb
+    plain_forward = model_class.forward
+    with bench.liger_patched(bench.LIGER_KERNELS, family):
+        assert getattr(modeling, f"{prefix}RMSNorm") is LigerRMSNorm or \
+            issubclass(getattr(modeling, f"{prefix}RMSNorm"), LigerRMSNorm)
+        assert modeling.apply_rotary_pos_emb is not plain_rope
+        assert model_class.forward is not plain_forward
+    assert getattr(modeling, f"{prefix}RMSNorm") is plain_norm and modeling.apply_rotary_pos_emb is plain_rope
+    assert model_class.forward is plain_forward
 
 
 def test_bad_override_is_one_line_before_any_work(tmp_path):
