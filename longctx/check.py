@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from longctx.train.config import REPO_ROOT, Config, ConfigError, register_configs, validate
+from longctx.train.config import REPO_ROOT, Config, ConfigError, register_configs, resolve_auto, validate
 from longctx.train.console import exit_with_launcher
 from longctx.train.errors import one_line_errors, refuse_bad_overrides
 
@@ -43,6 +43,7 @@ def check(cfg: Config) -> dict:
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dims = validate(cfg, world_size)
+    resolve_auto(cfg, dims)
     device = T.init_distributed(cfg.train.device)
     mesh = dims.build_mesh(device.type)
     t = cfg.train

@@ -41,13 +41,15 @@ def bf16_parameters(model):
 
 
 def apply_activation_checkpointing(model, mode: str, offload: bool = False, group: int = 1,
-                                   preserve_rng_state: bool = False):
+                                   preserve_rng_state: bool = False, selective_layers: int = 0):
     """Recompute activations in the backward instead of storing them.
 
     full: each decoder layer keeps only its input. selective: everything but the token mixer is
     recomputed (norms, projections, rotary, MLP: cheap); the mixer's saved tensors (q, k, v, its
     output and log-sum-exp), which would cost a second attention pass to recompute at long context,
-    are kept. offload (with full): the layer inputs that full checkpointing keeps go to pinned CPU
+    are kept. selective_layers (with full): the first k layers are selective, the rest full: the
+    memory plan keeps the mixer outputs of as many layers as fit (train.activation_checkpoint=auto).
+    offload (with full): the layer inputs that full checkpointing keeps go to pinned CPU
     memory on a side stream in the forward and come back one layer ahead of need in the backward
     (`offload.py`); the `ActivationOffloader` is returned (None without offload). group (with
     full): one stored input per `group` layers (`checkpoint_group.py`); offload then moves the
@@ -58,11 +60,18 @@ def apply_activation_checkpointing(model, mode: str, offload: bool = False, grou
     if mode == "none":
         return None
     if mode == "selective":
-        for layer in model.layers:
-            layer.recompute_around_mixer = True
-        return None
+        selective_layers = len(model.layers)
+    elif mode != "full":
+        raise ValueError(f"train.activation_checkpoint={mode!r}: choose one of none, full, selective "
+                         "(auto is resolved before the model is built)")
+    if selective_layers and (offload or group > 1):
+        raise ValueError(f"train.selective_layers={selective_layers} mixes selective layers into per-layer full "
+                         "checkpointing: drop train.checkpoint_group and train.activation_offload")
     for i, layer in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=preserve_rng_state)
+        if i < selective_layers:
+            layer.recompute_around_mixer = True
+        else:
+            model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=preserve_rng_state)
     units = group_layers(model, group, preserve_rng_state) if group > 1 else model.layers
     if not offload:
         return None
@@ -87,7 +96,8 @@ def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
     if cfg.optim.offload:   # after LoRA, so that the adapters are bf16 too; before DDP takes the parameters
         bf16_parameters(model)
     apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_offload,
-                                   cfg.train.checkpoint_group, preserve_rng_state=lora.enabled and lora.dropout > 0)
+                                   cfg.train.checkpoint_group, preserve_rng_state=lora.enabled and lora.dropout > 0,
+                                   selective_layers=cfg.train.selective_layers)
     if not dist.is_initialized() or dims.dp_backend in ("none", "deepspeed"):
         return model
     if dims.dp_backend == "ddp":

@@ -68,6 +68,8 @@ class TrainSection:
     precision: str = "auto"                # auto (bf16_autocast on CUDA, fp32 on CPU) | bf16_autocast | bf16_pure | fp32
     activation_checkpoint: str = "none"    # none | full | selective (recompute all but the token mixer) |
                                            # auto (on a GPU: the least recompute the memory plan fits)
+    selective_layers: int = 0              # with full: the first k layers selective instead (their token mixers'
+                                           # outputs kept, not recomputed); auto sets it from the memory plan
     activation_offload: bool = False       # with full: the kept layer inputs wait in CPU memory
     checkpoint_group: int = 1              # with full: one stored input per k layers (parallel/checkpoint_group.py)
     seed: int = 0
@@ -269,6 +271,7 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
         raise ValueError(f"model.pretrained={m.pretrained}: no Hugging Face config.json there")
     shape = model_shape(cfg)   # the model's real shape: a pretrained folder's config.json wins
     _check_checkpoint_group(cfg, shape.num_hidden_layers)
+    _check_selective_layers(cfg, shape.num_hidden_layers)
     if dims.method is not None:   # the method's head constraints and layer kinds
         from longctx.parallel.registry import check_model
         check_model(dims.method, dims, shape)
@@ -284,6 +287,46 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     return dims
 
 
+def resolve_auto(cfg: Config, dims: "ParallelDims", gpu_gib: Optional[float] = None) -> list[str]:
+    """Make every automatic setting concrete, once, right after `validate` and before anything reads
+    them: the run's config.yaml then records what ran, and nothing later changes the config.
+
+    - train.device=auto: cuda where a GPU is visible, else cpu;
+    - train.precision=auto: bf16_autocast on CUDA, fp32 on a CPU;
+    - train.activation_checkpoint=auto: on CUDA the least recompute the memory plan fits in the
+      GPU's memory (`gpu_gib`, default: this process's GPU), possibly full with
+      train.selective_layers=k (longctx/train/plan.py); on a CPU none (no device memory to plan);
+    - parallel.dp_backend: the backend that runs, `dims.dp_backend` (none on one process).
+    Returns one line per setting it changed, for the log.
+    """
+    import torch
+    from longctx.train import plan
+    t, p, changed = cfg.train, cfg.parallel, []
+
+    def note(key: str, before, after, why: str = "") -> None:
+        if before != after:
+            changed.append(f"{key}={before} -> {after}{f' ({why})' if why else ''}")
+    cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    device = "cuda" if cuda else "cpu"
+    note("train.device", t.device, device)
+    t.device = device
+    precision = ("bf16_autocast" if cuda else "fp32") if t.precision == "auto" else t.precision
+    note("train.precision", t.precision, precision)
+    t.precision = precision
+    note("parallel.dp_backend", p.dp_backend, dims.dp_backend, f"{dims.world_size} process(es)")
+    p.dp_backend = dims.dp_backend
+    if t.activation_checkpoint == "auto":
+        if cuda:
+            if gpu_gib is None:
+                index = int(os.environ.get("LOCAL_RANK", 0))
+                gpu_gib = torch.cuda.get_device_properties(index).total_memory / 2**30
+            changed.append(plan.resolve_checkpointing(cfg, dims.world_size, gpu_gib).strip())
+        else:
+            t.activation_checkpoint = "none"
+            changed.append("train.activation_checkpoint=auto -> none (a CPU: no device memory to plan for)")
+    return changed
+
+
 def _check_checkpoint_group(cfg: Config, layers: int) -> None:
     t = cfg.train
     if t.checkpoint_group < 1:
@@ -297,6 +340,22 @@ def _check_checkpoint_group(cfg: Config, layers: int) -> None:
     if t.checkpoint_group > 1 and cfg.parallel.dp_backend in ("fsdp", "deepspeed"):
         raise ValueError(f"train.checkpoint_group={t.checkpoint_group} is built and tested with "
                          f"parallel.dp_backend none or ddp, not {cfg.parallel.dp_backend}: drop train.checkpoint_group")
+
+
+def _check_selective_layers(cfg: Config, layers: int) -> None:
+    """train.selective_layers mixes selective layers into full checkpointing (what `auto` resolves to
+    when some but not all layers' mixer outputs fit); grouped or offloaded inputs are full-only."""
+    t, k = cfg.train, cfg.train.selective_layers
+    if k == 0:
+        return
+    if not 0 < k <= layers:
+        raise ValueError(f"train.selective_layers={k} must be in [0, {layers}] (the model's layers)")
+    if t.activation_checkpoint != "full":
+        raise ValueError(f"train.selective_layers={k} makes k layers of full checkpointing selective: set "
+                         f"train.activation_checkpoint=full (or auto), or drop train.selective_layers")
+    if t.checkpoint_group > 1 or t.activation_offload:
+        raise ValueError(f"train.selective_layers={k} mixes selective layers into per-layer full checkpointing: "
+                         "drop train.checkpoint_group and train.activation_offload, or train.selective_layers")
 
 
 def _check_optimizer_offload(cfg: Config) -> None:

@@ -127,25 +127,33 @@ def estimate(cfg, world_size: int) -> Estimate:
     # saves but its input (kept already; selective keeps the mixer's too), the gradient arriving
     # from above and the MLP's output: h * a more than it saves (traced on an H100 at 512K)
     recompute = 0
-    if t.activation_checkpoint == "full":
+    # each layer's mode: full checkpointing with train.selective_layers = k has k selective layers
+    # (what `auto` chooses when some layers' mixer outputs fit but not all); the parts per mode
+    # count their own layers
+    mode = t.activation_checkpoint
+    selective = layers if mode == "selective" else getattr(t, "selective_layers", 0) if mode == "full" else 0
+    full = layers - selective if mode == "full" else 0
+    # what the token mixer saves (q, k, v, output, log-sum-exp), kept by a selective layer
+    mixer_saved = a * (2 * heads * d + 2 * kv * d) + 4 * heads
+    if full:
         # the block inputs of every layer or group of layers (offloaded: the two in flight); one
         # layer recomputed at a time; a group in its backward has the inputs of all its k layers
         # on the device, k - 1 more than it stores (parallel/checkpoint_group.py)
         group = getattr(t, "checkpoint_group", 1)
-        kept = 2 if getattr(t, "activation_offload", False) else -(-layers // group)
+        kept = 2 if getattr(t, "activation_offload", False) else -(-full // group)
         e.parts["activations (checkpointed inputs)"] = kept * tokens * h * a
         if group > 1:
             e.parts["activations (group in its backward)"] = (group - 1) * tokens * h * a
+        # the recomputed layer: all it saves but its input, plus the gradient from above
+        recompute = tokens * (attention_saved + h * a) + mlp_tokens * mlp_saved
+    if selective:
+        # each layer's input and what the token mixer saves stay; the rest of one layer is
+        # recomputed at a time
+        e.parts["activations (layer inputs, mixer kept)"] = selective * tokens * (h * a + mixer_saved)
+        recompute = max(recompute, tokens * (attention_saved - mixer_saved + h * a) + mlp_tokens * mlp_saved)
+    if full or selective:
         # the recomputed layer's backward: its MLP's, and about its attention gradients' size per token
         layer_backward += mlp_tokens * mlp_saved
-        recompute = tokens * (attention_saved + h * a) + mlp_tokens * mlp_saved
-    elif t.activation_checkpoint == "selective":
-        # each layer's input and what the token mixer saves (q, k, v, output, log-sum-exp) stay;
-        # the rest of one layer is recomputed at a time
-        mixer_saved = a * (2 * heads * d + 2 * kv * d) + 4 * heads
-        e.parts["activations (layer inputs, mixer kept)"] = layers * tokens * (h * a + mixer_saved)
-        layer_backward += mlp_tokens * mlp_saved
-        recompute = tokens * (attention_saved - mixer_saved + h * a) + mlp_tokens * mlp_saved
     else:
         e.parts["activations"] = layers * (tokens * attention_saved + mlp_tokens * mlp_saved)
     lora_saved = 0   # what one layer's adapters keep beyond the base layer's saved set
@@ -227,8 +235,9 @@ def host_estimate(cfg, world_size: int) -> Estimate:
 SUGGESTIONS = [
     ("train.activation_checkpoint=selective", lambda c, n: c.train.activation_checkpoint == "none",
      lambda c: setattr(c.train, "activation_checkpoint", "selective")),
-    ("train.activation_checkpoint=full", lambda c, n: c.train.activation_checkpoint != "full",
-     lambda c: setattr(c.train, "activation_checkpoint", "full")),
+    ("train.activation_checkpoint=full train.selective_layers=0",
+     lambda c, n: c.train.activation_checkpoint != "full" or getattr(c.train, "selective_layers", 0),
+     lambda c: (setattr(c.train, "activation_checkpoint", "full"), setattr(c.train, "selective_layers", 0))),
     ("train.activation_offload=true", lambda c, n: c.train.activation_checkpoint == "full" and not c.train.activation_offload,
      lambda c: setattr(c.train, "activation_offload", True)),
     ("model.mlp_chunk_size=8192", lambda c, n: c.model.mlp_chunk_size == 0,
@@ -244,31 +253,59 @@ SUGGESTIONS = [
 ]
 
 
-# (activation_checkpoint, activation_offload), least recompute first: what `auto` tries
-CHECKPOINT_MODES = [("none", False), ("selective", False), ("full", False), ("full", True)]
+def checkpoint_candidates(layers: int) -> list[tuple[str, bool, int]]:
+    """(train.activation_checkpoint, train.activation_offload, train.selective_layers), least
+    recompute first: what `auto` tries. Between selective (every layer keeps its token mixer's
+    outputs) and full (none does) lie the mixes: full with the first k layers selective, k from
+    L - 1 down to 1; each layer that keeps its mixer's outputs skips a second attention pass."""
+    return ([("none", False, 0), ("selective", False, 0)] + [("full", False, k) for k in range(layers - 1, 0, -1)]
+            + [("full", False, 0), ("full", True, 0)])
 
 
-def choose_checkpointing(cfg, world_size: int, gpu_gib: float) -> tuple[str, bool]:
-    """The first of CHECKPOINT_MODES whose planned peak fits the GPU (the last if none does).
-    Measured on an H100 (1B shape, bench/results/train_h100.json) each step down that list costs
-    speed: 32K tokens 26.1K / 24.1K / 21.4K tokens/s, 128K (none does not fit) 9.5K / 7.9K."""
+def describe_checkpointing(mode: str, offload: bool, selective_layers: int) -> str:
+    """The resolved setting in words a user can pass back ("full with train.selective_layers=12")."""
+    if selective_layers:
+        return f"{mode} with train.selective_layers={selective_layers}"
+    return mode + (" with train.activation_offload=true" if offload else "")
+
+
+def choose_checkpointing(cfg, world_size: int, gpu_gib: float) -> tuple[str, bool, int]:
+    """The first of `checkpoint_candidates` whose planned peak fits the GPU (the last if none does):
+    (mode, activation_offload, selective_layers). Memory grows with k, so the mixes are searched by
+    bisection. Measured on an H100 (1B shape, bench/results/train_h100.json) each step down that list
+    costs speed: 32K tokens 26.1K / 24.1K / 21.4K tokens/s (none / selective / full), 128K (none does
+    not fit) 9.5K / 7.9K; each selective layer of a mix saves its attention forward's recompute."""
     budget = gpu_gib * GIB * HEADROOM
-    for mode, offload in CHECKPOINT_MODES:
-        trial = copy.deepcopy(cfg)
-        trial.train.activation_checkpoint, trial.train.activation_offload = mode, offload
-        if estimate(trial, world_size).total <= budget:
-            return mode, offload
-    return CHECKPOINT_MODES[-1]
+    trial = copy.deepcopy(cfg)
+
+    def fits(mode, offload, k) -> bool:
+        t = trial.train
+        t.activation_checkpoint, t.activation_offload, t.selective_layers = mode, offload, k
+        return estimate(trial, world_size).total <= budget
+    layers = cfg.model.num_hidden_layers
+    for choice in (("none", False, 0), ("selective", False, 0)):
+        if fits(*choice):
+            return choice
+    low, high = 0, layers - 1   # fits with k = low (0: plain full, checked below); find the largest k
+    if not fits("full", False, 0):
+        return ("full", True, 0)
+    while low < high:
+        k = (low + high + 1) // 2
+        low, high = (k, high) if fits("full", False, k) else (low, k - 1)
+    return ("full", False, low)
 
 
-def resolve_auto(cfg, world_size: int, gpu_gib: float) -> str:
-    """Replace train.activation_checkpoint=auto in `cfg` by the chosen mode; says what it chose."""
+def resolve_checkpointing(cfg, world_size: int, gpu_gib: float) -> str:
+    """Replace train.activation_checkpoint=auto in `cfg` by the chosen setting; says what it chose
+    ("" when there was nothing to choose). Called once, right after the config is validated
+    (`longctx.train.config.resolve_auto`)."""
     t = cfg.train
     if t.activation_checkpoint != "auto":
         return ""
-    t.activation_checkpoint, t.activation_offload = choose_checkpointing(cfg, world_size, gpu_gib)
-    return (f"train.activation_checkpoint=auto -> {t.activation_checkpoint}"
-            f"{' with train.activation_offload=true' if t.activation_offload else ''}\n")
+    t.activation_checkpoint, t.activation_offload, t.selective_layers = choose_checkpointing(cfg, world_size, gpu_gib)
+    return (f"train.activation_checkpoint=auto -> "
+            f"{describe_checkpointing(t.activation_checkpoint, t.activation_offload, t.selective_layers)} "
+            f"(planned {estimate(cfg, world_size).total / GIB:.1f} GiB of {gpu_gib:.0f} GiB)\n")
 
 
 def suggest(cfg, world_size: int, budget: float) -> list[str]:
@@ -335,7 +372,7 @@ def main(argv=None) -> None:
         # the plan reads no data: a data set that is not installed here must not stop it
         cfg = OmegaConf.to_object(compose("config", overrides=overrides + ["data.path=unread-by-the-planner"]))
     world = args.gpus or (cfg.parallel.sp * max(cfg.parallel.dp, 1))
-    print(resolve_auto(cfg, world, args.gpu_gib) + report(cfg, world, args.gpu_gib, args.host_gib))
+    print(resolve_checkpointing(cfg, world, args.gpu_gib) + report(cfg, world, args.gpu_gib, args.host_gib))
 
 
 if __name__ == "__main__":

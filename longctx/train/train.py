@@ -32,7 +32,7 @@ from longctx.parallel.parallelize import parallelize_llama
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
-from .config import Config, ConfigError, check_tokenizer_fits, model_fields, validate
+from .config import Config, ConfigError, check_tokenizer_fits, model_fields, resolve_auto, validate
 from .console import closing_summary, quiet_libraries
 from .metrics import MetricsLogger, peak_tflops, training_flops
 from .offload_adamw import OffloadedAdamW
@@ -237,10 +237,13 @@ def on_any_rank(device, *flags: bool) -> list[bool]:
 def train(cfg: Config) -> Path:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dims = validate(cfg, world_size)               # every config error surfaces here, before any work
+    resolved = resolve_auto(cfg, dims)             # every "auto" made concrete, once: config.yaml says what ran
     quiet_libraries()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = init_distributed(cfg.train.device)
+    if resolved and rank() == 0:
+        print("\n".join(resolved), flush=True)
     mesh = dims.build_mesh(device.type)
     t = cfg.train
     # data and tokenizer are checked before the run folder exists: a run that cannot start leaves none
@@ -260,13 +263,8 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
     """The run in its locked folder: resume point, model, steps, checkpoints."""
     is_main, t = rank() == 0, cfg.train
     autocast = precision_context(t, device)
-    if device.type == "cuda":   # the memory plan, before any GPU work; auto checkpointing picks by it
-        gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-        chosen = plan.resolve_auto(cfg, world_size, gpu_gib)
-        if is_main:
-            print(chosen + plan.report(cfg, world_size, gpu_gib))
-    elif t.activation_checkpoint == "auto":
-        t.activation_checkpoint = "none"   # on a CPU there is no device memory to plan for
+    if device.type == "cuda" and is_main:   # the memory plan of the resolved settings, before any GPU work
+        print(plan.report(cfg, world_size, torch.cuda.get_device_properties(device).total_memory / 2**30))
     torch.manual_seed(t.seed)
 
     # where to resume, checked (files against their manifest, settings against the saved ones)
@@ -378,11 +376,10 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
 
 
 def precision_context(t, device):
-    """Resolve train.precision=auto for `device` (bf16 autocast on CUDA, fp32 elsewhere) and return
-    the forward's autocast context (bf16_pure: the backend's bf16 weights, no autocast)."""
-    if t.precision == "auto":
-        t.precision = "bf16_autocast" if device.type == "cuda" else "fp32"
-    return torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16_autocast" else nullcontext()
+    """The forward's autocast context for train.precision (bf16_pure: the backend's bf16 weights, no
+    autocast); `auto`, which `resolve_auto` makes concrete before this, reads as it resolves."""
+    precision = t.precision if t.precision != "auto" else "bf16_autocast" if device.type == "cuda" else "fp32"
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16_autocast" else nullcontext()
 
 
 def forward_backward(train_model, micro_batches: list[dict], world_size: int, autocast,

@@ -41,21 +41,64 @@ def test_cli_says_whether_it_fits_and_what_to_change():
     assert "does NOT fit" in big.stdout and "to fit: train.activation_offload=true" in big.stdout, big.stdout
 
 
+def with_checkpointing(cfg, mode, offload=False, selective_layers=0):
+    trial = copy.deepcopy(cfg)
+    trial.train.activation_checkpoint, trial.train.activation_offload = mode, offload
+    trial.train.selective_layers = selective_layers
+    return trial
+
+
 def test_auto_checkpointing_takes_the_least_recompute_that_fits():
-    from longctx.train.plan import CHECKPOINT_MODES, GIB, HEADROOM, choose_checkpointing
+    from longctx.train.plan import GIB, HEADROOM, checkpoint_candidates, choose_checkpointing
     cfg = compose_config(["model=llama3.2-1b", "train.seq_len=32768"])
-    planned = []
-    for mode, offload in CHECKPOINT_MODES:
-        trial = copy.deepcopy(cfg)
-        trial.train.activation_checkpoint, trial.train.activation_offload = mode, offload
-        planned.append(total(trial, 1))
-    assert planned == sorted(planned, reverse=True), "each mode down the list should need less memory"
-    for i, mode in enumerate(CHECKPOINT_MODES):
-        # a GPU just big enough for this mode, and not for the one before it
-        gpu_gib = planned[i] / HEADROOM / GIB * 1.001
-        assert choose_checkpointing(cfg, 1, gpu_gib) == mode
-    assert choose_checkpointing(cfg, 1, planned[-1] / HEADROOM / GIB * 0.9) == CHECKPOINT_MODES[-1]
+    candidates = checkpoint_candidates(cfg.model.num_hidden_layers)
+    assert candidates[:3] == [("none", False, 0), ("selective", False, 0), ("full", False, 15)]
+    assert candidates[-3:] == [("full", False, 1), ("full", False, 0), ("full", True, 0)]
+    planned = [total(with_checkpointing(cfg, *c), 1) for c in candidates]
+    assert planned == sorted(planned, reverse=True), "each setting down the list should need less memory"
+    for i, choice in enumerate(candidates):
+        # a GPU just big enough for this setting, and not for the one before it
+        gpu_gib = planned[i] / HEADROOM / GIB * 1.0001
+        assert choose_checkpointing(cfg, 1, gpu_gib) == choice
+    assert choose_checkpointing(cfg, 1, planned[-1] / HEADROOM / GIB * 0.9) == candidates[-1]
     assert cfg.train.activation_checkpoint == "none"   # choosing leaves the config alone
+
+
+def test_the_plan_counts_each_layers_mode():
+    """full with k selective layers: the activations are L - k layer inputs and k layers' inputs
+    with their mixers' saved tensors (q, k, v, output, log-sum-exp), linear in k between full and
+    selective; the recompute working set is full's while any layer is full."""
+    from longctx.train.plan import estimate
+    cfg = compose_config(["model=llama3.2-1b", "train.seq_len=32768", "train.precision=bf16_autocast"])
+    m, tokens, layers = cfg.model, 32768, cfg.model.num_hidden_layers
+    mixer = 2 * (2 * m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim) \
+        + 4 * m.num_attention_heads
+    full = estimate(with_checkpointing(cfg, "full"), 1).parts
+    for k in (1, 7, layers - 1):
+        parts = estimate(with_checkpointing(cfg, "full", selective_layers=k), 1).parts
+        assert parts["activations (checkpointed inputs)"] == (layers - k) * tokens * m.hidden_size * 2
+        assert parts["activations (layer inputs, mixer kept)"] == k * tokens * (m.hidden_size * 2 + mixer)
+        assert estimate(with_checkpointing(cfg, "full", selective_layers=k), 1).total - sum(full.values()) == \
+            k * tokens * mixer
+    selective = estimate(with_checkpointing(cfg, "selective"), 1)
+    assert selective.parts["activations (layer inputs, mixer kept)"] == layers * tokens * (m.hidden_size * 2 + mixer)
+
+
+def test_auto_keeps_more_mixers_with_more_memory_and_fewer_with_longer_sequences():
+    """The number of layers that keep their mixer's outputs (L for selective, k for a mix, 0 for
+    full) rises with the GPU's memory and falls with the sequence length."""
+    from longctx.train.plan import choose_checkpointing
+    layers = 16
+
+    def kept(seq_len, gpu_gib):
+        cfg = compose_config(["model=llama3.2-1b", f"train.seq_len={seq_len}", "train.precision=bf16_autocast"])
+        mode, offload, k = choose_checkpointing(cfg, 1, gpu_gib)
+        return {"none": layers + 1, "selective": layers}.get(mode, k)   # none keeps everything
+    by_memory = [kept(262144, gib) for gib in (40, 60, 80, 100, 120, 160, 200)]
+    assert by_memory == sorted(by_memory) and 0 < len(set(by_memory)) and by_memory[0] < by_memory[-1]
+    assert any(0 < k < layers for k in by_memory), by_memory   # a mix, between full and selective
+    by_length = [kept(seq_len, 80) for seq_len in (32768, 131072, 262144, 524288)]
+    assert by_length == sorted(by_length, reverse=True) and by_length[0] > by_length[-1], by_length
 
 
 def test_cli_resolves_auto_and_reports_the_chosen_mode():
