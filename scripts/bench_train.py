@@ -147,7 +147,7 @@ def parallel_dims(cfg: Config) -> ParallelDims:
     one-rank process group. The trainer builds those only under torchrun, so validation on one
     process refuses bf16_pure with them: that row's other keys are checked with the precision it
     accepts."""
-    backend = cfg.parallel.dp_backend in ("fsdp", "deepspeed")
+    backend = data_parallel.get_backend(cfg.parallel.dp_backend).keeps_fp32_masters
     pure = cfg.train.precision == "bf16_pure" and backend
     if pure:
         cfg.train.precision = "bf16_autocast"
@@ -201,7 +201,7 @@ def autocast_for(precision: str, device: torch.device):
 
 def build_longctx(run: Run, device: torch.device):
     """The trainer's model (LoRA, bf16 weights, checkpointing and backend applied) and optimizer."""
-    mesh = one_rank_group(device) if run.dims.dp_backend != "none" else None
+    mesh = one_rank_group(device) if data_parallel.get_backend(run.dims.dp_backend).reduces_gradients else None
     _, train_model, optimizer, _ = trainer.build_train_model(run.cfg, run.dims, mesh, device)
     return train_model, optimizer
 

@@ -8,7 +8,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from longctx.model.lora import apply_lora
 
 from .checkpoint_group import group_layers
-from .data_parallel import apply_ddp, apply_fsdp, world_mesh
+from .data_parallel import get_backend
 from .mesh import ParallelDims
 from .offload import ActivationOffloader
 from .registry import check_model
@@ -85,9 +85,10 @@ def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
     before a data-parallel backend takes it (FSDP2 shards the checkpoint-wrapped layers, adapters
     and frozen base together, per layer).
 
-    DDP returns a wrapper; FSDP2 shards the model in place (it may still be on the meta device:
+    The data-parallel backend's record applies it (`data_parallel.get_backend`): DDP returns a
+    wrapper; FSDP2 shards the model in place (it may still be on the meta device:
     `data_parallel.materialize` it afterwards); DeepSpeed needs the optimizer, so the caller builds
-    its engine afterwards with `data_parallel.build_deepspeed`.
+    its engine afterwards from the record's `engine_config` (`data_parallel.build_deepspeed`).
     """
     apply_sequence_parallel(model, dims)
     lora = cfg.lora
@@ -98,12 +99,6 @@ def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
     apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_offload,
                                    cfg.train.checkpoint_group, preserve_rng_state=lora.enabled and lora.dropout > 0,
                                    selective_layers=cfg.train.selective_layers)
-    if not dist.is_initialized() or dims.dp_backend in ("none", "deepspeed"):
+    if not dist.is_initialized():
         return model
-    if dims.dp_backend == "ddp":
-        return apply_ddp(model, device)
-    if dims.dp_backend == "fsdp":
-        p = cfg.parallel
-        return apply_fsdp(model, world_mesh(mesh), precision=cfg.train.precision,
-                          reshard_after_forward=p.reshard_after_forward, cpu_offload=p.cpu_offload)
-    raise ValueError(f"parallel.dp_backend={dims.dp_backend!r} is unknown")
+    return get_backend(dims.dp_backend).apply(model, mesh, cfg, device)

@@ -132,21 +132,18 @@ def build_train_model(cfg: Config, dims, mesh, device):
     """Model, parallelism and optimizer, in the order each backend needs: FSDP2 shards a meta
     model before it is allocated; ZeRO-3 partitions the model as it is built (with the engine's
     config); DeepSpeed's engine wraps the optimizer."""
-    distributed = dist.is_initialized()
-    fsdp = dims.dp_backend == "fsdp" and distributed
-    ds_config = None
-    if dims.dp_backend == "deepspeed" and distributed:
-        t, p = cfg.train, cfg.parallel
-        ds_config = data_parallel.deepspeed_config(p.zero_stage, t.micro_batch, t.grad_accum, t.precision,
-                                                   cfg.optim.grad_clip, cpu_offload=p.cpu_offload)
-    zero3 = ds_config is not None and cfg.parallel.zero_stage == 3
-    model = build_model(cfg, device, on_meta=fsdp, zero3_config=ds_config if zero3 else None)
+    backend = data_parallel.get_backend(dims.dp_backend)
+    # one process without a process group runs the plain model, whatever the config names
+    build = backend.build(cfg.parallel) if dist.is_initialized() else "whole"
+    engine_config = backend.engine_config(cfg) if dist.is_initialized() and backend.engine_config else None
+    model = build_model(cfg, device, on_meta=build == "meta",
+                        zero3_config=engine_config if build == "partitioned" else None)
     train_model = parallelize_llama(model, dims, mesh, cfg, device)
-    if fsdp:
+    if build == "meta":
         materialize(train_model, cfg, device)
     optimizer, scheduler = build_optimizer(train_model, cfg)
-    if ds_config is not None:
-        train_model = data_parallel.build_deepspeed(train_model, optimizer, ds_config)
+    if engine_config is not None:
+        train_model = data_parallel.build_deepspeed(train_model, optimizer, engine_config)
     return model, train_model, optimizer, scheduler
 
 

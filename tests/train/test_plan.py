@@ -41,27 +41,44 @@ def test_cli_says_whether_it_fits_and_what_to_change():
     assert "does NOT fit" in big.stdout and "to fit: train.activation_offload=true" in big.stdout, big.stdout
 
 
-def with_checkpointing(cfg, mode, offload=False, selective_layers=0):
+def with_checkpointing(cfg, mode, offload=False, selective_layers=0, group=1):
     trial = copy.deepcopy(cfg)
     trial.train.activation_checkpoint, trial.train.activation_offload = mode, offload
-    trial.train.selective_layers = selective_layers
+    trial.train.selective_layers, trial.train.checkpoint_group = selective_layers, group
     return trial
 
 
 def test_auto_checkpointing_takes_the_least_recompute_that_fits():
-    from longctx.train.plan import GIB, HEADROOM, checkpoint_candidates, choose_checkpointing
+    from longctx.train.plan import GIB, HEADROOM, Checkpointing, checkpoint_candidates, choose_checkpointing
     cfg = compose_config(["model=llama3.2-1b", "train.seq_len=32768"])
     candidates = checkpoint_candidates(cfg.model.num_hidden_layers)
-    assert candidates[:3] == [("none", False, 0), ("selective", False, 0), ("full", False, 15)]
-    assert candidates[-3:] == [("full", False, 1), ("full", False, 0), ("full", True, 0)]
-    planned = [total(with_checkpointing(cfg, *c), 1) for c in candidates]
+    assert candidates[:3] == [Checkpointing("none"), Checkpointing("selective"), Checkpointing("full", False, 15)]
+    # down to full with offloaded inputs memory falls at each step; then the groups of g layers
+    through = candidates.index(Checkpointing("full", True))
+    assert candidates[through - 2:through + 2] == [Checkpointing("full", False, 1), Checkpointing("full"),
+                                                   Checkpointing("full", True), Checkpointing("full", group=2)]
+    planned = [total(with_checkpointing(cfg, *c), 1) for c in candidates[:through + 1]]
     assert planned == sorted(planned, reverse=True), "each setting down the list should need less memory"
-    for i, choice in enumerate(candidates):
+    for i, choice in enumerate(candidates[:through + 1]):
         # a GPU just big enough for this setting, and not for the one before it
         gpu_gib = planned[i] / HEADROOM / GIB * 1.0001
         assert choose_checkpointing(cfg, 1, gpu_gib) == choice
-    assert choose_checkpointing(cfg, 1, planned[-1] / HEADROOM / GIB * 0.9) == candidates[-1]
+    assert choose_checkpointing(cfg, 1, 0.1) == candidates[-1]   # nothing fits: the least memory there is
     assert cfg.train.activation_checkpoint == "none"   # choosing leaves the config alone
+
+
+def test_auto_groups_the_inputs_where_the_host_cannot_take_them():
+    """The 8B shape at 512K on one 141 GB GPU with its optimizer on the host: full checkpointing's
+    inputs (128 GiB) do not fit the GPU, nor, beside the optimizer's 90 GiB, a 128 GiB host: auto
+    groups the layers in pairs, the least recompute that fits both."""
+    from longctx.train.plan import Checkpointing, choose_checkpointing
+    cfg = compose_config(["model=llama3-8b", "train.seq_len=524288", "train.precision=bf16_pure", "optim.offload=true",
+                          "parallel.dp_backend=none", "model.mlp_chunk_size=8192"])
+    assert choose_checkpointing(cfg, 1, 139.8, host_gib=None) == Checkpointing("full", True)
+    assert choose_checkpointing(cfg, 1, 139.8, host_gib=128) == Checkpointing("full", group=2)
+    # FSDP2 and DeepSpeed take no groups (train/config.py refuses them): never chosen there
+    cfg.parallel.dp_backend = "fsdp"
+    assert choose_checkpointing(cfg, 2, 139.8, host_gib=128).group == 1
 
 
 def test_the_plan_counts_each_layers_mode():
@@ -92,8 +109,8 @@ def test_auto_keeps_more_mixers_with_more_memory_and_fewer_with_longer_sequences
 
     def kept(seq_len, gpu_gib):
         cfg = compose_config(["model=llama3.2-1b", f"train.seq_len={seq_len}", "train.precision=bf16_autocast"])
-        mode, offload, k = choose_checkpointing(cfg, 1, gpu_gib)
-        return {"none": layers + 1, "selective": layers}.get(mode, k)   # none keeps everything
+        choice = choose_checkpointing(cfg, 1, gpu_gib)
+        return {"none": layers + 1, "selective": layers}.get(choice.mode, choice.selective_layers)   # none keeps everything
     by_memory = [kept(262144, gib) for gib in (40, 60, 80, 100, 120, 160, 200)]
     assert by_memory == sorted(by_memory) and 0 < len(set(by_memory)) and by_memory[0] < by_memory[-1]
     assert any(0 < k < layers for k in by_memory), by_memory   # a mix, between full and selective
