@@ -252,3 +252,38 @@ def test_the_host_plan_counts_what_the_offloaded_optimizer_holds():
     assert held == planned.parts["optimizer (fp32 masters and moments)"] + 2 * DEPTH * largest * 2 + largest * 4
     assert planned.total == HOST_RUNTIME + planned.parts["optimizer (fp32 masters and moments)"] + \
         planned.parts["optimizer buffers (pinned, fp32 scratch)"]
+
+
+def test_bad_checkpointing_values_are_one_line():
+    import pytest
+    from longctx.train.config import ConfigError, validate
+    cases = [(["train.activation_checkpoint=sometimes"], "train.activation_checkpoint='sometimes': choose one of none, full, selective, auto"),
+             (["train.activation_checkpoint=full", "train.selective_layers=99"], r"train.selective_layers=99 must be in \[0, 2\]"),
+             (["train.activation_checkpoint=selective", "train.selective_layers=1"], "set train.activation_checkpoint=full"),
+             (["train.activation_checkpoint=full", "train.selective_layers=1", "train.checkpoint_group=2"],
+              "drop train.checkpoint_group and train.activation_offload"),
+             (["parallel.dp_backend=zero"], "parallel.dp_backend='zero': choose one of none, ddp, fsdp, deepspeed")]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message) as error:
+            validate(compose_config(["data=sharegpt_sample", *overrides]), 1)
+        assert "\n" not in str(error.value)
+
+
+def test_resolve_auto_makes_every_automatic_setting_concrete_once():
+    from longctx.train.config import resolve_auto, validate
+    cfg = compose_config(["data=sharegpt_sample", "model=llama3.2-1b", "train.seq_len=131072",
+                          "train.activation_checkpoint=auto", "train.device=cuda"])
+    cfg.train.device = "auto"   # validation asks for a visible GPU with device=cuda; planned here as if on one
+    dims = validate(cfg, 1)
+    import unittest.mock
+    with unittest.mock.patch("torch.cuda.is_available", return_value=True):
+        lines = resolve_auto(cfg, dims, gpu_gib=60.0)
+    t = cfg.train
+    assert (t.device, t.precision, cfg.parallel.dp_backend) == ("cuda", "bf16_autocast", "none")
+    # 1B at 128K on 60 GiB: some layers keep their mixer outputs, the rest are recomputed whole
+    assert t.activation_checkpoint == "full" and 0 < t.selective_layers < 16, t
+    assert any(line.startswith(f"train.activation_checkpoint=auto -> full with train.selective_layers={t.selective_layers}")
+               for line in lines), lines
+    with unittest.mock.patch("torch.cuda.is_available", return_value=True):
+        validate(cfg, 1)                           # the resolved config is a valid config
+        assert resolve_auto(cfg, dims, gpu_gib=60.0) == []   # nothing left to resolve
