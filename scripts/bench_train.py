@@ -11,7 +11,10 @@ checkpointing and precision. Every training-step row of bench/results/ comes fro
     python scripts/bench_train.py --model 8b --impls longctx --precisions bf16_pure --offload-optimizer \
         --lora --seqlens 1048576 --layers 4 --checkpoint-group 2 --activation-offload --documents-of 8192
     python scripts/bench_train.py --check                  # bf16 correctness on the GPU, nothing timed
+    python scripts/bench_train.py --model 1b --impls longctx hf_liger --precisions bf16_autocast \
+        --settings like_for_like fastest_fit               # also each side's fastest setting that fits
     scripts/bench_train_8b_h200.sh                         # bench/results/train_8b_h200.json
+    scripts/bench_train_h200.sh                            # issue 30's suite, both settings, < 9 min
 
 longctx's rows are built from its Hydra config as the trainer builds them (`build_train_model`:
 model, LoRA, bf16 weights, checkpointing, optimizer), with the blockwise MLP at 64K tokens and the
@@ -24,8 +27,17 @@ loss in chunks of 8K. The flags are the trainer's keys, and `--set key=value` ov
     --activation-offload    train.activation_offload=true (the kept layer inputs wait in host memory)
     --layers N              model.num_hidden_layers=N (both sides): memory at lengths whose whole step
                             would take minutes
-Each row names both sides' settings (`model`, `checkpoint`, `checkpoint_group`, `precision`, `lora`,
-`optimizer`, ...), so a longctx row and a peer row with the same values compare directly:
+    --scale                 with --layers N: each longctx row also stood up for the shape's whole depth
+                            (figures x L / N, an upper bound; `layers_timed`, `scaled_from` say so)
+Settings (`setting` in every row, DESIGN.md): `like_for_like` (the default) runs both sides at each of
+--checkpoints; `fastest_fit` runs longctx with train.activation_checkpoint=auto as the trainer resolves
+it (longctx/train/plan.py, for --gpu-gib and --host-gib, default this machine's: the row's checkpoint,
+selective_layers, checkpoint_group and activation_offload are its choice; under --layers the choice
+for the whole depth, the cut's mixed layers in proportion), and each peer without checkpointing, then,
+if that runs out of memory, with full (the "oom" row stays). A row whose configuration was measured
+already in the process under the other setting is that measurement again (`measured_as`).
+Each row names both sides' settings (`model`, `checkpoint`, `checkpoint_group`, `selective_layers`,
+`precision`, `lora`, `optimizer`, ...), so a longctx row and a peer row with the same values compare directly:
 - precision `bf16_autocast`: longctx keeps fp32 weights and runs under bf16 autocast (as its trainer
   does on one GPU); HF likewise, fp32 weights under autocast.
 - precision `bf16_pure`: longctx computes in bf16 from fp32 master weights: FSDP2's mixed precision
