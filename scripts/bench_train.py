@@ -611,8 +611,10 @@ def fastest_fit_runs(args, name, seq_len, precision, documents_of, device, sets,
         t.activation_checkpoint, t.activation_offload = whole.activation_checkpoint, whole.activation_offload
         t.checkpoint_group = min(whole.checkpoint_group, layers)
         t.selective_layers = round(whole.selective_layers * layers / full_depth.model.num_hidden_layers)
-        print(f"fastest_fit at {seq_len}: {plan.Checkpointing(whole.activation_checkpoint, whole.activation_offload, whole.selective_layers, whole.checkpoint_group).describe()} "
-              f"at {full_depth.model.num_hidden_layers} layers, timed on {layers}", flush=True)
+        choice = plan.Checkpointing(whole.activation_checkpoint, whole.activation_offload, whole.selective_layers,
+                                    whole.checkpoint_group)
+        print(f"fastest_fit at {seq_len}: {choice.describe()} at {full_depth.model.num_hidden_layers} layers, "
+              f"timed on {layers}", flush=True)
     else:
         print(f"fastest_fit at {seq_len}: {resolve_checkpointing(cfg, args)}", flush=True)
     if "longctx" in args.impls:
