@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from longctx.train.config import REPO_ROOT, Config, ConfigError, register_configs, validate
+from longctx.parallel.data_parallel import get_backend
+from longctx.train.config import REPO_ROOT, Config, ConfigError, register_configs, resolve_auto, validate
 from longctx.train.console import exit_with_launcher
 from longctx.train.errors import one_line_errors, refuse_bad_overrides
 
@@ -43,6 +44,7 @@ def check(cfg: Config) -> dict:
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dims = validate(cfg, world_size)
+    resolve_auto(cfg, dims)
     device = T.init_distributed(cfg.train.device)
     mesh = dims.build_mesh(device.type)
     t = cfg.train
@@ -128,7 +130,7 @@ def _compare(cfg: Config, dims, loss: float, grad_norm: float, start: dict, stat
     tolerance = TOLERANCE[cfg.train.precision]
     result = {
         "layout": f"dp={dims.dp} x sp={dims.sp}", "sp_method": dims.sp_method, "dp_backend": dims.dp_backend,
-        "zero_stage": cfg.parallel.zero_stage if dims.dp_backend == "deepspeed" else None,
+        "zero_stage": cfg.parallel.zero_stage if "zero_stage" in get_backend(dims.dp_backend).reads else None,
         "precision": cfg.train.precision, "seq_len": cfg.train.seq_len,
         "sequences": cfg.train.micro_batch * cfg.train.grad_accum * dims.dp,
         "loss": loss, "reference_loss": reference["loss"], "loss_rel_diff": _relative(loss, reference["loss"]),

@@ -12,8 +12,11 @@ checkpointing and precision. Every training-step row of bench/results/ comes fro
     python scripts/bench_train.py --model 8b --impls longctx --precisions bf16_pure --offload-optimizer \
         --lora --seqlens 1048576 --layers 4 --checkpoint-group 2 --activation-offload --documents-of 8192
     python scripts/bench_train.py --check                  # bf16 correctness on the GPU, nothing timed
+    python scripts/bench_train.py --model 1b --impls longctx hf_liger --precisions bf16_autocast \
+        --settings like_for_like fastest_fit               # also each side's fastest setting that fits
     scripts/bench_train_8b_h200.sh                         # bench/results/train_8b_h200.json
     scripts/bench_train_families_h200.sh                   # the Qwen3-8B and Qwen2.5-7B rows at 128K
+    scripts/bench_train_h200.sh                            # issue 30's suite, both settings, < 9 min
 
 longctx's rows are built from its Hydra config as the trainer builds them (`build_train_model`:
 model, LoRA, bf16 weights, checkpointing, optimizer), with the blockwise MLP at 64K tokens and the
@@ -26,8 +29,17 @@ loss in chunks of 8K. The flags are the trainer's keys, and `--set key=value` ov
     --activation-offload    train.activation_offload=true (the kept layer inputs wait in host memory)
     --layers N              model.num_hidden_layers=N (both sides): memory at lengths whose whole step
                             would take minutes
-Each row names both sides' settings (`model`, `checkpoint`, `checkpoint_group`, `precision`, `lora`,
-`optimizer`, ...), so a longctx row and a peer row with the same values compare directly:
+    --scale                 with --layers N: each longctx row also stood up for the shape's whole depth
+                            (figures x L / N, an upper bound; `layers_timed`, `scaled_from` say so)
+Settings (`setting` in every row, DESIGN.md): `like_for_like` (the default) runs both sides at each of
+--checkpoints; `fastest_fit` runs longctx with train.activation_checkpoint=auto as the trainer resolves
+it (longctx/train/plan.py, for --gpu-gib and --host-gib, default this machine's: the row's checkpoint,
+selective_layers, checkpoint_group and activation_offload are its choice; under --layers the choice
+for the whole depth, the cut's mixed layers in proportion), and each peer without checkpointing, then,
+if that runs out of memory, with full (the "oom" row stays). A row whose configuration was measured
+already in the process under the other setting is that measurement again (`measured_as`).
+Each row names both sides' settings (`model`, `checkpoint`, `checkpoint_group`, `selective_layers`,
+`precision`, `lora`, `optimizer`, ...), so a longctx row and a peer row with the same values compare directly:
 - precision `bf16_autocast`: longctx keeps fp32 weights and runs under bf16 autocast (as its trainer
   does on one GPU); HF likewise, fp32 weights under autocast.
 - precision `bf16_pure`: longctx computes in bf16 from fp32 master weights: FSDP2's mixed precision
@@ -75,6 +87,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
+from typing import Optional
 
 # as the trainer sets it (longctx/train/__main__.py), for both sides: read when CUDA first allocates
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -128,6 +141,9 @@ class Run:
     dims: ParallelDims
     sets: list
     documents_of: int
+    setting: str = "like_for_like"     # or fastest_fit (DESIGN.md's benchmark rows)
+    fallback: Optional["Run"] = None   # fastest_fit peers: the next setting to try when this one runs out of memory
+    full_depth: Optional[Config] = None   # --scale: the shape's whole depth, which this cut of its layers stands for
 
 
 def compose_config(model: str, seq_len: int, precision: str, checkpoint: str, device: str, sets: list) -> Config:
@@ -155,7 +171,7 @@ def parallel_dims(cfg: Config) -> ParallelDims:
     one-rank process group. The trainer builds those only under torchrun, so validation on one
     process refuses bf16_pure with them: that row's other keys are checked with the precision it
     accepts."""
-    backend = cfg.parallel.dp_backend in ("fsdp", "deepspeed")
+    backend = data_parallel.get_backend(cfg.parallel.dp_backend).keeps_fp32_masters
     pure = cfg.train.precision == "bf16_pure" and backend
     if pure:
         cfg.train.precision = "bf16_autocast"
@@ -209,7 +225,7 @@ def autocast_for(precision: str, device: torch.device):
 
 def build_longctx(run: Run, device: torch.device):
     """The trainer's model (LoRA, bf16 weights, checkpointing and backend applied) and optimizer."""
-    mesh = one_rank_group(device) if run.dims.dp_backend != "none" else None
+    mesh = one_rank_group(device) if data_parallel.get_backend(run.dims.dp_backend).reduces_gradients else None
     _, train_model, optimizer, _ = trainer.build_train_model(run.cfg, run.dims, mesh, device)
     return train_model, optimizer
 
@@ -334,6 +350,7 @@ def row_keys(run: Run, name: str, device: torch.device) -> dict:
            "head_dim": m.head_dim, "causal": True, "gpus": int(device.type == "cuda"),
            "layers": m.num_hidden_layers, "mode": "fwd_bwd_optim", "checkpoint": t.activation_checkpoint,
            "checkpoint_group": t.checkpoint_group if longctx else 1,
+           "selective_layers": t.selective_layers if longctx else 0, "setting": run.setting,
            "activation_offload": t.activation_offload if longctx else False,
            "precision": t.precision, "lora": run.cfg.lora.enabled if longctx else False,
            "optimizer": optimizer_name(run),
@@ -411,9 +428,24 @@ def measure(run: Run, name: str, device: torch.device, steps: int, warmup: int, 
     return row
 
 
-def add_plan(row: dict, run: Run) -> None:
+def add_plan(row: dict, run: Run) -> dict:
     row["plan_gib"] = plan.estimate(run.cfg, 1).total / 2**30
     row["plan_host_gib"] = plan.host_estimate(run.cfg, 1).total / 2**30
+    return row
+
+
+def measure_once(run: Run, name: str, device: torch.device, args, built: dict, measured: dict) -> dict:
+    """`measure`, unless this very configuration (side, config, length, documents) was measured
+    already in this process under another setting (fastest_fit's full checkpointing is often
+    like_for_like's): then that row again, saying so (`measured_as`)."""
+    key = (run.impl, build_key(run), run.cfg.train.seq_len, run.documents_of)
+    if key in measured:
+        row = dict(measured[key], setting=run.setting, measured_as=measured[key]["setting"])
+        print(f"{run.impl} {run.setting} at {run.cfg.train.seq_len}: the {row['measured_as']} row's measurement", flush=True)
+        return row
+    row = measure(run, name, device, args.steps, args.warmup, built, profile=args.profile)
+    measured[key] = row
+    return row
 
 
 def print_table(rows: list) -> None:
@@ -421,7 +453,8 @@ def print_table(rows: list) -> None:
         return lambda r: "oom" if r.get("oom") else format(r[key], fmt) if r.get(key) is not None else "-"
     print_rows(rows, [("impl", 8, lambda r: r["impl"]), ("tokens", 8, lambda r: r["seqlen"]),
                       ("docs of", 8, lambda r: r["documents_of"]), ("layers", 6, lambda r: r["layers"]),
-                      ("lora", 5, lambda r: r["lora"]), ("ckpt", 9, lambda r: r["checkpoint"]),
+                      ("lora", 5, lambda r: r["lora"]), ("setting", 13, lambda r: r.get("setting", "-")),
+                      ("ckpt", 9, lambda r: r["checkpoint"]), ("sel", 3, lambda r: r.get("selective_layers", 0)),
                       ("group", 5, lambda r: r["checkpoint_group"]), ("act.off", 7, lambda r: r["activation_offload"]),
                       ("precision", 13, lambda r: r["precision"]), ("optimizer", 15, lambda r: r["optimizer"]),
                       ("ms", 9, figure("ms", ".0f")), ("optim ms", 8, figure("optim_ms", ".0f")),
@@ -431,23 +464,35 @@ def print_table(rows: list) -> None:
 
 
 def print_ratios(rows: list) -> None:
-    """longctx against each peer row with the same shape keys: tokens/s and peak memory ratios."""
-    # where the optimizer or the master weights live changes the step too: a row of longctx with its
-    # optimizer on the host is not paired with a peer that keeps AdamW on the GPU
-    keys = ("model", "seqlen", "documents_of", "layers", "checkpoint", "checkpoint_group", "activation_offload",
-            "precision", "lora", "master_weights", "optimizer")
-    ours = {tuple(r.get(k) for k in keys): r for r in rows if r["impl"] == "longctx" and "tok_s" in r}
-    pairs = [(peer, ours.get(tuple(peer.get(k) for k in keys))) for peer in rows if peer["impl"] != "longctx"]
-    pairs = [(peer, mine) for peer, mine in pairs if mine is not None]
+    """longctx against each peer row of the same setting and shape keys: tokens/s and peak memory.
+    like_for_like pairs rows of equal checkpointing, precision, optimizer and master weights;
+    fastest_fit pairs each side's fastest row that ran (their settings differ by design)."""
+    # where the optimizer or the master weights live changes the step too: a like_for_like row of
+    # longctx with its optimizer on the host is not paired with a peer that keeps AdamW on the GPU
+    keys = {"like_for_like": ("model", "seqlen", "documents_of", "layers", "checkpoint", "checkpoint_group",
+                              "activation_offload", "selective_layers", "precision", "lora", "master_weights", "optimizer"),
+            "fastest_fit": ("model", "seqlen", "documents_of", "layers", "precision", "lora")}
+
+    def key(row):
+        setting = row.get("setting", "like_for_like")
+        return (setting, *(row.get(k) for k in keys[setting]))
+    ours = {key(r): r for r in rows if r["impl"] == "longctx" and "tok_s" in r and "layers_timed" not in r}
+    peers = {}
+    for peer in rows:   # a fastest_fit peer's row that ran wins over its rung that ran out of memory
+        if peer["impl"] != "longctx" and (key(peer), peer["impl"]) not in peers or "tok_s" in peer:
+            peers[key(peer), peer["impl"]] = peer
+    pairs = [(peer, ours.get(k)) for (k, _), peer in peers.items() if ours.get(k) is not None]
     if not pairs:
         return
-    print(f"{'peer':<9} {'tokens':>7} {'precision':<14} {'ckpt':<5} {'tok/s ours':>10} {'peer':>8} {'ratio':>6} "
-          f"{'GiB ours':>8} {'peer':>6}")
+    print(f"{'setting':<14} {'peer':<9} {'tokens':>7} {'precision':<14} {'ckpt ours':<13} {'peer':<5} {'tok/s ours':>10} "
+          f"{'peer':>8} {'ratio':>6} {'GiB ours':>8} {'peer':>6}")
     for peer, mine in pairs:
         theirs = "oom" if peer.get("oom") else "error" if "error" in peer else f"{peer['tok_s']:.0f}"
         ratio = f"{mine['tok_s'] / peer['tok_s']:.2f}" if "tok_s" in peer else "-"
-        print(f"{peer['impl']:<9} {peer['seqlen']:>7} {peer['precision']:<14} {peer['checkpoint']:<5} "
-              f"{mine['tok_s']:>10.0f} {theirs:>8} {ratio:>6} {mine['peak_gib'] or 0:>8.1f} {peer['peak_gib'] or 0:>6.1f}")
+        ckpt = mine["checkpoint"] + (f"+{mine['selective_layers']}sel" if mine.get("selective_layers") else "")
+        print(f"{mine.get('setting', 'like_for_like'):<14} {peer['impl']:<9} {peer['seqlen']:>7} {peer['precision']:<14} "
+              f"{ckpt:<13} {peer['checkpoint']:<5} {mine['tok_s']:>10.0f} {theirs:>8} {ratio:>6} "
+              f"{mine['peak_gib'] or 0:>8.1f} {peer['peak_gib'] or 0:>6.1f}")
 
 
 def check(device: torch.device, small: bool) -> None:
@@ -514,26 +559,111 @@ def flag_overrides(args) -> list:
 
 
 def plan_runs(args, name: str, device: torch.device) -> list:
-    """Every row's config, composed and checked before any model is built."""
+    """Every row's config, composed and checked before any model is built: like_for_like rows at each
+    of --checkpoints for both sides; fastest_fit rows with longctx's train.activation_checkpoint=auto
+    resolved by the memory planner for this GPU (at the shape's whole depth under --layers, the
+    resolved setting then applied to the cut), and each peer's ladder (none, then full)."""
     sets = flag_overrides(args) + args.set
     runs = []
     for seq_len in args.seqlens:
         documents_of = min(args.documents_of or seq_len, seq_len)
         for precision in args.precisions:
-            for checkpoint in args.checkpoints:
-                cfg = compose_config(name, seq_len, precision, checkpoint, device.type, sets)
-                dims = parallel_dims(cfg)
+            def peer_ok(cfg):
                 # the peers have no selective checkpointing, no fp32 row (a --set may have asked for
                 # either), no LoRA and no packed documents here
-                peer_ok = seq_len in (args.seqlens if args.hf_seqlens is None else args.hf_seqlens) \
+                return seq_len in (args.seqlens if args.hf_seqlens is None else args.hf_seqlens) \
                     and cfg.train.activation_checkpoint in ("full", "none") and cfg.train.precision in HF_WEIGHT_DTYPE \
                     and not cfg.lora.enabled and documents_of == seq_len
-                runs += [Run(impl, cfg, dims, sets, documents_of) for impl in args.impls if impl == "longctx" or peer_ok]
+            if "like_for_like" in args.settings:
+                for checkpoint in args.checkpoints:
+                    cfg = compose_config(name, seq_len, precision, checkpoint, device.type, sets)
+                    dims = parallel_dims(cfg)
+                    full_depth = whole_depth(args, name, seq_len, precision, checkpoint, device, sets, cfg)
+                    runs += [Run(impl, cfg, dims, sets, documents_of, full_depth=full_depth if impl == "longctx" else None)
+                             for impl in args.impls if impl == "longctx" or peer_ok(cfg)]
+            if "fastest_fit" in args.settings:
+                runs += fastest_fit_runs(args, name, seq_len, precision, documents_of, device, sets, peer_ok)
     # rows of one setting at every length follow each other: longctx's share one build
     order = {}
     for run in runs:
         order.setdefault((run.impl, build_key(run)), len(order))
     return sorted(runs, key=lambda run: order[run.impl, build_key(run)])
+
+
+def whole_depth(args, name, seq_len, precision, checkpoint, device, sets, cut) -> Optional[Config]:
+    """--scale: the config of the shape's whole depth that a cut of its layers (--layers) stands for
+    (None without --scale, or where the cut is the whole depth); `auto` resolved at the whole depth."""
+    if not args.scale:
+        return None
+    whole = [s for s in sets if not s.startswith("model.num_hidden_layers=")]
+    cfg = compose_config(name, seq_len, precision, checkpoint, device.type, whole)
+    if cfg.model.num_hidden_layers == cut.model.num_hidden_layers:
+        return None
+    resolve_checkpointing(cfg, args)
+    return cfg
+
+
+def resolve_checkpointing(cfg: Config, args) -> str:
+    """train.activation_checkpoint=auto as the trainer resolves it (longctx/train/plan.py), for this
+    GPU's memory (--gpu-gib) and the host's (--host-gib); says what it chose."""
+    return plan.resolve_checkpointing(cfg, 1, args.gpu_gib, args.host_gib).strip()
+
+
+def fastest_fit_runs(args, name, seq_len, precision, documents_of, device, sets, peer_ok) -> list:
+    """longctx with auto checkpointing (the planner's choice is the row's checkpoint, selective_layers,
+    checkpoint_group, activation_offload); each peer's first rung, no checkpointing, with full
+    checkpointing to fall back to if it runs out of memory."""
+    runs = []
+    cfg = compose_config(name, seq_len, precision, "auto", device.type, sets)
+    full_depth = whole_depth(args, name, seq_len, precision, "auto", device, sets, cfg)
+    if full_depth is not None:   # the cut takes the whole depth's choice, its mixed layers in proportion
+        t, whole, layers = cfg.train, full_depth.train, cfg.model.num_hidden_layers
+        t.activation_checkpoint, t.activation_offload = whole.activation_checkpoint, whole.activation_offload
+        t.checkpoint_group = min(whole.checkpoint_group, layers)
+        t.selective_layers = round(whole.selective_layers * layers / full_depth.model.num_hidden_layers)
+        choice = plan.Checkpointing(whole.activation_checkpoint, whole.activation_offload, whole.selective_layers,
+                                    whole.checkpoint_group)
+        print(f"fastest_fit at {seq_len}: {choice.describe()} at {full_depth.model.num_hidden_layers} layers, "
+              f"timed on {layers}", flush=True)
+    else:
+        print(f"fastest_fit at {seq_len}: {resolve_checkpointing(cfg, args)}", flush=True)
+    if "longctx" in args.impls:
+        runs.append(Run("longctx", cfg, parallel_dims(cfg), sets, documents_of, "fastest_fit", full_depth=full_depth))
+    for impl in args.impls:
+        if impl == "longctx":
+            continue
+        ladder = [compose_config(name, seq_len, precision, checkpoint, device.type, sets) for checkpoint in ("none", "full")]
+        if not peer_ok(ladder[0]):
+            continue
+        full = Run(impl, ladder[1], parallel_dims(ladder[1]), sets, documents_of, "fastest_fit")
+        runs.append(Run(impl, ladder[0], parallel_dims(ladder[0]), sets, documents_of, "fastest_fit", fallback=full))
+    return runs
+
+
+def scaled_row(row: dict, run: Run, name: str, device: torch.device, timed: bool = True) -> dict:
+    """A cut's row stood up for the whole depth: the step's figures x L / N (N layers timed of L). An
+    upper bound: what does not grow with the layers (embedding, loss, the optimizer's share of the
+    embeddings) is counted L / N times. The row names its cut (`layers_timed`, `scaled_from`: the cut's
+    ms) and carries the planner's memory of the whole depth (`plan_gib`), not a measured peak."""
+    whole = Run(run.impl, run.full_depth, run.dims, run.sets, run.documents_of, run.setting)
+    out = row_keys(whole, name, device)
+    timed, layers = row["layers"], out["layers"]
+    out.update(layers_timed=timed, scaled_from=row.get("ms"), timed_peak_gib=row.get("peak_gib"))
+    if not timed:
+        pass
+    elif row.get("oom") or "ms" not in row:
+        out.update({k: row[k] for k in ("oom", "error") if k in row})
+    else:
+        factor = layers / timed
+        m = ModelConfig(**model_fields(run.full_depth.model))
+        seconds = row["ms"] * factor / 1e3
+        peak = peak_tflops(device) if device.type == "cuda" else None
+        flops = training_flops(m, torch.tensor(document_bounds(out["seqlen"], run.documents_of)))
+        out.update(ms=row["ms"] * factor, optim_ms=row["optim_ms"] * factor, tok_s=out["seqlen"] / seconds,
+                   mfu=flops / seconds / (peak * 1e12) if peak and not out["lora"] else None, loss=row.get("loss"))
+    out["peak_gib"] = None
+    add_plan(out, whole)
+    return out
 
 
 def start_result(out: str, append: bool, device_name: str, **extra) -> dict:
@@ -579,6 +709,16 @@ def main():
                              "repeatable")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="after timing each row, print its TOP kernels by GPU time")
+    parser.add_argument("--settings", nargs="+", default=["like_for_like"], choices=("like_for_like", "fastest_fit"),
+                        help="like_for_like: both sides at each of --checkpoints; fastest_fit: longctx with "
+                             "train.activation_checkpoint=auto, each peer without checkpointing, else full")
+    parser.add_argument("--gpu-gib", type=float, default=None,
+                        help="GPU memory auto plans for (default: this GPU's; without one, an H200's 139.8)")
+    parser.add_argument("--host-gib", type=float, default=None,
+                        help="host memory auto plans activation offload for (default: this machine's)")
+    parser.add_argument("--scale", action="store_true",
+                        help="with --layers N: each longctx row also scaled to the shape's whole depth "
+                             "(layers_timed, scaled_from in the row)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--plan-only", action="store_true", help="the rows with the planner's figures alone")
@@ -602,6 +742,12 @@ def main():
         return
     if device.type == "cpu" and not (args.smoke or args.plan_only):
         raise SystemExit("error: bench_train measures a GPU; on a CPU run it with --smoke (tiny sizes) or --plan-only")
+    if args.gpu_gib is None:
+        args.gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 139.8
+    if args.host_gib is None:
+        args.host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    if args.scale and not args.layers:
+        raise SystemExit("error: --scale stands a cut of the layers (--layers N) up for the whole depth: give --layers")
     runs = plan_runs(args, name, device)
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -619,17 +765,22 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     result = start_result(out, args.append, device_name, **extra)
     first = len(result["rows"])
-    built = {}
+    built, measured = {}, {}
     for run in runs:
-        if args.plan_only:
-            row = row_keys(run, name, device)
-            if run.impl == "longctx":
-                add_plan(row, run)
-        else:
-            row = measure(run, name, device, args.steps, args.warmup, built, profile=args.profile)
-        result["rows"].append(row)
-        with open(out, "w") as f:   # after every row: a run cut short keeps what it measured
-            json.dump(result, f, indent=1)
+        while run is not None:
+            if args.plan_only:
+                row = row_keys(run, name, device)
+                if run.impl == "longctx":
+                    add_plan(row, run)
+            else:
+                row = measure_once(run, name, device, args, built, measured)
+            result["rows"].append(row)
+            if run.full_depth is not None:
+                result["rows"].append(scaled_row(row, run, name, device, timed=not args.plan_only))
+            with open(out, "w") as f:   # after every row: a run cut short keeps what it measured
+                json.dump(result, f, indent=1)
+            # a fastest_fit peer that ran out of memory tries its next setting (its OOM row stays)
+            run = run.fallback if row.get("oom") and not args.plan_only else None
     built.clear()
     if dist.is_initialized():
         dist.destroy_process_group()

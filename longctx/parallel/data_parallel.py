@@ -38,10 +38,12 @@ The `deepspeed` launcher is not supported (use torchrun: the engine is built ins
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 from contextlib import contextmanager, nullcontext
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -339,3 +341,144 @@ def full_state_dict(model) -> Optional[dict]:
     # on a CPU device (or with offloaded parameters) the tensors above may be the parameters themselves
     on_cpu = any(p.device.type == "cpu" for p in unwrap(model).parameters())
     return {k: v.detach().clone() if on_cpu else v.detach().cpu() for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# the registry: one record per backend, read by the trainer, the planner, the config checks
+# ------------------------------------------------------------------------------------------------
+# parallel.* options that only some backends read, and their defaults: set for a backend that does
+# not read it, a config error (parallel.reshard_after_forward, FSDP2's, is ignored by the others)
+BACKEND_OPTIONS = {"zero_stage": 0, "cpu_offload": False}
+
+
+def _no_check(cfg) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class DataParallelBackend:
+    """How one data-parallel backend reduces, shards and builds. Everything else (the trainer's
+    build order, the memory planner, the config checks, `longctx.check`) reads these fields and never
+    compares the backend's name.
+
+    - `apply(model, mesh, cfg, device)`: the model to train, given the plain (checkpoint-wrapped,
+      LoRA'd) model under torch.distributed (DDP wraps it, FSDP2 shards it in place, DeepSpeed
+      leaves it to its engine, which takes the optimizer: `engine_config`);
+    - `reads`: the `parallel.*` options besides dp_backend it takes; another backend given one of
+      them set is a config error, with the backend's `hints[key]` if it has one;
+    - `shards(parallel)`: which of "parameters", "gradients", "optimizer" are split over the ranks;
+    - `build(parallel)`: "whole" (each rank builds the model), "meta" (built on the meta device,
+      sharded, then materialised: FSDP2), "partitioned" (partitioned as it is built: ZeRO-3);
+    - `engine_config(cfg)`: the config of an engine that wraps model and optimizer (DeepSpeed), or None;
+    - `reduces_gradients`: False for `none`, which only one process may run;
+    - `keeps_fp32_masters`: its mixed precision keeps fp32 masters of bf16 weights (train.precision=bf16_pure);
+    - `gradient_copies`: gradients held per parameter beside the parameters (DDP: its buckets too);
+    - `early_gradients`: its gradient buffers exist from the backward's start (DDP's and DeepSpeed's
+      buckets), rather than made layer by layer;
+    - `takes_checkpoint_groups`: built and tested with train.checkpoint_group > 1;
+    - `host_offload(parallel, params, world_size)`: {part: bytes} it keeps in host memory;
+    - `check(cfg)`: its own option checks, raising ValueError with one line.
+    """
+    name: str
+    summary: str
+    apply: Callable
+    reads: tuple = ()
+    hints: dict = field(default_factory=dict)
+    shards: Callable = lambda parallel: frozenset()
+    build: Callable = lambda parallel: "whole"
+    engine_config: Optional[Callable] = None
+    reduces_gradients: bool = True
+    keeps_fp32_masters: bool = False
+    gradient_copies: int = 1
+    early_gradients: bool = False
+    takes_checkpoint_groups: bool = True
+    host_offload: Callable = lambda parallel, params, world_size: {}
+    check: Callable = _no_check
+
+
+_BACKENDS: dict[str, DataParallelBackend] = {}
+
+
+def register_backend(backend: DataParallelBackend) -> DataParallelBackend:
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def backends() -> dict[str, DataParallelBackend]:
+    return dict(_BACKENDS)
+
+
+def get_backend(name: str) -> DataParallelBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"parallel.dp_backend={name!r}: choose one of {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]
+
+
+def _apply_fsdp(model, mesh, cfg, device):
+    p = cfg.parallel
+    return apply_fsdp(model, world_mesh(mesh), precision=cfg.train.precision,
+                      reshard_after_forward=p.reshard_after_forward, cpu_offload=p.cpu_offload)
+
+
+def _check_deepspeed(cfg) -> None:
+    if cfg.parallel.zero_stage not in (1, 2, 3):
+        raise ValueError(f"parallel.zero_stage={cfg.parallel.zero_stage}: DeepSpeed needs a ZeRO stage, set "
+                         "parallel.zero_stage=1, 2 or 3")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("parallel.dp_backend=deepspeed but DeepSpeed is not installed: pip install deepspeed "
+                         "(DS_BUILD_OPS=0 is enough), or use parallel.dp_backend=fsdp")
+    if cfg.train.on_nonfinite == "skip":
+        raise ValueError("train.on_nonfinite=skip: the DeepSpeed engine steps before the gradient norm is "
+                         "known, so it cannot skip a step; use train.on_nonfinite=stop or parallel.dp_backend=fsdp")
+
+
+def _deepspeed_engine_config(cfg) -> dict:
+    t, p = cfg.train, cfg.parallel
+    return deepspeed_config(p.zero_stage, t.micro_batch, t.grad_accum, t.precision, cfg.optim.grad_clip,
+                            cpu_offload=p.cpu_offload)
+
+
+def _zero_shards(parallel) -> frozenset:
+    return frozenset(["optimizer", "gradients", "parameters"][:parallel.zero_stage])   # ZeRO-1, 2, 3
+
+
+register_backend(DataParallelBackend(
+    name="none", summary="one process, nothing to reduce (what a single-process run uses)",
+    apply=lambda model, mesh, cfg, device: model, reduces_gradients=False, early_gradients=False))
+register_backend(DataParallelBackend(
+    name="ddp", summary="DDP: replicated weights, one all-reduce of the gradients per step",
+    apply=lambda model, mesh, cfg, device: apply_ddp(model, device), gradient_copies=2, early_gradients=True,
+    hints={"zero_stage": "DDP replicates everything (no ZeRO sharding); use parallel.dp_backend=deepspeed or "
+                         "fsdp to shard"}))
+register_backend(DataParallelBackend(
+    name="fsdp", summary="FSDP2: parameters, gradients and optimizer sharded per decoder layer over dp x sp",
+    apply=_apply_fsdp, reads=("cpu_offload", "reshard_after_forward"),
+    shards=lambda parallel: frozenset({"parameters", "gradients", "optimizer"}), build=lambda parallel: "meta",
+    keeps_fp32_masters=True, takes_checkpoint_groups=False,
+    host_offload=lambda p, params, n: {"FSDP2 offload (fp32 params, grads, moments)": params * 16 / n} if p.cpu_offload else {},
+    hints={"zero_stage": "FSDP2 always shards parameters, gradients and optimizer state (ZeRO-3; "
+                         "parallel.reshard_after_forward=false keeps them gathered between forward and backward)"}))
+register_backend(DataParallelBackend(
+    name="deepspeed", summary="DeepSpeed ZeRO-1/2/3 (parallel.zero_stage), its engine built around our AdamW",
+    apply=lambda model, mesh, cfg, device: model, reads=("zero_stage", "cpu_offload"), shards=_zero_shards,
+    build=lambda parallel: "partitioned" if parallel.zero_stage == 3 else "whole",
+    engine_config=_deepspeed_engine_config, keeps_fp32_masters=True, early_gradients=True,
+    takes_checkpoint_groups=False, check=_check_deepspeed,
+    host_offload=lambda p, params, n: {"ZeRO offload (fp32 masters, moments, grads)": params * 16 / n} if p.cpu_offload else {}))
+
+
+def check_backend_options(cfg) -> None:
+    """The backend's own checks, and no `parallel.*` option set that the chosen backend does not read
+    (one line naming the backends that do)."""
+    p = cfg.parallel
+    backend = get_backend(p.dp_backend)
+    backend.check(cfg)
+    for key, default in BACKEND_OPTIONS.items():
+        value = getattr(p, key)
+        if key in backend.reads or value == default:
+            continue
+        readers = " or ".join(name for name, b in _BACKENDS.items() if key in b.reads)
+        hint = backend.hints.get(key)
+        shown = str(value).lower() if isinstance(value, bool) else value
+        raise ValueError(f"parallel.{key}={shown} needs parallel.dp_backend={readers}, not {p.dp_backend}"
+                         + (f": {hint}" if hint else "") + f"; or drop parallel.{key}")

@@ -14,9 +14,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .data_parallel import get_backend
 from .registry import SequenceMethod, get_method, methods
-
-DP_BACKENDS = ("none", "ddp", "fsdp", "deepspeed")
 
 
 @dataclass
@@ -33,8 +32,7 @@ class ParallelDims:
     mixer_group: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        if self.dp_backend not in DP_BACKENDS:
-            raise ValueError(f"parallel.dp_backend={self.dp_backend!r}: choose one of {DP_BACKENDS}")
+        get_backend(self.dp_backend)   # an unknown name: one line listing the backends
         if self.sp < 1 or self.dp < 1:
             raise ValueError(f"parallel sizes must be positive: dp={self.dp}, sp={self.sp}")
         if self.dp * self.sp != self.world_size:

@@ -8,7 +8,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from longctx.model.lora import apply_lora
 
 from .checkpoint_group import group_layers
-from .data_parallel import apply_ddp, apply_fsdp, world_mesh
+from .data_parallel import get_backend
 from .mesh import ParallelDims
 from .offload import ActivationOffloader
 from .registry import check_model
@@ -40,13 +40,15 @@ def bf16_parameters(model):
 
 
 def apply_activation_checkpointing(model, mode: str, offload: bool = False, group: int = 1,
-                                   preserve_rng_state: bool = False):
+                                   preserve_rng_state: bool = False, selective_layers: int = 0):
     """Recompute activations in the backward instead of storing them.
 
     full: each decoder layer keeps only its input. selective: everything but the token mixer is
     recomputed (norms, projections, rotary, MLP: cheap); the mixer's saved tensors (q, k, v, its
     output and log-sum-exp), which would cost a second attention pass to recompute at long context,
-    are kept. offload (with full): the layer inputs that full checkpointing keeps go to pinned CPU
+    are kept. selective_layers (with full): the first k layers are selective, the rest full: the
+    memory plan keeps the mixer outputs of as many layers as fit (train.activation_checkpoint=auto).
+    offload (with full): the layer inputs that full checkpointing keeps go to pinned CPU
     memory on a side stream in the forward and come back one layer ahead of need in the backward
     (`offload.py`); the `ActivationOffloader` is returned (None without offload). group (with
     full): one stored input per `group` layers (`checkpoint_group.py`); offload then moves the
@@ -57,11 +59,18 @@ def apply_activation_checkpointing(model, mode: str, offload: bool = False, grou
     if mode == "none":
         return None
     if mode == "selective":
-        for layer in model.layers:
-            layer.recompute_around_mixer = True
-        return None
+        selective_layers = len(model.layers)
+    elif mode != "full":
+        raise ValueError(f"train.activation_checkpoint={mode!r}: choose one of none, full, selective "
+                         "(auto is resolved before the model is built)")
+    if selective_layers and (offload or group > 1):
+        raise ValueError(f"train.selective_layers={selective_layers} mixes selective layers into per-layer full "
+                         "checkpointing: drop train.checkpoint_group and train.activation_offload")
     for i, layer in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=preserve_rng_state)
+        if i < selective_layers:
+            layer.recompute_around_mixer = True
+        else:
+            model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=preserve_rng_state)
     units = group_layers(model, group, preserve_rng_state) if group > 1 else model.layers
     if not offload:
         return None
@@ -75,9 +84,10 @@ def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
     before a data-parallel backend takes it (FSDP2 shards the checkpoint-wrapped layers, adapters
     and frozen base together, per layer).
 
-    DDP returns a wrapper; FSDP2 shards the model in place (it may still be on the meta device:
+    The data-parallel backend's record applies it (`data_parallel.get_backend`): DDP returns a
+    wrapper; FSDP2 shards the model in place (it may still be on the meta device:
     `data_parallel.materialize` it afterwards); DeepSpeed needs the optimizer, so the caller builds
-    its engine afterwards with `data_parallel.build_deepspeed`.
+    its engine afterwards from the record's `engine_config` (`data_parallel.build_deepspeed`).
     """
     apply_sequence_parallel(model, dims)
     lora = cfg.lora
@@ -86,13 +96,8 @@ def parallelize_llama(model, dims: ParallelDims, mesh, cfg, device):
     if cfg.optim.offload:   # after LoRA, so that the adapters are bf16 too; before DDP takes the parameters
         bf16_parameters(model)
     apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_offload,
-                                   cfg.train.checkpoint_group, preserve_rng_state=lora.enabled and lora.dropout > 0)
-    if not dist.is_initialized() or dims.dp_backend in ("none", "deepspeed"):
+                                   cfg.train.checkpoint_group, preserve_rng_state=lora.enabled and lora.dropout > 0,
+                                   selective_layers=cfg.train.selective_layers)
+    if not dist.is_initialized():
         return model
-    if dims.dp_backend == "ddp":
-        return apply_ddp(model, device)
-    if dims.dp_backend == "fsdp":
-        p = cfg.parallel
-        return apply_fsdp(model, world_mesh(mesh), precision=cfg.train.precision,
-                          reshard_after_forward=p.reshard_after_forward, cpu_offload=p.cpu_offload)
-    raise ValueError(f"parallel.dp_backend={dims.dp_backend!r} is unknown")
+    return get_backend(dims.dp_backend).apply(model, mesh, cfg, device)

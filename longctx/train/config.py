@@ -6,7 +6,6 @@ types, and `validate` checks what needs more than a type, before any model or GP
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import sys
@@ -20,6 +19,7 @@ from longctx.data import DataConfig
 from longctx.data.sharegpt import PROJECT_ROOT, sharegpt_v3_path
 from longctx.model import ModelConfig
 from longctx.model.lora import LORA_TARGETS
+from longctx.parallel.data_parallel import get_backend
 
 if TYPE_CHECKING:
     from longctx.parallel.mesh import ParallelDims
@@ -86,6 +86,8 @@ class TrainSection:
     precision: str = "auto"                # auto (bf16_autocast on CUDA, fp32 on CPU) | bf16_autocast | bf16_pure | fp32
     activation_checkpoint: str = "none"    # none | full | selective (recompute all but the token mixer) |
                                            # auto (on a GPU: the least recompute the memory plan fits)
+    selective_layers: int = 0              # with full: the first k layers selective instead (their token mixers'
+                                           # outputs kept, not recomputed); auto sets it from the memory plan
     activation_offload: bool = False       # with full: the kept layer inputs wait in CPU memory
     checkpoint_group: int = 1              # with full: one stored input per k layers (parallel/checkpoint_group.py)
     seed: int = 0
@@ -299,7 +301,7 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
                                    dp_backend=p.dp_backend if world_size > 1 else "none")
     from longctx.model.attention import check_attention
     check_attention(cfg.model.attention, sequence_parallel=dims.method is not None)
-    if world_size > 1 and dims.dp_backend == "none":
+    if world_size > 1 and not dp_backend(cfg).reduces_gradients:
         raise ValueError(f"{world_size} processes need a data-parallel backend to reduce gradients: "
                          f"set parallel.dp_backend to one of ddp, fsdp, deepspeed")
     if t.seq_len % dims.seq_divisor:
@@ -323,11 +325,12 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
         from longctx.model.families import get_family
         get_family(shape.family).check_exportable(shape)
     _check_checkpoint_group(cfg, shape.num_hidden_layers)
+    _check_selective_layers(cfg, shape.num_hidden_layers)
     if dims.method is not None:   # the method's head constraints and layer kinds
         from longctx.parallel.registry import check_model
         check_model(dims.method, dims, shape)
     _check_optimizer_offload(cfg)
-    if t.precision == "bf16_pure" and dims.dp_backend not in ("fsdp", "deepspeed") and not cfg.optim.offload:
+    if t.precision == "bf16_pure" and not get_backend(dims.dp_backend).keeps_fp32_masters and not cfg.optim.offload:
         raise ValueError("train.precision=bf16_pure keeps fp32 master weights through FSDP2's or "
                          "DeepSpeed's mixed precision, or on the host with optim.offload=true: set "
                          "parallel.dp_backend=fsdp or deepspeed, or optim.offload=true, or use "
@@ -340,6 +343,54 @@ def _validate(cfg: Config, world_size: int) -> "ParallelDims":
     return dims
 
 
+def resolve_auto(cfg: Config, dims: "ParallelDims", gpu_gib: Optional[float] = None) -> list[str]:
+    """Make every automatic setting concrete, once, right after `validate` and before anything reads
+    them: the run's config.yaml then records what ran, and nothing later changes the config.
+
+    - train.device=auto: cuda where a GPU is visible, else cpu;
+    - train.precision=auto: bf16_autocast on CUDA, fp32 on a CPU;
+    - train.activation_checkpoint=auto: on CUDA the least recompute the memory plan fits in the
+      GPU's memory (`gpu_gib`, default: this process's GPU) and its share of the host's, possibly
+      full with train.selective_layers=k (longctx/train/plan.py); on a CPU none (nothing to plan);
+    - parallel.dp_backend: the backend that runs, `dims.dp_backend` (none on one process).
+    Returns one line per setting it changed, for the log.
+    """
+    import torch
+    from longctx.train import plan
+    t, p, changed = cfg.train, cfg.parallel, []
+
+    def note(key: str, before, after, why: str = "") -> None:
+        if before != after:
+            changed.append(f"{key}={before} -> {after}{f' ({why})' if why else ''}")
+    cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    device = "cuda" if cuda else "cpu"
+    note("train.device", t.device, device)
+    t.device = device
+    precision = ("bf16_autocast" if cuda else "fp32") if t.precision == "auto" else t.precision
+    note("train.precision", t.precision, precision)
+    t.precision = precision
+    note("parallel.dp_backend", p.dp_backend, dims.dp_backend, f"{dims.world_size} process(es)")
+    p.dp_backend = dims.dp_backend
+    if t.activation_checkpoint == "auto":
+        if cuda:
+            if gpu_gib is None:
+                index = int(os.environ.get("LOCAL_RANK", 0))
+                gpu_gib = torch.cuda.get_device_properties(index).total_memory / 2**30
+            # the host's memory, shared by this node's processes, bounds what activation offload may take
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / per_node
+            changed.append(plan.resolve_checkpointing(cfg, dims.world_size, gpu_gib, host_gib).strip())
+        else:
+            t.activation_checkpoint = "none"
+            changed.append("train.activation_checkpoint=auto -> none (a CPU: no device memory to plan for)")
+    return changed
+
+
+def dp_backend(cfg: Config):
+    """The record of cfg's parallel.dp_backend (longctx/parallel/data_parallel.py's registry)."""
+    return get_backend(cfg.parallel.dp_backend)
+
+
 def _check_checkpoint_group(cfg: Config, layers: int) -> None:
     t = cfg.train
     if t.checkpoint_group < 1:
@@ -350,16 +401,32 @@ def _check_checkpoint_group(cfg: Config, layers: int) -> None:
     if t.checkpoint_group > layers:
         raise ValueError(f"train.checkpoint_group={t.checkpoint_group} is larger than the model's {layers} layers: "
                          f"use at most train.checkpoint_group={layers}")
-    if t.checkpoint_group > 1 and cfg.parallel.dp_backend in ("fsdp", "deepspeed"):
+    if t.checkpoint_group > 1 and not dp_backend(cfg).takes_checkpoint_groups:
         raise ValueError(f"train.checkpoint_group={t.checkpoint_group} is built and tested with "
                          f"parallel.dp_backend none or ddp, not {cfg.parallel.dp_backend}: drop train.checkpoint_group")
+
+
+def _check_selective_layers(cfg: Config, layers: int) -> None:
+    """train.selective_layers mixes selective layers into full checkpointing (what `auto` resolves to
+    when some but not all layers' mixer outputs fit); grouped or offloaded inputs are full-only."""
+    t, k = cfg.train, cfg.train.selective_layers
+    if k == 0:
+        return
+    if not 0 < k <= layers:
+        raise ValueError(f"train.selective_layers={k} must be in [0, {layers}] (the model's layers)")
+    if t.activation_checkpoint != "full":
+        raise ValueError(f"train.selective_layers={k} makes k layers of full checkpointing selective: set "
+                         f"train.activation_checkpoint=full (or auto), or drop train.selective_layers")
+    if t.checkpoint_group > 1 or t.activation_offload:
+        raise ValueError(f"train.selective_layers={k} mixes selective layers into per-layer full checkpointing: "
+                         "drop train.checkpoint_group and train.activation_offload, or train.selective_layers")
 
 
 def _check_optimizer_offload(cfg: Config) -> None:
     if not cfg.optim.offload:
         return
     backend = cfg.parallel.dp_backend
-    if backend in ("fsdp", "deepspeed"):
+    if "optimizer" in dp_backend(cfg).shards(cfg.parallel):
         raise ValueError(f"optim.offload=true steps a whole copy of the model per rank (dp_backend none or ddp); "
                          f"with parallel.dp_backend={backend} use parallel.cpu_offload=true instead")
     if cfg.train.precision != "bf16_pure":
@@ -368,27 +435,9 @@ def _check_optimizer_offload(cfg: Config) -> None:
 
 
 def _check_data_parallel(cfg: Config, dims) -> None:
-    """Backend options that the chosen backend cannot honour."""
-    p, backend = cfg.parallel, cfg.parallel.dp_backend
-    if backend == "deepspeed":
-        if p.zero_stage not in (1, 2, 3):
-            raise ValueError(f"parallel.zero_stage={p.zero_stage}: DeepSpeed needs a ZeRO stage, set "
-                             "parallel.zero_stage=1, 2 or 3")
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ValueError("parallel.dp_backend=deepspeed but DeepSpeed is not installed: pip install deepspeed "
-                             "(DS_BUILD_OPS=0 is enough), or use parallel.dp_backend=fsdp")
-        if cfg.train.on_nonfinite == "skip":
-            raise ValueError("train.on_nonfinite=skip: the DeepSpeed engine steps before the gradient norm is "
-                             "known, so it cannot skip a step; use train.on_nonfinite=stop or parallel.dp_backend=fsdp")
-    elif p.zero_stage != 0:
-        hint = {"fsdp": "FSDP2 always shards parameters, gradients and optimizer state (ZeRO-3; "
-                        "parallel.reshard_after_forward=false keeps them gathered between forward and backward)",
-                "ddp": "DDP replicates everything (no ZeRO sharding); use parallel.dp_backend=deepspeed or fsdp "
-                       "to shard"}.get(backend, "")
-        raise ValueError(f"parallel.zero_stage={p.zero_stage} needs parallel.dp_backend=deepspeed, not "
-                         f"{backend}: {hint}; or drop parallel.zero_stage".replace(": ;", ";"))
-    if p.cpu_offload and backend not in ("fsdp", "deepspeed"):
-        raise ValueError(f"parallel.cpu_offload=true needs parallel.dp_backend=fsdp or deepspeed (not {backend})")
+    """Backend options that the chosen backend cannot honour (its record's checks and `reads`)."""
+    from longctx.parallel.data_parallel import check_backend_options
+    check_backend_options(cfg)
 
 
 def _check_lora(cfg: Config, shape: ModelConfig) -> None:

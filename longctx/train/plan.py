@@ -17,6 +17,9 @@ import argparse
 import copy
 import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from longctx.parallel.data_parallel import get_backend
 
 GIB = 2**30
 HEADROOM = 0.92   # fraction of the GPU the allocated peak may take
@@ -90,7 +93,9 @@ def estimate(cfg, world_size: int) -> Estimate:
     layer = _layer_params(m)
     pure = t.precision == "bf16_pure"
     param_bytes = 2 if pure else 4
-    sharded = p.dp_backend == "fsdp" or (p.dp_backend == "deepspeed" and p.zero_stage == 3)
+    backend = get_backend(p.dp_backend)
+    shards = backend.shards(p)
+    sharded = "parameters" in shards
     offload = p.cpu_offload
     optim_offload = getattr(getattr(cfg, "optim", None), "offload", False)
     lora = lora_section(cfg)
@@ -103,20 +108,19 @@ def estimate(cfg, world_size: int) -> Estimate:
     else:
         e.parts["parameters"] = params * param_bytes
     # gradients, in the parameters' dtype (fp32 reduction buffers for sharded backends)
-    grads_sharded = sharded or (p.dp_backend == "deepspeed" and p.zero_stage >= 2)
+    copies = backend.gradient_copies if n > 1 else 1   # DDP's buckets beside the gradients
     if lora:
         # frozen base weights have none: the adapters' (and whole trainable modules') only
-        e.parts["gradients"] = lora_trainable_params(cfg) * param_bytes * (2 if p.dp_backend == "ddp" and n > 1 else 1)
-    elif grads_sharded:
+        e.parts["gradients"] = lora_trainable_params(cfg) * param_bytes * copies
+    elif "gradients" in shards:
         e.parts["gradients"] = 0 if offload else params * 4 / n
         e.parts["gradient buckets"] = 2 * layer * 4
     else:
-        e.parts["gradients"] = params * param_bytes * (2 if p.dp_backend == "ddp" and n > 1 else 1)
+        e.parts["gradients"] = params * param_bytes * copies
     # AdamW: two fp32 moments (+ an fp32 master copy for bf16 parameters); optim.offload: on the host
     trained = lora_trainable_params(cfg) if lora else params
     optim_bytes = trained * (8 + (4 if pure else 0))
-    optim_sharded = sharded or p.dp_backend == "deepspeed"
-    e.parts["optimizer"] = 0 if offload or optim_offload else optim_bytes / (n if optim_sharded else 1)
+    e.parts["optimizer"] = 0 if offload or optim_offload else optim_bytes / (n if "optimizer" in shards else 1)
 
     # activations of this rank's share of the sequence, in bytes per token (a: bytes per element)
     tokens = t.micro_batch * t.seq_len // sp
@@ -132,25 +136,33 @@ def estimate(cfg, world_size: int) -> Estimate:
     # saves but its input (kept already; selective keeps the mixer's too), the gradient arriving
     # from above and the MLP's output: h * a more than it saves (traced on an H100 at 512K)
     recompute = 0
-    if t.activation_checkpoint == "full":
+    # each layer's mode: full checkpointing with train.selective_layers = k has k selective layers
+    # (what `auto` chooses when some layers' mixer outputs fit but not all); the parts per mode
+    # count their own layers
+    mode = t.activation_checkpoint
+    selective = layers if mode == "selective" else getattr(t, "selective_layers", 0) if mode == "full" else 0
+    full = layers - selective if mode == "full" else 0
+    # what the token mixer saves (q, k, v, output, log-sum-exp), kept by a selective layer
+    mixer_saved = a * (2 * heads * d + 2 * kv * d) + 4 * heads
+    if full:
         # the block inputs of every layer or group of layers (offloaded: the two in flight); one
         # layer recomputed at a time; a group in its backward has the inputs of all its k layers
         # on the device, k - 1 more than it stores (parallel/checkpoint_group.py)
         group = getattr(t, "checkpoint_group", 1)
-        kept = 2 if getattr(t, "activation_offload", False) else -(-layers // group)
+        kept = 2 if getattr(t, "activation_offload", False) else -(-full // group)
         e.parts["activations (checkpointed inputs)"] = kept * tokens * h * a
         if group > 1:
             e.parts["activations (group in its backward)"] = (group - 1) * tokens * h * a
+        # the recomputed layer: all it saves but its input, plus the gradient from above
+        recompute = tokens * (attention_saved + h * a) + mlp_tokens * mlp_saved
+    if selective:
+        # each layer's input and what the token mixer saves stay; the rest of one layer is
+        # recomputed at a time
+        e.parts["activations (layer inputs, mixer kept)"] = selective * tokens * (h * a + mixer_saved)
+        recompute = max(recompute, tokens * (attention_saved - mixer_saved + h * a) + mlp_tokens * mlp_saved)
+    if full or selective:
         # the recomputed layer's backward: its MLP's, and about its attention gradients' size per token
         layer_backward += mlp_tokens * mlp_saved
-        recompute = tokens * (attention_saved + h * a) + mlp_tokens * mlp_saved
-    elif t.activation_checkpoint == "selective":
-        # each layer's input and what the token mixer saves (q, k, v, output, log-sum-exp) stay;
-        # the rest of one layer is recomputed at a time
-        mixer_saved = a * (2 * heads * d + 2 * kv * d) + 4 * heads
-        e.parts["activations (layer inputs, mixer kept)"] = layers * tokens * (h * a + mixer_saved)
-        layer_backward += mlp_tokens * mlp_saved
-        recompute = tokens * (attention_saved - mixer_saved + h * a) + mlp_tokens * mlp_saved
     else:
         e.parts["activations"] = layers * (tokens * attention_saved + mlp_tokens * mlp_saved)
     lora_saved = 0   # what one layer's adapters keep beyond the base layer's saved set
@@ -184,7 +196,7 @@ def estimate(cfg, world_size: int) -> Estimate:
     step = 0 if offload or optim_offload or lora else max(layer, vocab_weight) * 4 * 2
     gradients = e.parts["gradients"] + e.parts.get("gradient buckets", 0)
     activations = sum(v for k, v in e.parts.items() if k.startswith("activations"))
-    made_in_backward = gradients if p.dp_backend in ("none", "fsdp") or n == 1 else 0
+    made_in_backward = gradients if not backend.early_gradients or n == 1 else 0
     # each phase beside the parts above, which count every gradient and activation at once
     phases = {"loss": loss - gradients, "layer backward": backward - made_in_backward,
               "layer recompute": recompute + lora_saved + vocab_weight * head_grad - made_in_backward,
@@ -216,10 +228,7 @@ def host_estimate(cfg, world_size: int) -> Estimate:
         trained = lora_trainable_params(cfg) if lora_section(cfg) else params
         e.parts["optimizer (fp32 masters and moments)"] = trained * 12
         e.parts["optimizer buffers (pinned, fp32 scratch)"] = 2 * DEPTH * CHUNK_SIZE * 2 + CHUNK_SIZE * 4
-    if p.cpu_offload and p.dp_backend == "fsdp":
-        e.parts["FSDP2 offload (fp32 params, grads, moments)"] = params * 16 / n
-    elif p.cpu_offload and p.dp_backend == "deepspeed":
-        e.parts["ZeRO offload (fp32 masters, moments, grads)"] = params * 16 / n
+    e.parts.update(get_backend(p.dp_backend).host_offload(p, params, n))
     if t.activation_checkpoint == "full" and getattr(t, "activation_offload", False):
         units = -(-m.num_hidden_layers // getattr(t, "checkpoint_group", 1))
         a = 4 if t.precision == "fp32" else 2
@@ -232,48 +241,102 @@ def host_estimate(cfg, world_size: int) -> Estimate:
 SUGGESTIONS = [
     ("train.activation_checkpoint=selective", lambda c, n: c.train.activation_checkpoint == "none",
      lambda c: setattr(c.train, "activation_checkpoint", "selective")),
-    ("train.activation_checkpoint=full", lambda c, n: c.train.activation_checkpoint != "full",
-     lambda c: setattr(c.train, "activation_checkpoint", "full")),
+    ("train.activation_checkpoint=full train.selective_layers=0",
+     lambda c, n: c.train.activation_checkpoint != "full" or getattr(c.train, "selective_layers", 0),
+     lambda c: (setattr(c.train, "activation_checkpoint", "full"), setattr(c.train, "selective_layers", 0))),
     ("train.activation_offload=true", lambda c, n: c.train.activation_checkpoint == "full" and not c.train.activation_offload,
      lambda c: setattr(c.train, "activation_offload", True)),
     ("model.mlp_chunk_size=8192", lambda c, n: c.model.mlp_chunk_size == 0,
      lambda c: setattr(c.model, "mlp_chunk_size", 8192)),
     # sharding needs several processes (one process runs without a data-parallel backend)
-    ("parallel.dp_backend=fsdp", lambda c, n: n > 1 and c.parallel.dp_backend in ("ddp", "none"),
+    ("parallel.dp_backend=fsdp", lambda c, n: n > 1 and not get_backend(c.parallel.dp_backend).shards(c.parallel),
      lambda c: setattr(c.parallel, "dp_backend", "fsdp")),
     ("parallel.cpu_offload=true",
-     lambda c, n: n > 1 and not c.parallel.cpu_offload and c.parallel.dp_backend in ("fsdp", "deepspeed"),
+     lambda c, n: n > 1 and not c.parallel.cpu_offload and "cpu_offload" in get_backend(c.parallel.dp_backend).reads,
      lambda c: setattr(c.parallel, "cpu_offload", True)),
     ("model.loss_chunk_size=2048", lambda c, n: c.model.loss_chunk_size > 2048,
      lambda c: setattr(c.model, "loss_chunk_size", 2048)),
 ]
 
 
-# (activation_checkpoint, activation_offload), least recompute first: what `auto` tries
-CHECKPOINT_MODES = [("none", False), ("selective", False), ("full", False), ("full", True)]
+class Checkpointing(NamedTuple):
+    """One activation-checkpointing setting: train.activation_checkpoint, activation_offload,
+    selective_layers and checkpoint_group."""
+    mode: str
+    offload: bool = False
+    selective_layers: int = 0
+    group: int = 1
+
+    def apply(self, cfg) -> None:
+        t = cfg.train
+        t.activation_checkpoint, t.activation_offload = self.mode, self.offload
+        t.selective_layers, t.checkpoint_group = self.selective_layers, self.group
+
+    def describe(self) -> str:
+        """In words a user can pass back ("full with train.selective_layers=12")."""
+        extra = [f"train.selective_layers={self.selective_layers}"] if self.selective_layers else []
+        extra += [f"train.checkpoint_group={self.group}"] if self.group > 1 else []
+        extra += ["train.activation_offload=true"] if self.offload else []
+        return self.mode + (f" with {' '.join(extra)}" if extra else "")
 
 
-def choose_checkpointing(cfg, world_size: int, gpu_gib: float) -> tuple[str, bool]:
-    """The first of CHECKPOINT_MODES whose planned peak fits the GPU (the last if none does).
-    Measured on an H100 (1B shape, bench/results/train_h100.json) each step down that list costs
-    speed: 32K tokens 26.1K / 24.1K / 21.4K tokens/s, 128K (none does not fit) 9.5K / 7.9K."""
+def checkpoint_candidates(layers: int) -> list[Checkpointing]:
+    """Least recompute first: what `auto` tries. Between selective (every layer keeps its token
+    mixer's outputs) and full (none does) lie the mixes: full with the first k layers selective, k
+    from L - 1 down to 1; each layer that keeps its mixer's outputs skips a second attention pass.
+    Past full: its inputs offloaded to the host (copies overlapped with compute), then groups of g
+    layers storing one input each ((g - 1) / 4g more arithmetic, parallel/checkpoint_group.py),
+    then both."""
+    groups = range(2, layers + 1)
+    return ([Checkpointing("none"), Checkpointing("selective")]
+            + [Checkpointing("full", selective_layers=k) for k in range(layers - 1, 0, -1)]
+            + [Checkpointing("full"), Checkpointing("full", offload=True)]
+            + [Checkpointing("full", group=g) for g in groups]
+            + [Checkpointing("full", offload=True, group=g) for g in groups])
+
+
+def choose_checkpointing(cfg, world_size: int, gpu_gib: float, host_gib: float | None = None) -> Checkpointing:
+    """The first of `checkpoint_candidates` whose planned peak fits the GPU, and, with activation
+    offload, whose host plan fits `host_gib` (None: not checked); the last if none does.
+    Memory falls along the mixes, so they are searched by bisection. Measured on an H100 (1B shape,
+    bench/results/train_h100.json) each step down that list costs speed: 32K tokens 26.1K / 24.1K /
+    21.4K tokens/s (none / selective / full), 128K (none does not fit) 9.5K / 7.9K."""
     budget = gpu_gib * GIB * HEADROOM
-    for mode, offload in CHECKPOINT_MODES:
-        trial = copy.deepcopy(cfg)
-        trial.train.activation_checkpoint, trial.train.activation_offload = mode, offload
-        if estimate(trial, world_size).total <= budget:
-            return mode, offload
-    return CHECKPOINT_MODES[-1]
+    trial = copy.deepcopy(cfg)
+
+    def fits(choice: Checkpointing) -> bool:
+        choice.apply(trial)
+        if choice.offload and host_gib is not None and \
+                host_estimate(trial, world_size).total > host_gib * GIB * HEADROOM:
+            return False
+        return estimate(trial, world_size).total <= budget
+    candidates = checkpoint_candidates(cfg.model.num_hidden_layers)
+    if not get_backend(cfg.parallel.dp_backend).takes_checkpoint_groups:   # train/config.py refuses them there
+        candidates = [c for c in candidates if c.group == 1]
+    mixes = [c for c in candidates if c.mode == "full" and c.selective_layers]   # most selective layers first
+    for choice in candidates[:2]:
+        if fits(choice):
+            return choice
+    if fits(mixes[-1]) if mixes else False:
+        low, high = 0, len(mixes) - 1   # mixes[high] fits; find the first (most selective layers) that does
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if fits(mixes[middle]) else (middle + 1, high)
+        return mixes[low]
+    rest = candidates[2 + len(mixes):]
+    return next((choice for choice in rest if fits(choice)), rest[-1])
 
 
-def resolve_auto(cfg, world_size: int, gpu_gib: float) -> str:
-    """Replace train.activation_checkpoint=auto in `cfg` by the chosen mode; says what it chose."""
-    t = cfg.train
-    if t.activation_checkpoint != "auto":
+def resolve_checkpointing(cfg, world_size: int, gpu_gib: float, host_gib: float | None = None) -> str:
+    """Replace train.activation_checkpoint=auto in `cfg` by the chosen setting; says what it chose
+    ("" when there was nothing to choose). Called once, right after the config is validated
+    (`longctx.train.config.resolve_auto`)."""
+    if cfg.train.activation_checkpoint != "auto":
         return ""
-    t.activation_checkpoint, t.activation_offload = choose_checkpointing(cfg, world_size, gpu_gib)
-    return (f"train.activation_checkpoint=auto -> {t.activation_checkpoint}"
-            f"{' with train.activation_offload=true' if t.activation_offload else ''}\n")
+    choice = choose_checkpointing(cfg, world_size, gpu_gib, host_gib)
+    choice.apply(cfg)
+    return (f"train.activation_checkpoint=auto -> {choice.describe()} "
+            f"(planned {estimate(cfg, world_size).total / GIB:.1f} GiB of {gpu_gib:.0f} GiB)\n")
 
 
 def suggest(cfg, world_size: int, budget: float) -> list[str]:
@@ -340,7 +403,7 @@ def main(argv=None) -> None:
         # the plan reads no data: a data set that is not installed here must not stop it
         cfg = OmegaConf.to_object(compose("config", overrides=overrides + ["data.path=unread-by-the-planner"]))
     world = args.gpus or (cfg.parallel.sp * max(cfg.parallel.dp, 1))
-    print(resolve_auto(cfg, world, args.gpu_gib) + report(cfg, world, args.gpu_gib, args.host_gib))
+    print(resolve_checkpointing(cfg, world, args.gpu_gib, args.host_gib) + report(cfg, world, args.gpu_gib, args.host_gib))
 
 
 if __name__ == "__main__":

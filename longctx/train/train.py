@@ -33,7 +33,7 @@ from longctx.parallel.parallelize import parallelize_llama
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
-from .config import Config, ConfigError, check_tokenizer_fits, model_fields, validate
+from .config import Config, ConfigError, check_tokenizer_fits, model_fields, resolve_auto, validate
 from .console import closing_summary, quiet_libraries
 from .metrics import MetricsLogger, peak_tflops, training_flops
 from .offload_adamw import OffloadedAdamW
@@ -134,21 +134,18 @@ def build_train_model(cfg: Config, dims, mesh, device):
     """Model, parallelism and optimizer, in the order each backend needs: FSDP2 shards a meta
     model before it is allocated; ZeRO-3 partitions the model as it is built (with the engine's
     config); DeepSpeed's engine wraps the optimizer."""
-    distributed = dist.is_initialized()
-    fsdp = dims.dp_backend == "fsdp" and distributed
-    ds_config = None
-    if dims.dp_backend == "deepspeed" and distributed:
-        t, p = cfg.train, cfg.parallel
-        ds_config = data_parallel.deepspeed_config(p.zero_stage, t.micro_batch, t.grad_accum, t.precision,
-                                                   cfg.optim.grad_clip, cpu_offload=p.cpu_offload)
-    zero3 = ds_config is not None and cfg.parallel.zero_stage == 3
-    model = build_model(cfg, device, on_meta=fsdp, zero3_config=ds_config if zero3 else None)
+    backend = data_parallel.get_backend(dims.dp_backend)
+    # one process without a process group runs the plain model, whatever the config names
+    build = backend.build(cfg.parallel) if dist.is_initialized() else "whole"
+    engine_config = backend.engine_config(cfg) if dist.is_initialized() and backend.engine_config else None
+    model = build_model(cfg, device, on_meta=build == "meta",
+                        zero3_config=engine_config if build == "partitioned" else None)
     train_model = parallelize_llama(model, dims, mesh, cfg, device)
-    if fsdp:
+    if build == "meta":
         materialize(train_model, cfg, device)
     optimizer, scheduler = build_optimizer(train_model, cfg)
-    if ds_config is not None:
-        train_model = data_parallel.build_deepspeed(train_model, optimizer, ds_config)
+    if engine_config is not None:
+        train_model = data_parallel.build_deepspeed(train_model, optimizer, engine_config)
     return model, train_model, optimizer, scheduler
 
 
@@ -241,10 +238,13 @@ def train(cfg: Config) -> Path:
     dims = validate(cfg, world_size)               # every config error surfaces here, before any work
     if getattr(cfg, "optim_defaults_note", None) and int(os.environ.get("RANK", 0)) == 0:
         print(cfg.optim_defaults_note, flush=True)
+    resolved = resolve_auto(cfg, dims)             # every "auto" made concrete, once: config.yaml says what ran
     quiet_libraries()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = init_distributed(cfg.train.device)
+    if resolved and rank() == 0:
+        print("\n".join(resolved), flush=True)
     mesh = dims.build_mesh(device.type)
     t = cfg.train
     # data and tokenizer are checked before the run folder exists: a run that cannot start leaves none
@@ -264,13 +264,8 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
     """The run in its locked folder: resume point, model, steps, checkpoints."""
     is_main, t = rank() == 0, cfg.train
     autocast = precision_context(t, device)
-    if device.type == "cuda":   # the memory plan, before any GPU work; auto checkpointing picks by it
-        gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-        chosen = plan.resolve_auto(cfg, world_size, gpu_gib)
-        if is_main:
-            print(chosen + plan.report(cfg, world_size, gpu_gib))
-    elif t.activation_checkpoint == "auto":
-        t.activation_checkpoint = "none"   # on a CPU there is no device memory to plan for
+    if device.type == "cuda" and is_main:   # the memory plan of the resolved settings, before any GPU work
+        print(plan.report(cfg, world_size, torch.cuda.get_device_properties(device).total_memory / 2**30))
     torch.manual_seed(t.seed)
 
     # where to resume, checked (files against their manifest, settings against the saved ones)
@@ -382,11 +377,10 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
 
 
 def precision_context(t, device):
-    """Resolve train.precision=auto for `device` (bf16 autocast on CUDA, fp32 elsewhere) and return
-    the forward's autocast context (bf16_pure: the backend's bf16 weights, no autocast)."""
-    if t.precision == "auto":
-        t.precision = "bf16_autocast" if device.type == "cuda" else "fp32"
-    return torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16_autocast" else nullcontext()
+    """The forward's autocast context for train.precision (bf16_pure: the backend's bf16 weights, no
+    autocast); `auto`, which `resolve_auto` makes concrete before this, reads as it resolves."""
+    precision = t.precision if t.precision != "auto" else "bf16_autocast" if device.type == "cuda" else "fp32"
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16_autocast" else nullcontext()
 
 
 def forward_backward(train_model, micro_batches: list[dict], world_size: int, autocast,

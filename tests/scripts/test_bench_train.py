@@ -185,3 +185,79 @@ def test_set_passes_a_data_parallel_backend_through_to_longctx_rows(tmp_path):
         assert "error" not in row and row["ms"] > 0, row
         assert row["dp_backend"] == "deepspeed" and row["cpu_offload"] is True
         assert "parallel.zero_stage=2" in row["overrides"].split()
+
+
+def load_bench():
+    sys.path.insert(0, str(SCRIPT.parent))   # where a script finds benchlib when run
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = bench   # where its dataclasses look themselves up
+    spec.loader.exec_module(bench)
+    return bench
+
+
+HF_OOM_DRIVER = """
+import os, runpy, sys, torch
+from transformers.models.llama import modeling_llama
+plain = modeling_llama.LlamaForCausalLM.forward
+def forward(self, *args, **kwargs):
+    if not self.model.gradient_checkpointing:   # HF without checkpointing "runs out of memory"
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    return plain(self, *args, **kwargs)
+modeling_llama.LlamaForCausalLM.forward = forward
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_settings_like_for_like_and_fastest_fit(tmp_path):
+    """fastest_fit: longctx's auto resolved by the planner for the GPU memory given (the resolved
+    setting in the row, as plan.choose_checkpointing gives it); the peer tries no checkpointing, runs
+    out of memory (simulated), keeps that row and falls back to full, whose measurement is
+    like_for_like's (`measured_as`). A mix (train.selective_layers) reaches the builder and the row."""
+    from longctx.train.config import register_configs
+    from longctx.train.plan import choose_checkpointing
+    bench = load_bench()
+    register_configs()
+    cfg = bench.compose_config("tiny", 64, "bf16_autocast", "auto", "cpu", ["model.vocab_size=2048"])
+    chosen = choose_checkpointing(cfg, 1, 80.0, host_gib=64.0)
+    out = tmp_path / "train.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", HF_OOM_DRIVER, str(SCRIPT), "--smoke", "--impls", "longctx", "hf",
+                             "--precisions", "bf16_autocast", "--settings", "like_for_like", "fastest_fit",
+                             "--gpu-gib", "80", "--host-gib", "64", "--out", str(out)],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows:
+        assert set(SHAPE_KEYS) <= set(row) and "error" not in row, row
+    got = [(r["setting"], r["impl"], r["checkpoint"], r["selective_layers"], bool(r.get("oom"))) for r in rows]
+    assert sorted(got) == sorted([("like_for_like", "longctx", "full", 0, False), ("like_for_like", "hf", "full", 0, False),
+                                  ("fastest_fit", "longctx", chosen.mode, chosen.selective_layers, False),
+                                  ("fastest_fit", "hf", "none", 0, True), ("fastest_fit", "hf", "full", 0, False)]), got
+    by = {(r["setting"], r["impl"], r["checkpoint"]): r for r in rows}
+    assert by["fastest_fit", "longctx", chosen.mode]["ms"] > 0
+    fallback = by["fastest_fit", "hf", "full"]
+    assert fallback["measured_as"] == "like_for_like" and fallback["ms"] == by["like_for_like", "hf", "full"]["ms"]
+    assert "fastest_fit" in result.stdout and "ratio" in result.stdout
+    mixed = run_script("--smoke", "--impls", "longctx", "--precisions", "bf16_autocast", "--set", "train.selective_layers=1",
+                       "--out", str(tmp_path / "mixed.json"))
+    assert mixed.returncode == 0, mixed.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "mixed.json").read_text())["rows"]
+    assert row["checkpoint"] == "full" and row["selective_layers"] == 1 and row["ms"] > 0 and "error" not in row
+
+
+def test_a_cut_of_the_layers_is_scaled_to_the_whole_depth(tmp_path):
+    out = tmp_path / "train.json"
+    result = run_script("--smoke", "--impls", "longctx", "--precisions", "bf16_autocast", "--settings", "fastest_fit",
+                        "--layers", "1", "--scale", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    cut, scaled = json.loads(out.read_text())["rows"]
+    assert cut["layers"] == 1 and "layers_timed" not in cut and cut["ms"] > 0
+    assert scaled["layers"] == 2 and scaled["layers_timed"] == 1 and scaled["scaled_from"] == cut["ms"]
+    assert scaled["ms"] == 2 * cut["ms"] and scaled["tok_s"] == cut["tok_s"] / 2
+    assert scaled["peak_gib"] is None and scaled["plan_gib"] > cut["plan_gib"]
+    assert scaled["setting"] == cut["setting"] == "fastest_fit" and scaled["checkpoint"] == cut["checkpoint"]
+    refused = run_script("--smoke", "--scale", "--out", str(tmp_path / "t.json"), timeout=120)
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1].startswith("error: --scale")

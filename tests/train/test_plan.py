@@ -41,21 +41,81 @@ def test_cli_says_whether_it_fits_and_what_to_change():
     assert "does NOT fit" in big.stdout and "to fit: train.activation_offload=true" in big.stdout, big.stdout
 
 
+def with_checkpointing(cfg, mode, offload=False, selective_layers=0, group=1):
+    trial = copy.deepcopy(cfg)
+    trial.train.activation_checkpoint, trial.train.activation_offload = mode, offload
+    trial.train.selective_layers, trial.train.checkpoint_group = selective_layers, group
+    return trial
+
+
 def test_auto_checkpointing_takes_the_least_recompute_that_fits():
-    from longctx.train.plan import CHECKPOINT_MODES, GIB, HEADROOM, choose_checkpointing
+    from longctx.train.plan import GIB, HEADROOM, Checkpointing, checkpoint_candidates, choose_checkpointing
     cfg = compose_config(["model=llama3.2-1b", "train.seq_len=32768"])
-    planned = []
-    for mode, offload in CHECKPOINT_MODES:
-        trial = copy.deepcopy(cfg)
-        trial.train.activation_checkpoint, trial.train.activation_offload = mode, offload
-        planned.append(total(trial, 1))
-    assert planned == sorted(planned, reverse=True), "each mode down the list should need less memory"
-    for i, mode in enumerate(CHECKPOINT_MODES):
-        # a GPU just big enough for this mode, and not for the one before it
-        gpu_gib = planned[i] / HEADROOM / GIB * 1.001
-        assert choose_checkpointing(cfg, 1, gpu_gib) == mode
-    assert choose_checkpointing(cfg, 1, planned[-1] / HEADROOM / GIB * 0.9) == CHECKPOINT_MODES[-1]
+    candidates = checkpoint_candidates(cfg.model.num_hidden_layers)
+    assert candidates[:3] == [Checkpointing("none"), Checkpointing("selective"), Checkpointing("full", False, 15)]
+    # down to full with offloaded inputs memory falls at each step; then the groups of g layers
+    through = candidates.index(Checkpointing("full", True))
+    assert candidates[through - 2:through + 2] == [Checkpointing("full", False, 1), Checkpointing("full"),
+                                                   Checkpointing("full", True), Checkpointing("full", group=2)]
+    planned = [total(with_checkpointing(cfg, *c), 1) for c in candidates[:through + 1]]
+    assert planned == sorted(planned, reverse=True), "each setting down the list should need less memory"
+    for i, choice in enumerate(candidates[:through + 1]):
+        # a GPU just big enough for this setting, and not for the one before it
+        gpu_gib = planned[i] / HEADROOM / GIB * 1.0001
+        assert choose_checkpointing(cfg, 1, gpu_gib) == choice
+    assert choose_checkpointing(cfg, 1, 0.1) == candidates[-1]   # nothing fits: the least memory there is
     assert cfg.train.activation_checkpoint == "none"   # choosing leaves the config alone
+
+
+def test_auto_groups_the_inputs_where_the_host_cannot_take_them():
+    """The 8B shape at 512K on one 141 GB GPU with its optimizer on the host: full checkpointing's
+    inputs (128 GiB) do not fit the GPU, nor, beside the optimizer's 90 GiB, a 128 GiB host: auto
+    groups the layers in pairs, the least recompute that fits both."""
+    from longctx.train.plan import Checkpointing, choose_checkpointing
+    cfg = compose_config(["model=llama3-8b", "train.seq_len=524288", "train.precision=bf16_pure", "optim.offload=true",
+                          "parallel.dp_backend=none", "model.mlp_chunk_size=8192"])
+    assert choose_checkpointing(cfg, 1, 139.8, host_gib=None) == Checkpointing("full", True)
+    assert choose_checkpointing(cfg, 1, 139.8, host_gib=128) == Checkpointing("full", group=2)
+    # FSDP2 and DeepSpeed take no groups (train/config.py refuses them): never chosen there
+    cfg.parallel.dp_backend = "fsdp"
+    assert choose_checkpointing(cfg, 2, 139.8, host_gib=128).group == 1
+
+
+def test_the_plan_counts_each_layers_mode():
+    """full with k selective layers: the activations are L - k layer inputs and k layers' inputs
+    with their mixers' saved tensors (q, k, v, output, log-sum-exp), linear in k between full and
+    selective; the recompute working set is full's while any layer is full."""
+    from longctx.train.plan import estimate
+    cfg = compose_config(["model=llama3.2-1b", "train.seq_len=32768", "train.precision=bf16_autocast"])
+    m, tokens, layers = cfg.model, 32768, cfg.model.num_hidden_layers
+    mixer = 2 * (2 * m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim) \
+        + 4 * m.num_attention_heads
+    full = estimate(with_checkpointing(cfg, "full"), 1).parts
+    for k in (1, 7, layers - 1):
+        parts = estimate(with_checkpointing(cfg, "full", selective_layers=k), 1).parts
+        assert parts["activations (checkpointed inputs)"] == (layers - k) * tokens * m.hidden_size * 2
+        assert parts["activations (layer inputs, mixer kept)"] == k * tokens * (m.hidden_size * 2 + mixer)
+        assert estimate(with_checkpointing(cfg, "full", selective_layers=k), 1).total - sum(full.values()) == \
+            k * tokens * mixer
+    selective = estimate(with_checkpointing(cfg, "selective"), 1)
+    assert selective.parts["activations (layer inputs, mixer kept)"] == layers * tokens * (m.hidden_size * 2 + mixer)
+
+
+def test_auto_keeps_more_mixers_with_more_memory_and_fewer_with_longer_sequences():
+    """The number of layers that keep their mixer's outputs (L for selective, k for a mix, 0 for
+    full) rises with the GPU's memory and falls with the sequence length."""
+    from longctx.train.plan import choose_checkpointing
+    layers = 16
+
+    def kept(seq_len, gpu_gib):
+        cfg = compose_config(["model=llama3.2-1b", f"train.seq_len={seq_len}", "train.precision=bf16_autocast"])
+        choice = choose_checkpointing(cfg, 1, gpu_gib)
+        return {"none": layers + 1, "selective": layers}.get(choice.mode, choice.selective_layers)   # none keeps everything
+    by_memory = [kept(262144, gib) for gib in (40, 60, 80, 100, 120, 160, 200)]
+    assert by_memory == sorted(by_memory) and 0 < len(set(by_memory)) and by_memory[0] < by_memory[-1]
+    assert any(0 < k < layers for k in by_memory), by_memory   # a mix, between full and selective
+    by_length = [kept(seq_len, 80) for seq_len in (32768, 131072, 262144, 524288)]
+    assert by_length == sorted(by_length, reverse=True) and by_length[0] > by_length[-1], by_length
 
 
 def test_cli_resolves_auto_and_reports_the_chosen_mode():
@@ -192,3 +252,38 @@ def test_the_host_plan_counts_what_the_offloaded_optimizer_holds():
     assert held == planned.parts["optimizer (fp32 masters and moments)"] + 2 * DEPTH * largest * 2 + largest * 4
     assert planned.total == HOST_RUNTIME + planned.parts["optimizer (fp32 masters and moments)"] + \
         planned.parts["optimizer buffers (pinned, fp32 scratch)"]
+
+
+def test_bad_checkpointing_values_are_one_line():
+    import pytest
+    from longctx.train.config import ConfigError, validate
+    cases = [(["train.activation_checkpoint=sometimes"], "train.activation_checkpoint='sometimes': choose one of none, full, selective, auto"),
+             (["train.activation_checkpoint=full", "train.selective_layers=99"], r"train.selective_layers=99 must be in \[0, 2\]"),
+             (["train.activation_checkpoint=selective", "train.selective_layers=1"], "set train.activation_checkpoint=full"),
+             (["train.activation_checkpoint=full", "train.selective_layers=1", "train.checkpoint_group=2"],
+              "drop train.checkpoint_group and train.activation_offload"),
+             (["parallel.dp_backend=zero"], "parallel.dp_backend='zero': choose one of none, ddp, fsdp, deepspeed")]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message) as error:
+            validate(compose_config(["data=sharegpt_sample", *overrides]), 1)
+        assert "\n" not in str(error.value)
+
+
+def test_resolve_auto_makes_every_automatic_setting_concrete_once():
+    from longctx.train.config import resolve_auto, validate
+    cfg = compose_config(["data=sharegpt_sample", "model=llama3.2-1b", "train.seq_len=131072",
+                          "train.activation_checkpoint=auto", "train.device=cuda"])
+    cfg.train.device = "auto"   # validation asks for a visible GPU with device=cuda; planned here as if on one
+    dims = validate(cfg, 1)
+    import unittest.mock
+    with unittest.mock.patch("torch.cuda.is_available", return_value=True):
+        lines = resolve_auto(cfg, dims, gpu_gib=60.0)
+    t = cfg.train
+    assert (t.device, t.precision, cfg.parallel.dp_backend) == ("cuda", "bf16_autocast", "none")
+    # 1B at 128K on 60 GiB: some layers keep their mixer outputs, the rest are recomputed whole
+    assert t.activation_checkpoint == "full" and 0 < t.selective_layers < 16, t
+    assert any(line.startswith(f"train.activation_checkpoint=auto -> full with train.selective_layers={t.selective_layers}")
+               for line in lines), lines
+    with unittest.mock.patch("torch.cuda.is_available", return_value=True):
+        validate(cfg, 1)                           # the resolved config is a valid config
+        assert resolve_auto(cfg, dims, gpu_gib=60.0) == []   # nothing left to resolve

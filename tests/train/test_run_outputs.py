@@ -36,8 +36,15 @@ def assert_no_noise(output: str):
 def test_cli_log_summary_and_hf_export_with_tokenizer(tmp_path):
     run_dir = tmp_path / "run"
     # logging.progress_bar=true, but the output is a pipe: plain lines, no bar
-    output = run_cli(tmp_path, f"run_dir={run_dir}", "train.steps=2", "logging.progress_bar=true", "logging.every=1")
+    output = run_cli(tmp_path, f"run_dir={run_dir}", "train.steps=2", "logging.progress_bar=true", "logging.every=1",
+                     "train.activation_checkpoint=auto")
     assert_no_noise(output)
+    # every automatic setting resolved once, logged, and config.yaml records what ran
+    from omegaconf import OmegaConf
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert (saved.train.device, saved.train.precision, saved.train.activation_checkpoint, saved.parallel.dp_backend) == \
+        ("cpu", "fp32", "none", "none")
+    assert "train.activation_checkpoint=auto -> none" in output and "train.precision=auto -> fp32" in output
     assert not any(name.startswith(".hf.") for name in output.split()), output   # the export's temporary folder
     assert "step 1 loss" in output and "step 2 loss" in output
     final_loss = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
