@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 from longctx.model.llama import Attention, Llama
-from longctx.model.rotary import rotary_cos_sin
 from longctx.ops.attention.naive import accumulation_dtype
 
 
@@ -324,7 +323,7 @@ def decode_step(model: Llama, tokens: torch.Tensor, cache: KVCache) -> torch.Ten
     keeper = rank == 0                      # decoded tokens' keys live on group rank 0 only
     x = model.embed_tokens(tokens)
     positions = torch.full_like(tokens, cache.length)
-    cos, sin = rotary_cos_sin(model.inv_freq, positions, x.dtype)
+    cos, sin = model.rotary(positions, x.dtype)
     batch = tokens.shape[0]
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn

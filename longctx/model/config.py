@@ -8,7 +8,16 @@ from typing import Any, Dict, List, Optional
 _UNSUPPORTED = {
     "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1, "hidden_act": "silu",
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+# per type: the keys it needs and those it may have (as transformers' rope validation lists them)
+ROPE_KEYS = {
+    "default": (set(), set()),
+    "linear": ({"factor"}, set()),
+    "llama3": ({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, set()),
+    "yarn": ({"factor", "original_max_position_embeddings"},
+             {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+    "dynamic": ({"factor"}, set()),
+}
 
 
 @dataclass
@@ -22,7 +31,7 @@ class ModelConfig:
     head_dim: Optional[int] = None          # None: hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: Optional[Dict[str, Any]] = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    rope_scaling: Optional[Dict[str, Any]] = None  # {"rope_type": "linear"|"llama3"|"yarn"|"dynamic", "factor": ..., ...} (model/rotary.py)
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -47,9 +56,20 @@ class ModelConfig:
                 raise ValueError(f"layer_types must list 'softmax' or 'linear' for each of the "
                                  f"{self.num_hidden_layers} layers; got {self.layer_types}")
         if self.rope_scaling:
+            self.rope_scaling = dict(self.rope_scaling)
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ROPE_TYPES:
                 raise ValueError(f"rope_scaling type {kind!r} is not supported; use one of {ROPE_TYPES}")
+            required, optional = ROPE_KEYS[kind]
+            given = set(self.rope_scaling) - {"rope_type", "type", "rope_theta"}
+            missing, unknown = required - given, given - required - optional
+            if missing or unknown:
+                raise ValueError(f"rope_scaling {kind}: " + "; ".join(
+                    ([f"needs {sorted(missing)}"] if missing else []) + ([f"has unknown keys {sorted(unknown)} "
+                                                                           f"(allowed: {sorted(required | optional)})"] if unknown else [])))
+            factor = self.rope_scaling.get("factor")
+            if factor is not None and not factor >= 1.0:
+                raise ValueError(f"rope_scaling factor={factor} must be >= 1 (the context grows by it)")
 
     def layer_type(self, index: int) -> str:
         return "softmax" if self.layer_types is None else self.layer_types[index]
@@ -82,6 +102,14 @@ class ModelConfig:
         names = {f for f in cls.__dataclass_fields__}
         kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
         kwargs.update(rope_scaling=rope_scaling, rope_theta=rope_theta if rope_theta is not None else 10000.0)
+        scaling = overrides.get("rope_scaling")
+        if scaling and "original_max_position_embeddings" not in scaling:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind in ROPE_KEYS and "original_max_position_embeddings" in ROPE_KEYS[kind][0]:
+                # scaling put on a pretrained model stretches what it was trained on: the checkpoint's
+                # own length (transformers would take max_position_embeddings, maybe also overridden)
+                overrides = {**overrides, "rope_scaling": {**scaling, "original_max_position_embeddings":
+                                                           kwargs.get("max_position_embeddings", 8192)}}
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -96,7 +124,9 @@ class ModelConfig:
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope.update(self.rope_scaling)
-            rope.setdefault("rope_type", rope.pop("type", "default"))
+            kind = rope.pop("type", None)
+            rope["rope_type"] = self.rope_scaling.get("rope_type", kind or "default")
+            rope["rope_theta"] = self.rope_theta
         d["rope_scaling"] = rope if self.rope_scaling else None
         config = LlamaConfig(**d, architectures=["LlamaForCausalLM"])
         if hasattr(config, "rope_parameters"):

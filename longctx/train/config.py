@@ -11,7 +11,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -29,7 +29,14 @@ if TYPE_CHECKING:
 class ModelSection(ModelConfig):
     """A model shape (every field of longctx.model.ModelConfig), or a pretrained HF folder."""
     name: str = "tiny"
-    pretrained: Optional[str] = None       # a Hugging Face LLaMA folder; its config.json wins over the shape
+    pretrained: Optional[str] = None       # a Hugging Face LLaMA folder; its config.json wins over the shape,
+                                           # except for the rope settings below when they are set
+    # None: ModelConfig's default for a new model, the checkpoint's value for a pretrained one; set,
+    # they replace the checkpoint's (extending its context: rope_scaling={rope_type: yarn, factor: 8},
+    # original_max_position_embeddings defaulting to the checkpoint's max_position_embeddings)
+    rope_theta: Optional[float] = None
+    rope_scaling: Optional[Dict[str, Any]] = None
+    max_position_embeddings: Optional[int] = None
 
 
 @dataclass
@@ -344,10 +351,21 @@ def model_shape(cfg: Config) -> ModelConfig:
     """The model's shape: a pretrained folder's config.json, or the model section's fields."""
     from longctx.model.hf import load_hf_config
     m = cfg.model
-    return load_hf_config(m.pretrained) if m.pretrained else ModelConfig(**model_fields(m))
+    return load_hf_config(m.pretrained, **rope_overrides(m)) if m.pretrained else ModelConfig(**model_fields(m))
+
+
+ROPE_OVERRIDES = ("rope_theta", "rope_scaling", "max_position_embeddings")
+
+
+def rope_overrides(section: ModelSection) -> dict:
+    """The rope settings given for a pretrained model (those left None keep the checkpoint's)."""
+    return {k: getattr(section, k) for k in ROPE_OVERRIDES if getattr(section, k) is not None}
 
 
 def model_fields(section: ModelSection) -> dict:
     fields = dataclasses.asdict(section)
     fields.pop("name"), fields.pop("pretrained")
+    for key in ROPE_OVERRIDES:   # unset: ModelConfig's default
+        if fields[key] is None:
+            fields.pop(key)
     return fields

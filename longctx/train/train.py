@@ -32,7 +32,7 @@ from longctx.parallel.parallelize import parallelize_llama
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
-from .config import Config, ConfigError, check_tokenizer_fits, model_fields, validate
+from .config import Config, ConfigError, check_tokenizer_fits, model_fields, rope_overrides, validate, ROPE_OVERRIDES
 from .console import closing_summary, quiet_libraries
 from .metrics import MetricsLogger, peak_tflops, training_flops
 from .offload_adamw import OffloadedAdamW
@@ -101,6 +101,11 @@ def build_model(cfg: Config, device: torch.device, on_meta: bool = False, zero3_
     DeepSpeed's bf16 mode), which keep fp32 masters."""
     m = cfg.model
     overrides = {k: getattr(m, k) for k in ("attention", "linear_attention", "loss_chunk_size")}
+    if m.pretrained:
+        overrides.update(rope_overrides(m))
+        if overrides.keys() & set(ROPE_OVERRIDES) and rank() == 0:
+            print("model.pretrained: " + ", ".join(f"{k}={overrides[k]}" for k in ROPE_OVERRIDES if k in overrides)
+                  + " over the checkpoint's config.json", flush=True)
     if m.pretrained and not on_meta and zero3_config is None:
         return load_hf(m.pretrained, device=device, **overrides)
     config = load_hf_config(m.pretrained, **overrides) if m.pretrained else ModelConfig(**model_fields(m))
