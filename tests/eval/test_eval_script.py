@@ -121,3 +121,37 @@ def test_figures(tmp_path):
                  plots.accuracy_by_depth(results, tmp_path / "depth.png"),
                  plots.loss_by_position_plot(rows, tmp_path / "loss.png", trained_length=16)):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_json_collects_both_stages_and_report_draws_them(tmp_path):
+    """Rows of a base and a trained evaluation merge into one bench JSON (a rerun replaces its own
+    stage's rows); the report writes the before/after table and figures."""
+    from longctx.eval.report import main as report
+    from longctx.eval.rows import bench_rows, merge_rows
+
+    def evaluation(stage, accuracy, loss):
+        cells = [{"length": n, "asked_depth": d, "accuracy": accuracy(n), "count": 4}
+                 for n in (4096, 8192) for d in (0.0, 1.0)]
+        return {"name": "smol", "stage": stage, "trained_seq_len": 8192 if stage == "base" else 65536,
+                "needle": {"by_length": [{"length": n, "accuracy": accuracy(n), "count": 8} for n in (4096, 8192)],
+                           "by_length_depth": cells},
+                "loss": {"length": 8192, "by_position": [{"start": 1, "end": 4096, "loss": loss, "tokens": 10},
+                                                         {"start": 4096, "end": 8192, "loss": loss - 0.1, "tokens": 10}]},
+                "short_loss": {"length": 2048, "loss": loss, "tokens": 100, "sequences": 1}}
+
+    bench = tmp_path / "bench.json"
+    merge_rows(bench, bench_rows(evaluation("base", lambda n: 0.5, 2.0)), "eval base", "cpu")
+    merge_rows(bench, bench_rows(evaluation("trained", lambda n: 0.25, 2.5)), "eval trained", "cpu")
+    merge_rows(bench, bench_rows(evaluation("trained", lambda n: 1.0 if n == 4096 else 0.75, 2.1)), "eval trained", "cpu")
+    data = json.loads(bench.read_text())
+    assert data["commands"] == ["eval base", "eval trained"] and len(data["rows"]) == 2 * (2 + 4 + 2 + 1)
+    report([str(bench), str(tmp_path / "out")])
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| needle | base | 50% | 50% |" in table and "| needle | trained | 100% | 75% |" in table
+    assert "short-context loss: base 2.0000, trained 2.1000" in table
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for name in ("retrieval_before_after.png", "loss_by_position_before_after.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
