@@ -14,7 +14,7 @@ ROPE_KEYS = {
     "default": (set(), set()),
     "linear": ({"factor"}, set()),
     "llama3": ({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, set()),
-    "yarn": ({"factor", "original_max_position_embeddings"},
+    "yarn": ({"factor", "original_max_position_embeddings"},   # the original length defaults as below
              {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
     "dynamic": ({"factor"}, set()),
 }
@@ -61,6 +61,10 @@ class ModelConfig:
             if kind not in ROPE_TYPES:
                 raise ValueError(f"rope_scaling type {kind!r} is not supported; use one of {ROPE_TYPES}")
             required, optional = ROPE_KEYS[kind]
+            if kind == "yarn" and "original_max_position_embeddings" not in self.rope_scaling:
+                # as transformers reads such a config: the model's own length is the original one
+                # (over a pretrained checkpoint, from_hf puts the checkpoint's length here first)
+                self.rope_scaling["original_max_position_embeddings"] = self.max_position_embeddings
             given = set(self.rope_scaling) - {"rope_type", "type", "rope_theta"}
             missing, unknown = required - given, given - required - optional
             if missing or unknown:

@@ -35,8 +35,19 @@ class ModelSection(ModelConfig):
     # they replace the checkpoint's (extending its context: rope_scaling={rope_type: yarn, factor: 8},
     # original_max_position_embeddings defaulting to the checkpoint's max_position_embeddings)
     rope_theta: Optional[float] = None
-    rope_scaling: Optional[Dict[str, Any]] = None
+    # typed Any: OmegaConf can neither merge a command-line {rope_type: yarn, ...} into a None-valued
+    # Dict node nor add keys to an empty one; {rope_type: default} removes a checkpoint's scaling
+    rope_scaling: Any = None
     max_position_embeddings: Optional[int] = None
+
+    def __post_init__(self):
+        if self.pretrained is None:
+            return super().__post_init__()
+        # the rope settings are checked over the checkpoint's config (model_shape), which fills in
+        # what they leave out (YaRN's original length)
+        scaling, self.rope_scaling = self.rope_scaling, None
+        super().__post_init__()
+        self.rope_scaling = scaling
 
 
 @dataclass
@@ -359,13 +370,13 @@ ROPE_OVERRIDES = ("rope_theta", "rope_scaling", "max_position_embeddings")
 
 def rope_overrides(section: ModelSection) -> dict:
     """The rope settings given for a pretrained model (those left None keep the checkpoint's)."""
-    return {k: getattr(section, k) for k in ROPE_OVERRIDES if getattr(section, k) is not None}
+    return {k: getattr(section, k) for k in ROPE_OVERRIDES if getattr(section, k) not in (None, {})}
 
 
 def model_fields(section: ModelSection) -> dict:
     fields = dataclasses.asdict(section)
     fields.pop("name"), fields.pop("pretrained")
     for key in ROPE_OVERRIDES:   # unset: ModelConfig's default
-        if fields[key] is None:
+        if fields[key] in (None, {}):
             fields.pop(key)
     return fields
