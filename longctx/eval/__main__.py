@@ -26,7 +26,7 @@ import torch.distributed as dist
 from . import plots
 from .config import EvalConfigError, check_config, parse_args
 from .perplexity import bucket_edges, conversation_sequences, loss_by_position, packed_sequences
-from .runner import answer_samples, encode_prompt, line_retrieval_samples, needle_samples, passkey_samples
+from .runner import answer_samples, build_prompts, encode_prompt
 from .rows import bench_rows, merge_rows
 from .scoring import accuracy_by
 from .tasks import Haystack, haystack_text
@@ -171,23 +171,21 @@ def evaluate(cfg) -> Path | None:
     budgets = [n - wrapper for n in lengths]
     for task in [t for t in RETRIEVAL if t in cfg.tasks]:
         start = time.perf_counter()
-        if task == "line_retrieval":
-            samples = line_retrieval_samples(tokenizer, budgets, depths, cfg.samples_per_cell, cfg.seed)
-        elif task == "passkey":
-            samples = passkey_samples(tokenizer, budgets, depths, cfg.samples_per_cell, cfg.seed)
-        else:
+        haystack = None
+        if task == "needle":
             from longctx.data import read_sharegpt
             conversations, _ = read_sharegpt(data_path(cfg.needle.haystack))
             # about 4 characters a token in English text; 12 per token leaves room for code and Chinese
             need = None if cfg.needle.random_start else 12 * max(lengths) + 10_000
             haystack = Haystack(tokenizer, haystack_text(conversations, need))
-            samples = needle_samples(haystack, budgets, depths, cfg.samples_per_cell, cfg.seed,
-                                     random_start=cfg.needle.random_start)
+        samples, encoded = build_prompts(task, tokenizer, budgets, depths, cfg.samples_per_cell, cfg.seed,
+                                         cfg.prompt_format, haystack, cfg.needle.random_start, cfg.prompt_workers)
         for sample in samples:
             sample.meta["length"] = lengths[budgets.index(sample.meta["length"])]
         built = time.perf_counter() - start
+        log(f"{task}: {len(samples)} prompts made in {built:.0f} s")
         results = answer_samples(model, tokenizer, samples, cfg.max_new_tokens, cfg.prompt_format, eos, log,
-                                 batch_tokens=cfg.batch_tokens)
+                                 batch_tokens=cfg.batch_tokens, encoded=encoded)
         report[task] = {"by_length": accuracy_by(results, "length"),
                         "by_length_depth": accuracy_by(results, "length", "asked_depth"), "results": results}
         report["seconds"][task] = {"prompts": built, "answers": time.perf_counter() - start - built}

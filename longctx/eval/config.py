@@ -62,6 +62,7 @@ class EvalConfig:
     depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     samples_per_cell: int = 2        # samples per (task, length, depth)
     batch_tokens: int = 65536        # prompts packed into one prefill up to this many tokens (0: one at a time)
+    prompt_workers: int = -1         # processes making the prompts; -1: one per core but one (up to 16) from 16K tokens
     seed: int = 0
     max_new_tokens: int = 12
     needle: NeedleSettings = field(default_factory=NeedleSettings)

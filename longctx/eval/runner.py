@@ -10,7 +10,10 @@ Every rank of a sequence-parallel group runs the same samples and gets the same 
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -55,13 +58,16 @@ def encode_prompt(tokenizer, text: str, prompt_format: str = "plain", cue: str =
 
 
 def answer_samples(model: Llama, tokenizer, samples: list[Sample], max_new_tokens: int = 12,
-                   prompt_format: str = "plain", eos_token_id=None, log=None, batch_tokens: int = 0) -> list[dict]:
+                   prompt_format: str = "plain", eos_token_id=None, log=None, batch_tokens: int = 0,
+                   encoded: list[list[int]] | None = None) -> list[dict]:
     """Greedy answers to `samples`, scored: one result dict per sample.
 
     `batch_tokens` > 0 packs prompts up to that many tokens into one prefill (one process only;
-    the answers are those of prompt-by-prompt decoding: each prompt is its own document)."""
+    the answers are those of prompt-by-prompt decoding: each prompt is its own document).
+    `encoded`: the prompts' token ids if already made (`build_prompts`)."""
     device = next(model.parameters()).device
-    encoded = [encode_prompt(tokenizer, s.prompt, prompt_format, s.cue) for s in samples]
+    if encoded is None:
+        encoded = [encode_prompt(tokenizer, s.prompt, prompt_format, s.cue) for s in samples]
     ends = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     if batch_tokens > 0 and sequence_dims(model) is None:
         start = time.perf_counter()
@@ -117,3 +123,57 @@ def passkey_samples(tokenizer, lengths: list[int], depths: list[float], samples_
     """A passkey sample for every (length, depth, repeat): a different key each repeat."""
     return [fit_passkey(tokenizer, length, depth, seed * 100003 + repeat)
             for length in lengths for depth in depths for repeat in range(samples_per_cell)]
+
+
+# ------------------------------------------------------------------------------------------------
+# prompts made by several processes: at 64K tokens a sample costs ~1 s of tokenizing (fitting the
+# length tries several whole prompts), minutes for a grid of hundreds, while the GPU waits
+# ------------------------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _start_worker(tokenizer, haystack, prompt_format):
+    _WORKER.update(tokenizer=tokenizer, haystack=haystack, prompt_format=prompt_format)
+
+
+def _make_prompt(job) -> tuple[Sample, list[int]]:
+    task, length, depth, seed, random_start = job
+    tokenizer = _WORKER["tokenizer"]
+    if task == "line_retrieval":
+        sample = fit_line_retrieval(tokenizer, length, depth, seed)
+    elif task == "passkey":
+        sample = fit_passkey(tokenizer, length, depth, seed)
+    elif task == "needle":
+        sample = make_needle(_WORKER["haystack"], length, depth, seed, random_start=random_start)
+    else:
+        raise ValueError(f"unknown retrieval task {task!r}")
+    return sample, encode_prompt(tokenizer, sample.prompt, _WORKER["prompt_format"], sample.cue)
+
+
+def prompt_workers(lengths: list[int], workers: int = -1) -> int:
+    """-1 (auto): a process per core but one, up to 16, when the longest prompt is long enough to pay
+    for starting them (16K tokens); else as given (1: in this process)."""
+    if workers >= 1:
+        return workers
+    return min(16, max(1, (os.cpu_count() or 1) - 1)) if max(lengths) >= 16384 else 1
+
+
+def build_prompts(task: str, tokenizer, lengths: list[int], depths: list[float], samples_per_cell: int,
+                  seed: int = 0, prompt_format: str = "plain", haystack: Haystack | None = None,
+                  random_start: bool = False, workers: int = -1) -> tuple[list[Sample], list[list[int]]]:
+    """The samples of `task` ("needle", "passkey", "line_retrieval") for every (length, depth,
+    repeat), and their prompts' token ids as the model reads them; made by `workers` processes
+    (`prompt_workers`); the same samples whatever the number of processes."""
+    jobs = [(task, length, depth, seed * 100003 + repeat, random_start)
+            for length in lengths for depth in depths for repeat in range(samples_per_cell)]
+    workers = min(prompt_workers(lengths, workers), len(jobs))
+    state = (tokenizer, haystack, prompt_format)
+    if workers <= 1:
+        _start_worker(*state)
+        made = [_make_prompt(job) for job in jobs]
+    else:
+        # spawn, not fork: the parent may hold CUDA, which a forked child must not touch
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_start_worker, initargs=state) as pool:
+            made = list(pool.map(_make_prompt, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    return [sample for sample, _ in made], [ids for _, ids in made]

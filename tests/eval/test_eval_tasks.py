@@ -178,3 +178,15 @@ def test_chat_prompts_start_the_reply_with_the_cue(tokenizer):
         tokenizer.chat_template = None
     with pytest.raises(ValueError, match="needs a tokenizer with a chat_template"):
         resolve_prompt_format(tokenizer, "chat")
+
+
+def test_prompts_made_by_several_processes_are_the_same(tokenizer, haystack):
+    from longctx.eval.runner import build_prompts, encode_prompt
+    for task in ("needle", "line_retrieval"):   # the haystack sent to the workers; the search for a length
+        one = build_prompts(task, tokenizer, [200, 300], [0.0, 1.0], 2, seed=3, prompt_format="plain",
+                            haystack=haystack, workers=1)
+        two = build_prompts(task, tokenizer, [200, 300], [0.0, 1.0], 2, seed=3, prompt_format="plain",
+                            haystack=haystack, workers=2)
+        assert [s.prompt for s in one[0]] == [s.prompt for s in two[0]] and one[1] == two[1], task
+        assert [len(ids) for ids in one[1]] == [len(encode_prompt(tokenizer, s.prompt, "plain")) for s in one[0]]
+        assert [s.meta["length"] for s in one[0]] == [200] * 4 + [300] * 4
