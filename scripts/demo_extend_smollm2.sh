@@ -19,7 +19,8 @@
 # commands), base/ and trained/ (results.json, rows.json, figures), table.md, the comparison
 # figures, train_metrics.jsonl and train_log.txt. $RUN_DIR (default /tmp/longctx_smollm2_run) holds
 # the checkpoints and the 0.5 GB export, outside $OUT.
-# Settings: LENGTHS, DEPTHS, SAMPLES (a cell), TRAIN_TIMEOUT (seconds), EXTRA_TRAIN (more overrides).
+# Settings: LENGTHS, DEPTHS, SAMPLES (a cell), LOSS_LENGTH (loss by position), TRAIN_TIMEOUT (seconds),
+# EXTRA_TRAIN (more training overrides), EXTRA_EVAL (more evaluation settings).
 set -euo pipefail
 : "${OUT:?set OUT to the results folder}"
 : "${SMOLLM2:?set SMOLLM2 to the SmolLM2-135M-Instruct HF folder (python scripts/make_smollm2.py <folder>)}"
@@ -27,8 +28,10 @@ RUN_DIR=${RUN_DIR:-/tmp/longctx_smollm2_run}
 LENGTHS=${LENGTHS:-[4096,8192,16384,32768,65536]}
 DEPTHS=${DEPTHS:-[0.0,0.5,1.0]}
 SAMPLES=${SAMPLES:-20}
+LOSS_LENGTH=${LOSS_LENGTH:-65536}
 TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-540}
 EXTRA_TRAIN=${EXTRA_TRAIN:-}
+EXTRA_EVAL=${EXTRA_EVAL:-}
 BENCH="$OUT/long_context_smollm2_h200.json"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -49,12 +52,13 @@ EOF
 
 evaluate() {   # $1: model path, $2: stage
   [ -f "$OUT/heldout.json" ] || split
+  # shellcheck disable=SC2086  # EXTRA_EVAL is a list of settings
   python -m longctx.eval model.path="$1" model.name=smollm2-135m-instruct stage="$2" \
     lengths="$LENGTHS" depths="$DEPTHS" samples_per_cell="$SAMPLES" max_new_tokens=10 \
     tasks=[needle,passkey,line_retrieval,loss,short_loss] \
-    needle.haystack="$OUT/heldout.json" loss.data="$OUT/heldout.json" loss.length=65536 loss.sequences=2 \
+    needle.haystack="$OUT/heldout.json" loss.data="$OUT/heldout.json" loss.length="$LOSS_LENGTH" loss.sequences=2 \
     short_loss.data="$OUT/heldout.json" short_loss.length=2048 short_loss.sequences=16 \
-    output_dir="$OUT/$2" append_to="$BENCH" 2>&1 | tee "$OUT/eval_$2_log.txt"
+    output_dir="$OUT/$2" append_to="$BENCH" $EXTRA_EVAL 2>&1 | tee "$OUT/eval_$2_log.txt"
 }
 
 train() {

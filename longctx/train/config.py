@@ -175,6 +175,14 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("sharegpt_v3_path", sharegpt_v3_path)
     if not OmegaConf.has_resolver("sweep_job_folder"):
         OmegaConf.register_new_resolver("sweep_job_folder", sweep_job_folder)
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", required)
+
+
+def required(key: str, what: str):
+    """`${required:model.pretrained,<what it is>}`: a setting a preset cannot run without (a `???` in
+    a preset would not replace the schema's default when merged: the run would start without it)."""
+    raise ValueError(f"{key} is not set: this preset needs {what} ({key}=<...>)")
 
 
 def _choice(value: str, allowed: tuple, key: str) -> None:
