@@ -66,7 +66,7 @@ train() {
   local rc=0
   # shellcheck disable=SC2086  # EXTRA_TRAIN is a list of overrides
   timeout --signal=TERM "$TRAIN_TIMEOUT" python -m longctx.train experiment=smollm2_extend_64k_1gpu \
-    model.pretrained="$SMOLLM2" data.path="$OUT/train.json" run_dir="$RUN_DIR" $EXTRA_TRAIN \
+    model.pretrained="$SMOLLM2" data.tokenizer="$SMOLLM2" data.path="$OUT/train.json" run_dir="$RUN_DIR" $EXTRA_TRAIN \
     2>&1 | tee -a "$OUT/train_log.txt" || rc=$?
   cp "$RUN_DIR/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null || true
   cp "$RUN_DIR/config.yaml" "$OUT/train_config.yaml" 2>/dev/null || true

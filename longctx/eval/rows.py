@@ -63,7 +63,7 @@ def table(bench: dict) -> str:
     rows = [r for r in bench["rows"] if r["task"] in RETRIEVAL and "depth" not in r]
     lengths = sorted({r["seqlen"] for r in rows})
     cell = {(r["task"], r["stage"], r["seqlen"]): r["accuracy"] for r in rows}
-    lines = ["| task | stage | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
+    lines = ["| task | stage | " + " | ".join(f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths) + " |",
              "|---|---|" + "---|" * len(lengths)]
     for task in RETRIEVAL:
         for stage in ("base", "trained"):
