@@ -94,8 +94,8 @@ def retrieval_comparison(rows: list[dict], path: str | Path, title: str = "Retri
     stages = [s for s in ("base", "trained") if any(r["stage"] == s for r in cells)]
     lengths = sorted({r["seqlen"] for r in cells})
     depths = sorted({r["depth"] for r in cells})
-    fig, axes = plt.subplots(len(tasks), len(stages), squeeze=False,
-                             figsize=(1.8 + 0.9 * len(lengths) * len(stages), 0.6 + (0.9 + 0.35 * len(depths)) * len(tasks)))
+    fig, axes = plt.subplots(len(tasks), len(stages), squeeze=False, layout="constrained",
+                             figsize=(2.4 + 0.9 * len(lengths) * len(stages), 0.8 + (1.4 + 0.35 * len(depths)) * len(tasks)))
     value = {(r["task"], r["stage"], r["depth"], r["seqlen"]): r["accuracy"] for r in cells}
     image = None
     for i, task in enumerate(tasks):
@@ -121,7 +121,7 @@ def retrieval_comparison(rows: list[dict], path: str | Path, title: str = "Retri
         fig.colorbar(image, ax=axes, label="accuracy", shrink=0.8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
