@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 from longctx.model.llama import Attention, Llama
-from longctx.model.rotary import rotary_cos_sin
 from longctx.ops.attention.backends import merge_into
 from longctx.ops.attention.naive import accumulation_dtype
 
@@ -184,6 +183,74 @@ def prefill(model: Llama, input_ids: torch.Tensor) -> tuple[torch.Tensor, KVCach
     return model.lm_head(final).float(), KVCache(keys, values, shard.length, states)
 
 
+@torch.no_grad()
+def prefill_packed(model: Llama, prompts: list[list[int]]) -> tuple[torch.Tensor, list[KVCache]]:
+    """Several prompts in one forward, packed in one row as separate documents (`cu_seqlens`: none
+    sees another, each starts at position 0): the logits [N, V] after each prompt's last token and
+    one cache per prompt. Short prompts fill the GPU together instead of one small forward each.
+    One process only (a sequence-parallel model prefills prompt by prompt)."""
+    if sequence_dims(model) is not None:
+        raise ValueError("packed prefill runs on one process; prefill prompt by prompt under sequence parallelism")
+    if not all(isinstance(layer.self_attn, Attention) for layer in model.layers):
+        raise ValueError("packed prefill caches softmax layers only; prefill a model with linear layers prompt by prompt")
+    device = next(model.parameters()).device
+    lengths = [len(p) for p in prompts]
+    if not prompts or min(lengths) < 1:
+        raise ValueError("packed prefill needs at least one prompt, none empty")
+    ids = torch.tensor([[t for p in prompts for t in p]], device=device)
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
+    layers = [layer.self_attn for layer in model.layers]
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i, attn in enumerate(layers):
+        attn.project = _keeping_keys(attn.project, captured, i)
+    try:
+        hidden = model.hidden_states(ids, None, cu_seqlens)                 # [1, total, h]
+    finally:
+        for attn in layers:
+            del attn.project
+    kv = [captured.pop(i) for i in range(len(layers))]
+    caches = [KVCache([k[:, a:b].contiguous() for k, _ in kv], [v[:, a:b].contiguous() for _, v in kv], b - a)
+              for a, b in zip(bounds, bounds[1:])]
+    last = torch.tensor(bounds[1:], device=device) - 1
+    return model.lm_head(hidden[0, last]).float(), caches
+
+
+@torch.no_grad()
+def greedy_generate_packed(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_token_id=None,
+                           batch_tokens: int = 65536) -> list[list[int]]:
+    """Greedy continuations of `prompts` (lists of token ids): prompts packed `batch_tokens` at a
+    time (a longer prompt alone) into one prefill, then each decoded against its own cache.
+    Stops a prompt at its first end token (kept in the output) or after `max_new_tokens`."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    ends = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+    device = next(model.parameters()).device
+    outputs: list[list[int]] = [[] for _ in prompts]
+    packs, current, size = [], [], 0
+    for i, prompt in enumerate(prompts):
+        if current and size + len(prompt) > batch_tokens:
+            packs.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += len(prompt)
+    if current:
+        packs.append(current)
+    for pack in packs:
+        logits, caches = prefill_packed(model, [prompts[i] for i in pack])
+        first = logits.argmax(-1).tolist()
+        for row, (i, cache) in enumerate(zip(pack, caches)):
+            token = first[row]
+            outputs[i].append(token)
+            while token not in ends and len(outputs[i]) < max_new_tokens:
+                token = int(decode_step(model, torch.tensor([[token]], device=device), cache).argmax(-1))
+                outputs[i].append(token)
+        del caches
+    return outputs
+
+
 def _keeping_keys(project, captured: dict, index: int):
     """`project` that also puts the keys and values it returns into captured[index]."""
     def run(*args, **kwargs):
@@ -257,7 +324,7 @@ def decode_step(model: Llama, tokens: torch.Tensor, cache: KVCache) -> torch.Ten
     keeper = rank == 0                      # decoded tokens' keys live on group rank 0 only
     x = model.embed_tokens(tokens)
     positions = torch.full_like(tokens, cache.length)
-    cos, sin = rotary_cos_sin(model.inv_freq, positions, x.dtype)
+    cos, sin = model.rotary(positions, x.dtype)
     batch = tokens.shape[0]
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn

@@ -81,3 +81,66 @@ def _save(fig, plt, path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# before / after, from bench rows (longctx.eval.rows)
+# ------------------------------------------------------------------------------------------------
+def retrieval_comparison(rows: list[dict], path: str | Path, title: str = "Retrieval before and after") -> Path:
+    """One heat map (depth x length) per task and stage: tasks in rows, stages in columns."""
+    plt = _pyplot()
+    cells = [r for r in rows if "depth" in r and "accuracy" in r]
+    tasks = [t for t in ("needle", "passkey", "line_retrieval") if any(r["task"] == t for r in cells)]
+    stages = [s for s in ("base", "trained") if any(r["stage"] == s for r in cells)]
+    lengths = sorted({r["seqlen"] for r in cells})
+    depths = sorted({r["depth"] for r in cells})
+    fig, axes = plt.subplots(len(tasks), len(stages), squeeze=False, layout="constrained",
+                             figsize=(2.4 + 0.9 * len(lengths) * len(stages), 0.8 + (1.4 + 0.35 * len(depths)) * len(tasks)))
+    value = {(r["task"], r["stage"], r["depth"], r["seqlen"]): r["accuracy"] for r in cells}
+    image = None
+    for i, task in enumerate(tasks):
+        for j, stage in enumerate(stages):
+            ax = axes[i][j]
+            grid = [[value.get((task, stage, d, n), float("nan")) for n in lengths] for d in depths]
+            image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+            for y, row in enumerate(grid):
+                for x, v in enumerate(row):
+                    if v == v:
+                        ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(lengths)), [_tokens(n) for n in lengths])
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+            trained = next((r["trained_seq_len"] for r in cells if r["stage"] == stage), None)
+            ax.set_title(f"{task.replace('_', ' ')}, {stage}" + (f" (trained {_tokens(trained)})" if trained else ""),
+                         fontsize=9)
+            if i == len(tasks) - 1:
+                ax.set_xlabel("context length (tokens)")
+            if j == 0:
+                ax.set_ylabel("depth")
+    fig.suptitle(title)
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="accuracy", shrink=0.8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def loss_comparison(rows: list[dict], path: str | Path, title: str = "Loss by token position") -> Path:
+    """Loss by position, one line per stage; dashed lines at each stage's trained length."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for stage in ("base", "trained"):
+        mine = sorted((r for r in rows if r["task"] == "loss" and r.get("kind") == "by_position" and r["stage"] == stage),
+                      key=lambda r: r["start"])
+        if not mine:
+            continue
+        centres = [(r["start"] * max(r["end"] - 1, r["start"])) ** 0.5 for r in mine]
+        line, = ax.plot(centres, [r["loss"] for r in mine], marker="o", label=stage)
+        ax.axvline(mine[0]["trained_seq_len"], linestyle="--", color=line.get_color(), alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens of context before the predicted token (dashed: trained length)")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, plt, path)

@@ -40,6 +40,19 @@ NOUNS = ("anchor", "badger", "beacon", "canyon", "cedar", "comet", "coral", "del
          "lantern", "maple", "meadow", "meteor", "mirror", "nebula", "oasis", "orchid", "otter", "pebble",
          "pepper", "prairie", "quartz", "raven", "reef", "river", "saddle", "summit", "thistle", "timber",
          "tundra", "valley", "violet", "walnut", "willow", "wren", "yonder", "zephyr")
+# what a prompt ends with to start the answer: a chat model gets it as the start of its reply
+LINE_CUE = "Answer: <"
+NEEDLE_CUE = "Answer:"
+PASSKEY_CUE = " The pass key is"
+
+# the passkey test of Landmark Attention / Position Interpolation: repeated filler, one line with
+# a number, and the question
+PASSKEY_HEADER = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                  "I will quiz you about the important information there.\n\n")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_LINE = "The pass key is {value}. Remember it. {value} is the pass key. "
+PASSKEY_QUESTION = "\n\nWhat is the pass key?"
+
 NEEDLE_KEYS = ("Lisbon", "Nairobi", "Oslo", "Quito", "Hanoi", "Tbilisi", "Montevideo", "Reykjavik",
                "Auckland", "Dakar", "Kyoto", "Valparaiso", "Tallinn", "Cusco", "Zanzibar", "Marrakesh")
 
@@ -49,8 +62,15 @@ class Sample:
     prompt: str                # the context and the question: the model continues it with the answer
     answer: str                # the expected answer (a number, as text)
     depth: float               # fraction of the context before the answer-bearing line or needle
-    task: str                  # "line_retrieval" | "needle"
+    task: str                  # "line_retrieval" | "needle" | "passkey"
     meta: dict = field(default_factory=dict)
+
+    @property
+    def cue(self) -> str:
+        """The end of the prompt that starts the answer ("" when the prompt has none): a chat
+        model reads the prompt without it as the user's turn and gets it as the start of its reply."""
+        cue = self.meta.get("cue", "")
+        return cue if cue and self.prompt.endswith(cue) else ""
 
 
 def _distinct_numbers(rng: random.Random, count: int, digits: int, forbidden: str = "") -> list[str]:
@@ -115,7 +135,7 @@ def make_line_retrieval(num_lines: int, depth: float, seed: int, *, names: list[
     return Sample(prompt=prompt, answer=values[target], depth=target / max(num_lines - 1, 1),
                   task="line_retrieval",
                   meta={"num_lines": num_lines, "line": target, "name": chosen[target], "asked_depth": depth,
-                        "seed": seed})
+                        "seed": seed, "cue": LINE_CUE})
 
 
 def count_tokens(tokenizer, text: str) -> int:
@@ -228,5 +248,45 @@ def make_needle(haystack: Haystack, length: int, depth: float, seed: int, *, dig
     full = len(context) + len(sentence)
     return Sample(prompt=prompt, answer=value, depth=at / max(len(context), 1), task="needle",
                   meta={"length": length, "asked_depth": depth, "key": key, "needle_at": at,
-                        "context_chars": full, "haystack_repeated": repeated, "seed": seed,
+                        "context_chars": full, "haystack_repeated": repeated, "seed": seed, "cue": NEEDLE_CUE,
                         "tokens": count_tokens(haystack.tokenizer, prompt)})
+
+
+# ------------------------------------------------------------------------------------------------
+# passkey retrieval
+# ------------------------------------------------------------------------------------------------
+def make_passkey(fillers: int, depth: float, seed: int, *, digits: int = 5) -> Sample:
+    """The passkey line after `round(depth * fillers)` of `fillers` repeated filler sentences."""
+    if fillers < 0:
+        raise ValueError(f"fillers must be >= 0, got {fillers}")
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1] (0: start of the context, 1: its end); got {depth}")
+    rng = random.Random(f"passkey/{seed}/{fillers}/{depth}")
+    (value,) = _distinct_numbers(rng, 1, digits, forbidden=PASSKEY_HEADER + PASSKEY_FILLER + PASSKEY_QUESTION)
+    before = round(depth * fillers)
+    prompt = (PASSKEY_HEADER + PASSKEY_FILLER * before + PASSKEY_LINE.format(value=value)
+              + PASSKEY_FILLER * (fillers - before) + PASSKEY_QUESTION + PASSKEY_CUE)
+    return Sample(prompt=prompt, answer=value, depth=before / max(fillers, 1), task="passkey",
+                  meta={"fillers": fillers, "asked_depth": depth, "seed": seed, "cue": PASSKEY_CUE})
+
+
+def fit_passkey(tokenizer, length: int, depth: float, seed: int) -> Sample:
+    """The passkey sample with the most filler whose prompt has at most `length` tokens (the filler
+    tokenizes the same every time: two probes give its cost, a few more steps settle the count)."""
+    def tokens_of(fillers):
+        sample = make_passkey(fillers, depth, seed)
+        return sample, count_tokens(tokenizer, sample.prompt)
+
+    _, bare = tokens_of(0)
+    if bare > length:
+        raise ValueError(f"a passkey prompt without filler already has {bare} tokens > length {length}")
+    per_filler = max((tokens_of(16)[1] - bare) / 16, 1.0)
+    fillers = int((length - bare) / per_filler)
+    sample, tokens = tokens_of(fillers)
+    while tokens > length and fillers > 0:
+        fillers -= max(1, int((tokens - length) / per_filler))
+        sample, tokens = tokens_of(max(fillers, 0))
+    while (bigger := tokens_of(fillers + 1))[1] <= length:
+        fillers, (sample, tokens) = fillers + 1, bigger
+    sample.meta.update(length=length, tokens=tokens)
+    return sample

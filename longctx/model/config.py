@@ -7,7 +7,16 @@ from typing import Any, Dict, List, Optional
 
 from .families import get_family
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+# per type: the keys it needs and those it may have (as transformers' rope validation lists them)
+ROPE_KEYS = {
+    "default": (set(), set()),
+    "linear": ({"factor"}, set()),
+    "llama3": ({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, set()),
+    "yarn": ({"factor", "original_max_position_embeddings"},   # the original length defaults as below
+             {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+    "dynamic": ({"factor"}, set()),
+}
 
 # the fields a Hugging Face config states as they are in every family (the families' differences and
 # the rope settings are converted apart)
@@ -30,7 +39,7 @@ class ModelConfig:
     head_dim: Optional[int] = None          # None: hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: Optional[Dict[str, Any]] = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    rope_scaling: Optional[Dict[str, Any]] = None  # {"rope_type": "linear"|"llama3"|"yarn"|"dynamic", "factor": ..., ...} (model/rotary.py)
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -66,9 +75,24 @@ class ModelConfig:
                 raise ValueError(f"layer_types must list 'softmax' or 'linear' for each of the "
                                  f"{self.num_hidden_layers} layers; got {self.layer_types}")
         if self.rope_scaling:
+            self.rope_scaling = dict(self.rope_scaling)
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ROPE_TYPES:
                 raise ValueError(f"rope_scaling type {kind!r} is not supported; use one of {ROPE_TYPES}")
+            required, optional = ROPE_KEYS[kind]
+            if kind == "yarn" and "original_max_position_embeddings" not in self.rope_scaling:
+                # as transformers reads such a config: the model's own length is the original one
+                # (over a pretrained checkpoint, from_hf puts the checkpoint's length here first)
+                self.rope_scaling["original_max_position_embeddings"] = self.max_position_embeddings
+            given = set(self.rope_scaling) - {"rope_type", "type", "rope_theta"}
+            missing, unknown = required - given, given - required - optional
+            if missing or unknown:
+                raise ValueError(f"rope_scaling {kind}: " + "; ".join(
+                    ([f"needs {sorted(missing)}"] if missing else []) + ([f"has unknown keys {sorted(unknown)} "
+                                                                           f"(allowed: {sorted(required | optional)})"] if unknown else [])))
+            factor = self.rope_scaling.get("factor")
+            if factor is not None and not factor >= 1.0:
+                raise ValueError(f"rope_scaling factor={factor} must be >= 1 (the context grows by it)")
 
     def layer_type(self, index: int) -> str:
         return "softmax" if self.layer_types is None else self.layer_types[index]
@@ -108,6 +132,14 @@ class ModelConfig:
         kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
         kwargs.update(rope_scaling=rope_scaling, rope_theta=rope_theta if rope_theta is not None else 10000.0)
         kwargs.update(differences, family=family.name)
+        scaling = overrides.get("rope_scaling")
+        if scaling and "original_max_position_embeddings" not in scaling:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind in ROPE_KEYS and "original_max_position_embeddings" in ROPE_KEYS[kind][0]:
+                # scaling put on a pretrained model stretches what it was trained on: the checkpoint's
+                # own length (transformers would take max_position_embeddings, maybe also overridden)
+                overrides = {**overrides, "rope_scaling": {**scaling, "original_max_position_embeddings":
+                                                           kwargs.get("max_position_embeddings", 8192)}}
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -125,7 +157,9 @@ class ModelConfig:
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope.update(self.rope_scaling)
-            rope.setdefault("rope_type", rope.pop("type", "default"))
+            kind = rope.pop("type", None)
+            rope["rope_type"] = self.rope_scaling.get("rope_type", kind or "default")
+            rope["rope_theta"] = self.rope_theta
         d["rope_scaling"] = rope if self.rope_scaling else None
         config = getattr(transformers, family.config_class)(**d, architectures=[family.architecture])
         if hasattr(config, "rope_parameters"):

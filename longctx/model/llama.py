@@ -25,7 +25,7 @@ from .attention import document_bounds, get_attention, is_registered, softmax_at
 from .config import ModelConfig
 from .layers import MixerProjections, RMSNorm
 from .linear_attention import LinearAttention
-from .rotary import rope_inv_freq, rotary_cos_sin
+from .rotary import rope_attention_factor, rope_inv_freq, rope_type, rotary_cos_sin
 
 
 @dataclass
@@ -190,6 +190,21 @@ class Llama(nn.Module):
                 for adapter in module.lora_A:
                     module.reset_lora_parameters(adapter, True)
 
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """cos and sin (B, S, 1, head_dim) of the positions under the configured rope scaling. Dynamic
+        NTK's frequencies follow the largest position of this forward (of the whole sequence when a
+        sequence-parallel method split it: the ranks agree on it)."""
+        inv_freq = self.inv_freq
+        if rope_type(self.config) == "dynamic":
+            length = position_ids.max() + 1
+            dims = getattr(self, "sequence_dims", None)
+            group = getattr(dims, "sp_group", None) if dims is not None and dims.method is not None else None
+            if group is not None and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX, group=group)
+            if int(length) > self.config.max_position_embeddings:
+                inv_freq = rope_inv_freq(self.config, length)
+        return rotary_cos_sin(inv_freq, position_ids, dtype, rope_attention_factor(self.config))
+
     def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None):
         """The final-norm hidden states (B, S, hidden). A GPU `cu_seqlens` is read back once to
         size the attention grid, unless it was moved there by `attention.with_host_bounds`."""
@@ -211,7 +226,7 @@ class Llama(nn.Module):
             # the residual stream in the autocast dtype, as in a bf16 model: half the memory and
             # traffic of fp32 for the norms, residual adds and checkpointed layer inputs
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        cos, sin = rotary_cos_sin(self.inv_freq, position_ids, x.dtype)
+        cos, sin = self.rotary(position_ids, x.dtype)
         for run in self.layer_groups or self.layers:
             x = run(x, cos, sin, position_ids, cu_seqlens, max_seqlen)
         return self.norm(x)

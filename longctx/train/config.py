@@ -10,7 +10,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -30,7 +30,25 @@ class ModelSection(ModelConfig):
     """A model shape (every field of longctx.model.ModelConfig), or a pretrained HF folder."""
     name: str = "tiny"
     pretrained: Optional[str] = None       # a Hugging Face folder (llama, mistral, qwen2, qwen3); its config.json wins
-                                           # over the shape, and its tokenizer is data.tokenizer's default
+                                           # over the shape (except the rope settings below when set), and
+                                           # its tokenizer is data.tokenizer's default
+    # None: ModelConfig's default for a new model, the checkpoint's value for a pretrained one; set,
+    # they replace the checkpoint's (extending its context: rope_scaling={rope_type: yarn, factor: 8},
+    # original_max_position_embeddings defaulting to the checkpoint's max_position_embeddings)
+    rope_theta: Optional[float] = None
+    # typed Any: OmegaConf can neither merge a command-line {rope_type: yarn, ...} into a None-valued
+    # Dict node nor add keys to an empty one; {rope_type: default} removes a checkpoint's scaling
+    rope_scaling: Any = None
+    max_position_embeddings: Optional[int] = None
+
+    def __post_init__(self):
+        if self.pretrained is None:
+            return super().__post_init__()
+        # the rope settings are checked over the checkpoint's config (model_shape), which fills in
+        # what they leave out (YaRN's original length)
+        scaling, self.rope_scaling = self.rope_scaling, None
+        super().__post_init__()
+        self.rope_scaling = scaling
 
 
 def _model_section() -> ModelSection:
@@ -197,6 +215,14 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("sharegpt_v3_path", sharegpt_v3_path)
     if not OmegaConf.has_resolver("sweep_job_folder"):
         OmegaConf.register_new_resolver("sweep_job_folder", sweep_job_folder)
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", required)
+
+
+def required(key: str, what: str):
+    """`${required:model.pretrained,<what it is>}`: a setting a preset cannot run without (a `???` in
+    a preset would not replace the schema's default when merged: the run would start without it)."""
+    raise ValueError(f"{key} is not set: this preset needs {what} ({key}=<...>)")
 
 
 def _choice(value: str, allowed: tuple, key: str) -> None:
@@ -449,10 +475,21 @@ def model_shape(cfg: Config) -> ModelConfig:
     """The model's shape: a pretrained folder's config.json, or the model section's fields."""
     from longctx.model.hf import load_hf_config
     m = cfg.model
-    return load_hf_config(m.pretrained) if m.pretrained else ModelConfig(**model_fields(m))
+    return load_hf_config(m.pretrained, **rope_overrides(m)) if m.pretrained else ModelConfig(**model_fields(m))
+
+
+ROPE_OVERRIDES = ("rope_theta", "rope_scaling", "max_position_embeddings")
+
+
+def rope_overrides(section: ModelSection) -> dict:
+    """The rope settings given for a pretrained model (those left None keep the checkpoint's)."""
+    return {k: getattr(section, k) for k in ROPE_OVERRIDES if getattr(section, k) not in (None, {})}
 
 
 def model_fields(section: ModelSection) -> dict:
     fields = dataclasses.asdict(section)
     fields.pop("name"), fields.pop("pretrained")
+    for key in ROPE_OVERRIDES:   # unset: ModelConfig's default
+        if fields[key] in (None, {}):
+            fields.pop(key)
     return fields

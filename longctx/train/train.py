@@ -33,7 +33,8 @@ from longctx.parallel.parallelize import parallelize_llama
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
-from .config import Config, ConfigError, check_tokenizer_fits, model_fields, resolve_auto, validate
+from .config import (Config, ConfigError, ROPE_OVERRIDES, check_tokenizer_fits, model_fields, resolve_auto,
+                     rope_overrides, validate)
 from .console import closing_summary, quiet_libraries
 from .metrics import MetricsLogger, peak_tflops, training_flops
 from .offload_adamw import OffloadedAdamW
@@ -101,8 +102,14 @@ def build_model(cfg: Config, device: torch.device, on_meta: bool = False, zero3_
     weights. bf16 copies of the weights are the data-parallel backend's business (FSDP2's policy,
     DeepSpeed's bf16 mode), which keep fp32 masters."""
     m = cfg.model
-    # the implementation knobs are the run's, also over a pretrained folder (whose config.json wins for the rest)
+    # the implementation knobs are the run's, also over a pretrained folder (whose config.json wins for the
+    # rest, except the rope settings when set)
     overrides = {k: getattr(m, k) for k in IMPLEMENTATION_FIELDS}
+    if m.pretrained:
+        overrides.update(rope_overrides(m))
+        if overrides.keys() & set(ROPE_OVERRIDES) and rank() == 0:
+            print("model.pretrained: " + ", ".join(f"{k}={overrides[k]}" for k in ROPE_OVERRIDES if k in overrides)
+                  + " over the checkpoint's config.json", flush=True)
     if m.pretrained and not on_meta and zero3_config is None:
         return load_hf(m.pretrained, device=device, **overrides)
     config = load_hf_config(m.pretrained, **overrides) if m.pretrained else ModelConfig(**model_fields(m))

@@ -1,6 +1,6 @@
-"""scripts/eval_long.py end to end on a tiny exported model: one process and two (torchrun, gloo,
-ring and Ulysses prefill) write the same results; bad model paths give one clear error line; figures."""
-import importlib.util
+"""`python -m longctx.eval` end to end on a tiny exported model: one process and two (torchrun, gloo,
+ring and Ulysses prefill) write the same results; packed prefill answers as prompt by prompt; bad
+settings give one clear error line; the bench rows; figures."""
 import json
 import os
 import subprocess
@@ -13,7 +13,8 @@ import torch
 from longctx.model import Llama, ModelConfig, save_hf
 
 REPO = Path(__file__).resolve().parents[2]
-ARGS = ["lengths=[96]", "depths=[0.0,1.0]", "samples_per_cell=1", "max_new_tokens=3", "perplexity.sequences=1"]
+ARGS = ["lengths=[96]", "depths=[0.0,1.0]", "samples_per_cell=1", "max_new_tokens=3", "loss.sequences=1",
+        "short_loss.sequences=1", "short_loss.length=64", "tasks=[line_retrieval,needle,passkey,loss,short_loss]"]
 
 
 @pytest.fixture(scope="module")
@@ -28,24 +29,19 @@ def run_folder(tmp_path_factory):
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("eval_long", REPO / "scripts" / "eval_long.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    import longctx.eval.__main__ as module
     return module
 
 
 def compose(overrides):
-    """The script's config with command-line style overrides (what Hydra composes)."""
-    from omegaconf import OmegaConf
-    cfg = OmegaConf.load(REPO / "configs" / "eval" / "default.yaml")
-    for key in ("defaults", "hydra"):
-        cfg.pop(key)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    """The evaluation's config from command-line overrides."""
+    from longctx.eval.config import parse_args
+    return parse_args(overrides)
 
 
 def run_script(args, launcher=(sys.executable,)):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, str(REPO / "scripts" / "eval_long.py"), *args], capture_output=True,
+    return subprocess.run([*launcher, "-m", "longctx.eval", *args], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=300)
 
 
@@ -53,14 +49,28 @@ def test_one_and_two_processes_write_the_same_results(run_folder, tmp_path):
     out = load_script().evaluate(compose([f"model.path={run_folder}", *ARGS]))
     assert out.parent == run_folder / "eval"                 # results go to the run folder
     report = json.loads((out / "results.json").read_text())
-    assert report["processes"] == 1 and report["model"] == str(run_folder / "hf")
-    for task in ("line_retrieval", "needle"):
+    assert report["processes"] == 1 and report["model"] == str(run_folder / "hf") and report["stage"] == "trained"
+    for task in ("line_retrieval", "needle", "passkey"):
         results = report[task]["results"]
         assert len(results) == 2 and all(isinstance(r["correct"], bool) for r in results)
-        assert all(80 <= r["tokens"] <= 96 + 8 for r in results)
+        assert all(80 <= r["tokens"] <= 96 for r in results), [r["tokens"] for r in results]
         assert [r["asked_depth"] for r in results] == [0.0, 1.0]
-    rows = report["perplexity"]["by_position"]
+    rows = report["loss"]["by_position"]
     assert rows[0]["start"] == 1 and rows[-1]["end"] == 96 and sum(r["tokens"] for r in rows) == 95
+    assert report["short_loss"]["tokens"] == 63 and report["short_loss"]["loss"] > 0
+    bench = json.loads((out / "rows.json").read_text())
+    cells = [r for r in bench if r["task"] == "needle" and "depth" not in r]
+    assert cells == [{"bench": "long_context_eval", "impl": "longctx", "model": run_folder.name.lower(),
+                      "stage": "trained", "trained_seq_len": 8192, "task": "needle", "seqlen": 96,
+                      "accuracy": report["needle"]["by_length"][0]["accuracy"], "samples": 2}]
+    assert [r["kind"] for r in bench if r["task"] == "loss"][-1] == "short_context"
+
+    # packed prefill (the default) decodes what prompt-by-prompt decoding does
+    one = load_script().evaluate(compose([f"model.path={run_folder}", f"output_dir={tmp_path / 'one'}",
+                                          "batch_tokens=0", *ARGS]))
+    single = json.loads((one / "results.json").read_text())
+    for task in ("line_retrieval", "needle", "passkey"):
+        assert [r["generated"] for r in single[task]["results"]] == [r["generated"] for r in report[task]["results"]]
 
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")
     for method in ("ring", "ulysses"):   # the default, and a method the script knows only through the registry
@@ -69,10 +79,10 @@ def test_one_and_two_processes_write_the_same_results(run_folder, tmp_path):
         assert two.returncode == 0, two.stderr[-3000:]
         parallel = json.loads((tmp_path / method / "results.json").read_text())
         assert parallel["processes"] == 2 and parallel["config"]["sp_method"] == method
-        for task in ("line_retrieval", "needle"):
+        for task in ("line_retrieval", "needle", "passkey"):
             assert ([r["generated"] for r in parallel[task]["results"]]
                     == [r["generated"] for r in report[task]["results"]]), method
-        for a, b in zip(parallel["perplexity"]["by_position"], rows):
+        for a, b in zip(parallel["loss"]["by_position"], rows):
             assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5), method
 
 
@@ -81,9 +91,15 @@ def test_bad_config_is_one_clear_line(tmp_path):
     result = run_script([f"model.path={tmp_path}", "tasks=[needle]"])
     assert result.returncode != 0
     assert "no hf/ export" in result.stderr and "Traceback" not in result.stderr
+    typo = run_script([f"model.path={tmp_path}", "sample_per_cell=3"])
+    assert typo.returncode != 0 and "sample_per_cell" in typo.stderr and "Traceback" not in typo.stderr
+    assert "--help" in typo.stderr.strip().splitlines()[-1]
+    helped = run_script(["--help"])
+    assert helped.returncode == 0 and "samples_per_cell=2" in helped.stdout and "short_loss.length=2048" in helped.stdout
     script = load_script()
     for override, message in [("tasks=[recall]", r"tasks \['recall'\] unknown"), ("depths=[1.5]", "depths must"),
                               ("lengths=[8]", "at least 16"), ("prompt_format=chatml", "prompt_format"),
+                              ("stage=final", "stage='final'"),
                               ("model.path=/nonexistent", "neither a Hugging Face folder"),
                               ("sp_method=tree", "sp_method='tree': choose one of none, lasp, ")]:
         with pytest.raises(script.EvalConfigError, match=message):
@@ -105,3 +121,37 @@ def test_figures(tmp_path):
                  plots.accuracy_by_depth(results, tmp_path / "depth.png"),
                  plots.loss_by_position_plot(rows, tmp_path / "loss.png", trained_length=16)):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_json_collects_both_stages_and_report_draws_them(tmp_path):
+    """Rows of a base and a trained evaluation merge into one bench JSON (a rerun replaces its own
+    stage's rows); the report writes the before/after table and figures."""
+    from longctx.eval.report import main as report
+    from longctx.eval.rows import bench_rows, merge_rows
+
+    def evaluation(stage, accuracy, loss):
+        cells = [{"length": n, "asked_depth": d, "accuracy": accuracy(n), "count": 4}
+                 for n in (4096, 8192) for d in (0.0, 1.0)]
+        return {"name": "smol", "stage": stage, "trained_seq_len": 8192 if stage == "base" else 65536,
+                "needle": {"by_length": [{"length": n, "accuracy": accuracy(n), "count": 8} for n in (4096, 8192)],
+                           "by_length_depth": cells},
+                "loss": {"length": 8192, "by_position": [{"start": 1, "end": 4096, "loss": loss, "tokens": 10},
+                                                         {"start": 4096, "end": 8192, "loss": loss - 0.1, "tokens": 10}]},
+                "short_loss": {"length": 2048, "loss": loss, "tokens": 100, "sequences": 1}}
+
+    bench = tmp_path / "bench.json"
+    merge_rows(bench, bench_rows(evaluation("base", lambda n: 0.5, 2.0)), "eval base", "cpu")
+    merge_rows(bench, bench_rows(evaluation("trained", lambda n: 0.25, 2.5)), "eval trained", "cpu")
+    merge_rows(bench, bench_rows(evaluation("trained", lambda n: 1.0 if n == 4096 else 0.75, 2.1)), "eval trained", "cpu")
+    data = json.loads(bench.read_text())
+    assert data["commands"] == ["eval base", "eval trained"] and len(data["rows"]) == 2 * (2 + 4 + 2 + 1)
+    report([str(bench), str(tmp_path / "out")])
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| needle | base | 50% | 50% |" in table and "| needle | trained | 100% | 75% |" in table
+    assert "short-context loss: base 2.0000, trained 2.1000" in table
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for name in ("retrieval_before_after.png", "loss_by_position_before_after.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

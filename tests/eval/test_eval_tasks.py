@@ -140,3 +140,53 @@ def test_scoring():
         accuracy_by([{"length": 8}], "length")
     with pytest.raises(ValueError, match="at least one key"):
         accuracy_by(results)
+
+
+def test_passkey_fits_the_length_with_the_key_once_at_its_depth(tokenizer):
+    from longctx.eval.tasks import PASSKEY_FILLER, fit_passkey, make_passkey
+    for length, depth, seed in [(300, 0.0, 1), (777, 0.5, 2), (2048, 1.0, 3), (1500, 0.3, 4)]:
+        sample = fit_passkey(tokenizer, length, depth, seed)
+        tokens = len(tokenizer.encode(sample.prompt, add_special_tokens=False))
+        assert tokens == sample.meta["tokens"] <= length
+        bigger = make_passkey(sample.meta["fillers"] + 1, depth, seed)   # the most filler that fits
+        assert len(tokenizer.encode(bigger.prompt, add_special_tokens=False)) > length
+        assert occurrences(sample.answer, sample.prompt) == 2          # "is <key>. Remember it. <key> is"
+        before = sample.prompt.split(f"The pass key is {sample.answer}")[0]
+        assert before.count(PASSKEY_FILLER) == round(depth * sample.meta["fillers"])
+        assert sample.prompt.endswith(sample.cue) and sample.cue == " The pass key is"
+    assert fit_passkey(tokenizer, 900, 0.5, 7).prompt == fit_passkey(tokenizer, 900, 0.5, 7).prompt
+    assert fit_passkey(tokenizer, 900, 0.5, 7).answer != fit_passkey(tokenizer, 900, 0.5, 8).answer
+
+
+def test_chat_prompts_start_the_reply_with_the_cue(tokenizer):
+    """The chat formats put the question in the user's turn and the cue ("Answer: <") at the start of
+    the assistant's reply; plain keeps the text as it is after the begin-of-text token."""
+    from longctx.eval.runner import encode_prompt, resolve_prompt_format
+    sample = make_line_retrieval(5, 0.5, 0)
+    plain = encode_prompt(tokenizer, sample.prompt, "plain", sample.cue)
+    assert tokenizer.decode(plain) == "<|begin_of_text|>" + sample.prompt
+    llama3 = tokenizer.decode(encode_prompt(tokenizer, sample.prompt, "llama3", sample.cue))
+    assert llama3.endswith("Answer with the number only.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+                           "Answer: <")
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    try:
+        assert resolve_prompt_format(tokenizer, "auto") == "chat"
+        chat = tokenizer.decode(encode_prompt(tokenizer, sample.prompt, "auto", sample.cue))
+        assert chat.endswith("Answer with the number only.<|im_end|>\n<|im_start|>assistant\nAnswer: <")
+    finally:
+        tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat_template"):
+        resolve_prompt_format(tokenizer, "chat")
+
+
+def test_prompts_made_by_several_processes_are_the_same(tokenizer, haystack):
+    from longctx.eval.runner import build_prompts, encode_prompt
+    for task in ("needle", "line_retrieval"):   # the haystack sent to the workers; the search for a length
+        one = build_prompts(task, tokenizer, [200, 300], [0.0, 1.0], 2, seed=3, prompt_format="plain",
+                            haystack=haystack, workers=1)
+        two = build_prompts(task, tokenizer, [200, 300], [0.0, 1.0], 2, seed=3, prompt_format="plain",
+                            haystack=haystack, workers=2)
+        assert [s.prompt for s in one[0]] == [s.prompt for s in two[0]] and one[1] == two[1], task
+        assert [len(ids) for ids in one[1]] == [len(encode_prompt(tokenizer, s.prompt, "plain")) for s in one[0]]
+        assert [s.meta["length"] for s in one[0]] == [200] * 4 + [300] * 4
