@@ -392,9 +392,14 @@ class Checkpointer:
             read_dcp_metadata(path / ".metadata")   # refused here in one line, not wrapped in DCP's errors
             model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
             state = {"model": model_state, "optim": optim_state}
-            dcp.load(state, storage_reader=_SafeReader(path))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                           options=_options(model))
+            try:
+                dcp.load(state, storage_reader=_SafeReader(path))
+                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                               options=_options(model))
+            except (RuntimeError, ValueError, KeyError) as error:   # DCP's CheckpointException is a RuntimeError
+                raise CheckpointError(f"{path} does not fit this model ({_first_line(error)}): resume with the "
+                                      "shape and LoRA settings it was saved with, or start over with "
+                                      "train.resume=none in another run_dir") from error
         shared = self.read_meta(path)
         same_ranks = shared.get("world_size") == self.world_size
         return shared, safe_load(path / f"rank{self.rank}.pt") if same_ranks else None

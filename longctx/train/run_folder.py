@@ -30,6 +30,13 @@ _NOT_MATH = {"model.name", "model.attention", "model.loss_chunk_size", "model.ml
              "data.num_proc", "data.cache_dir", "data.prepare_timeout_s", "data.verbose", "lora.merge_on_export"}
 
 
+# settings that change the shape of a saved tensor: no forced resume loads a checkpoint across them
+SHAPE_KEYS = {f"model.{key}" for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads", "head_dim",
+                                         "tie_word_embeddings", "layer_types")}
+SHAPE_KEYS |= {"lora.enabled", "lora.rank", "lora.target_modules", "lora.trainable"}
+
+
 class RunLock:
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -119,9 +126,10 @@ def refuse_used_run_dir(run_dir: Path) -> None:
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if not found:
         return
-    steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()) if "checkpoints" in found else []
-    held = f", checkpoints up to {steps[-1]}" if steps else ""
-    raise ConfigError(f"run_dir={run_dir} holds a run ({', '.join(found)}{held}) and train.resume=none would "
+    steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+    if steps:
+        found[found.index("checkpoints")] = f"checkpoints up to {steps[-1]}"
+    raise ConfigError(f"run_dir={run_dir} holds a run ({', '.join(found)}) and train.resume=none would "
                       f"start another over it: resume it with train.resume=auto, choose another run_dir, or move "
                       f"it aside (mv {run_dir} {run_dir}.old)")
 
@@ -163,6 +171,12 @@ def check_resume_settings(saved: dict, current: dict, checkpoint: Path, force: b
     if not force:
         raise ConfigError(f"{checkpoint} was saved with other settings: {'; '.join(changed)}; resume with the "
                           "saved ones, choose another run_dir, or set train.resume_force=true")
+    reshaped = [f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(SHAPE_KEYS)
+                if key in saved and saved.get(key) != current.get(key)]
+    if reshaped:
+        raise ConfigError(f"{checkpoint} holds tensors of another shape ({'; '.join(reshaped)}), which "
+                          "train.resume_force cannot load: resume with the saved shape, or start over with "
+                          "train.resume=none in another run_dir (model.pretrained= loads weights into a new shape's run)")
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"warning: train.resume_force=true: resuming {checkpoint} with changed settings: "
               f"{'; '.join(changed)}", flush=True)

@@ -10,7 +10,6 @@ nobody should learn from the loss curve.
 from __future__ import annotations
 
 import math
-import sys
 from types import SimpleNamespace
 
 from .config import ConfigError
@@ -73,4 +72,16 @@ def check_schedule_change(saved: dict, cfg, checkpoint, force: bool, say: bool =
                           "train.resume_force=true to follow the new one")
     if say:
         print(f"warning: train.resume_force=true: {what}: the learning rate follows the new schedule from step "
-              f"{step} on ({before:.3g} -> {after:.3g} at step {step})", file=sys.stderr, flush=True)
+              f"{step} on ({before:.3g} -> {after:.3g} at step {step})", flush=True)
+
+
+def follow_config_schedule(scheduler, lr: float) -> None:
+    """After a resume, the rate of the next step from this run's schedule. A loaded LambdaLR keeps the
+    saved run's base rate and the rate it last set (which the optimizer's loaded groups hold too):
+    without this a forced resume would keep the old optim.lr, and another train.steps would show
+    one step late."""
+    scheduler.base_lrs = [lr] * len(scheduler.optimizer.param_groups)
+    rates = [lr * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["initial_lr"], group["lr"] = lr, rate
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

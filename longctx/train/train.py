@@ -39,7 +39,7 @@ from .offload_adamw import OffloadedAdamW
 from .errors import RunError
 from .run_folder import (RunLock, check_resume_settings, check_run_dir_usable, clean_stale_saves, math_settings,
                          refuse_used_run_dir, write_config)
-from .schedule import check_schedule_change, lr_factor
+from .schedule import check_schedule_change, follow_config_schedule, lr_factor
 
 
 def init_distributed(device_choice: str) -> torch.device:
@@ -231,14 +231,14 @@ def train(cfg: Config) -> Path:
     loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch, dp_rank=dp_rank,
                           dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed, grad_accum=t.grad_accum)
     check_tokenizer_fits(cfg, loader.max_token_id)
+    made_here = cfg.run_dir is None or not Path(cfg.run_dir).exists()   # by this run: removed if it never starts
     run_dir, lock = decide_run_dir(cfg)
-    made_here = cfg.run_dir is None
     stop = None
     try:
         stop = StopSignal(is_main=rank() == 0)
         run(cfg, world_size, dims, device, mesh, run_dir, loader, stop)
     except ConfigError:
-        if made_here and lock is not None:   # runs/<time> of a run that never started: nothing of it is kept
+        if made_here and lock is not None:   # the folder of a run that never started: nothing of it is kept
             lock.release()
             lock = None
             remove_if_unused(run_dir)
@@ -337,6 +337,7 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
     if resume_from is not None:
         shared, mine = checkpointer.load(resume_from, train_model, optimizer)
         scheduler.load_state_dict(shared["scheduler"])
+        follow_config_schedule(scheduler, cfg.optim.lr)
         # the global data position: any number of ranks resumes it; a forced resume over other data,
         # seq_len or seed starts this run's data from its beginning
         if not loader.load_state_dict(shared["loader"], strict=not t.resume_force) and is_main:
