@@ -8,6 +8,7 @@ between >>> and <<< when the output is not a terminal), its first tokens one by 
 labels, the data report (kept/skipped, token statistics) and how the data packs at seq_len.
 Arguments: data=<configs/data option>, any DataConfig field as key=value, plus sample
 (conversation index), seq_len, tokens (how many tokens to list) and color (auto, always, never).
+A mistake (a missing file, an unknown argument, a sample out of range) is one line and exit 1.
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import sys
 
 import numpy as np
 
+from longctx.cli import exit_with_line, one_line_errors, show_help_and_exit
+
 from .config import config_from_args
 from .loader import PackedLoader
 from .cache import format_report, prepare
-from .sharegpt import resolve_path
+from .sharegpt import DataError, resolve_path
 
 EXTRAS = {"sample": 0, "seq_len": 2048, "tokens": 40, "color": "auto"}
 
@@ -37,7 +40,19 @@ def marked_text(tokenizer, ids: np.ndarray, mask: np.ndarray, color: bool) -> st
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, extra = config_from_args(sys.argv[1:] if argv is None else argv, EXTRAS)
+    argv = sys.argv[1:] if argv is None else argv
+    show_help_and_exit(__doc__, argv)
+    try:
+        with one_line_errors(DataError, ValueError, OSError):
+            inspect(argv)
+    except SystemExit as stop:   # the argument parser's refusals, as every entry point words them
+        if isinstance(stop.code, str):
+            exit_with_line(stop.code)
+        raise
+
+
+def inspect(argv: list[str]) -> None:
+    cfg, extra = config_from_args(argv, EXTRAS)
     from transformers import AutoTokenizer
 
     prepared = prepare(cfg)

@@ -26,7 +26,7 @@ register_configs()
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg) -> None:
-    from .train import train
+    from .train import end_distributed, train
     with one_line_errors():
         try:
             config = OmegaConf.to_object(cfg)   # model shape checks run here
@@ -39,9 +39,21 @@ def main(cfg) -> None:
             train(config)
         except (ConfigError, DataError):
             if job_folder is not None:   # Hydra made the job's folder; a job that never started leaves none
-                with contextlib.suppress(OSError):
-                    os.rmdir(job_folder)   # only if empty: nothing of a started run is removed
+                remove_unstarted_job(Path(job_folder))
             raise
+        finally:
+            end_distributed(wait=False)   # on an error too: no process group left to the interpreter's exit
+
+
+def remove_unstarted_job(job_folder: Path) -> None:
+    """The job's folder, if empty, and the sweep's, if no other job has one there (only Hydra's
+    multirun.yaml): nothing of a started run is removed."""
+    with contextlib.suppress(OSError):
+        job_folder.rmdir()
+        sweep = job_folder.parent
+        if {p.name for p in sweep.iterdir()} <= {"multirun.yaml"}:
+            (sweep / "multirun.yaml").unlink(missing_ok=True)
+            sweep.rmdir()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,10 +112,13 @@ def check_run_dir_usable(run_dir) -> None:
         raise ConfigError(f"run_dir={run_dir}: {existing} is a file, not a folder; choose another run_dir")
     if existing == folder and not folder.is_dir():
         raise ConfigError(f"run_dir={run_dir} is a file, not a folder; choose another run_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    try:   # a file made and removed: permissions, a read-only mount, a full disk, as the run would meet them
+        probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".longctx-probe-")
+        probe.close()
+    except OSError as error:
         where = "" if existing == folder else f" (it would be made in {existing})"
-        raise ConfigError(f"run_dir={run_dir or 'runs/<time>'} is not writable{where}: choose a run_dir you "
-                          "can write, or change the folder's permissions")
+        raise ConfigError(f"run_dir={run_dir or 'runs/<time>'} is not writable{where}: {error.strerror}; choose "
+                          "a run_dir you can write, or make that folder writable") from None
 
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints")

@@ -289,11 +289,13 @@ def remove_if_unused(run_dir: Path) -> None:
             run_dir.rmdir()
 
 
-def end_distributed() -> None:
-    """Every rank past its last collective, then the process group down before the interpreter ends
-    (its threads, destroyed at exit in no order, abort the process now and then)."""
+def end_distributed(wait: bool = True) -> None:
+    """Every rank past its last collective (`wait`), then the process group down before the
+    interpreter ends: left to the interpreter's exit, its threads are destroyed in no particular
+    order and now and then abort the process ("terminate called without an active exception")."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
