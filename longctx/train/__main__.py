@@ -1,4 +1,15 @@
-"""`python -m longctx.train key=value ...` (or under torchrun): the Hydra entry point."""
+"""Train a model: python -m longctx.train [key=value ...]
+
+    python -m longctx.train experiment=llama3.2-1b_sharegpt_32k train.steps=200
+    python -m longctx.launch --nproc_per_node 8 -m longctx.train experiment=llama3-8b_sharegpt_512k
+    python -m longctx.train run_dir=runs/mine train.resume=auto        # go on where a run stopped
+    python -m longctx.train -m optim.lr=1e-3,3e-3                      # a sweep, one folder per job
+
+Settings are Hydra overrides of configs/config.yaml (groups: model, data, parallel, optim, train,
+experiment); `--cfg job` prints the composed config, `--hydra-help` Hydra's own options.
+Ctrl-C (or SIGTERM) saves a checkpoint at the end of the step and stops; a second Ctrl-C stops at
+once. A mistake in the settings is one line naming the key and the fix, and exit status 1.
+"""
 import contextlib
 import os
 from pathlib import Path
@@ -15,6 +26,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from longctx.data import DataError
+
+from longctx.cli import show_help_and_exit
 
 from .config import REPO_ROOT, ConfigError, register_configs
 from .console import exit_with_launcher
@@ -57,6 +70,7 @@ def remove_unstarted_job(job_folder: Path) -> None:
 
 
 if __name__ == "__main__":
+    show_help_and_exit(__doc__)
     exit_with_launcher()
     refuse_bad_overrides()
     main()

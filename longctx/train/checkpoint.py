@@ -176,6 +176,27 @@ def _options(model) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=True, strict=not has_frozen(model))
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _plain_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _model_state(model, optimizer) -> tuple[dict, dict]:
+    """DCP's state dicts of a model and optimizer, less every frozen parameter. DCP's
+    ignore_frozen_params drops them by their first name only: a tied lm_head (the embedding's
+    weight under a second name) stayed in a LoRA checkpoint, which then held all of it."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
+    if has_frozen(model):
+        frozen = {_plain_name(name) for name, p in model.named_parameters(remove_duplicate=False)
+                  if not p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if _plain_name(k) not in frozen}
+    return model_state, optim_state
+
+
 class Checkpointer:
     def __init__(self, folder: str | os.PathLike, keep: int = 2):
         self.folder = Path(folder)
@@ -196,7 +217,7 @@ class Checkpointer:
         tmp = final.with_name(final.name + ".tmp")
         model_state = optim_state = None
         if not is_deepspeed(model):
-            model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
+            model_state, optim_state = _model_state(model, optimizer)
         self._check_space(step, model, model_state, optim_state, per_rank)
         problem = None
         try:
@@ -390,7 +411,7 @@ class Checkpointer:
                 raise CheckpointError(f"{path} holds no DCP checkpoint: it was saved by parallel.dp_backend="
                                       "deepspeed; resume with that backend")
             read_dcp_metadata(path / ".metadata")   # refused here in one line, not wrapped in DCP's errors
-            model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
+            model_state, optim_state = _model_state(model, optimizer)
             state = {"model": model_state, "optim": optim_state}
             try:
                 dcp.load(state, storage_reader=_SafeReader(path))
