@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from longctx.cli import show_help_and_exit
 from longctx.train.config import REPO_ROOT, Config, ConfigError, register_configs, validate
-from longctx.train.console import exit_with_launcher
+from longctx.train.console import exit_with_launcher, quiet_libraries
 from longctx.train.errors import one_line_errors, refuse_bad_overrides
 
 # relative differences a correct layout stays under (float32 round-off, or bf16's) for the loss and
@@ -43,6 +43,7 @@ def check(cfg: Config) -> dict:
     from longctx.train import train as T
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    quiet_libraries()
     dims = validate(cfg, world_size)
     device = T.init_distributed(cfg.train.device)
     mesh = dims.build_mesh(device.type)

@@ -9,6 +9,7 @@ for i in $(seq 1 "$N"); do
   rc=$?
   if [ $rc -ne 0 ]; then fails=$((fails + 1)); fi
   if grep -q "terminate called\|SIGABRT\|Signals.SIGABRT" <<<"$out"; then aborts=$((aborts + 1)); echo "$out" | tail -5; fi
-  grep -q "^PASS" <<<"$out" || echo "run $i: no PASS (rc $rc): $(tail -3 <<<"$out")"
+  grep -q "^PASS" <<<"$out" || echo "run $i: no PASS (rc $rc)"
+  if [ $rc -ne 0 ]; then echo "--- run $i, exit $rc:"; tail -25 <<<"$out"; fi
 done
 echo "runs $N, non-zero exits $fails, aborts $aborts"

@@ -24,6 +24,16 @@ def quiet_libraries() -> None:
     # DCP warns at every save and load in a single process that it assumes a single process
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
                             category=UserWarning)
+    # on a CPU: FSDP2's DTensors warn at every random op of a CPU mesh, DeepSpeed's ZeRO calls a
+    # collective torch deprecates, DeepSpeed guesses the accelerator with a warning (told here, it
+    # does not), and torch's extension builder warns that there is no CUDA
+    warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+    warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated")
+    import logging
+    import torch
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def progress_bar_wanted(enabled: bool) -> bool:

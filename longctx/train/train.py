@@ -218,8 +218,8 @@ def on_any_rank(device, *flags: bool) -> list[bool]:
 
 def train(cfg: Config) -> Path:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    quiet_libraries()                              # before validate, which may import DeepSpeed
     dims = validate(cfg, world_size)               # every config error surfaces here, before any work
-    quiet_libraries()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = init_distributed(cfg.train.device)
