@@ -297,3 +297,37 @@ def test_a_missing_tokenizer_is_named_with_its_own_fix(tmp_path):
     assert_one_line_error(proc, tmp_path, "data.tokenizer '/nonexistent' does not exist",
                           "point it at a Hugging Face tokenizer folder")
     assert "data.path=" not in proc.stderr
+
+
+@pytest.mark.parametrize("launcher", ["torch.distributed.run", "longctx.launch"])
+def test_under_torchrun_the_line_appears_once(tmp_path, launcher):
+    """Every rank meets the mistake; one prints it (each used to, and torchrun added ~40 lines of
+    ChildFailedError). Plain torchrun's report names the line from the error file instead of "To
+    enable traceback"; the longctx launcher leaves the report out."""
+    cmd = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node", "2", "-m", "longctx.train",
+           *SMALL, "train.resume=/no/such/checkpoint"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: train.resume=/no/such/checkpoint: no such folder; name a checkpoint folder "
+                     "(<run_dir>/checkpoints/step_N), or use train.resume=auto or none"], output[-3000:]
+    if launcher == "longctx.launch":
+        assert output.strip() == lines[0]
+    else:
+        assert "To enable traceback" not in output and "traceback : error: train.resume=" in output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_check_exits_cleanly_under_torchrun(tmp_path):
+    """A few rounds of the exit loop (scripts/exit_loop.sh runs 50): each exits 0 after PASS, its
+    process group torn down before the interpreter's exit (left to it, a worker now and then
+    aborted after PASS: "terminate called without an active exception")."""
+    for _ in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "longctx.check", "parallel=ring", *SMALL, "data.verbose=false"]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                              text=True, timeout=300)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "\nPASS" in output and "terminate called" not in output, output[-3000:]
