@@ -89,3 +89,7 @@ def one_line_errors(*kinds: type[BaseException]):
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         exit_with_line(str(error))
+    except KeyboardInterrupt:   # a Ctrl-C where nothing handles it (a run's steps save first): no traceback
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        exit_with_line("interrupted (Ctrl-C); nothing was saved", 130)

@@ -8,6 +8,7 @@ for i in $(seq 1 "$N"); do
   out=$(python -m torch.distributed.run --standalone --nproc_per_node 2 -m longctx.check parallel=ring "$@" 2>&1)
   rc=$?
   if [ $rc -ne 0 ]; then fails=$((fails + 1)); fi
+  echo "run $i: exit $rc"
   if grep -q "terminate called\|SIGABRT\|Signals.SIGABRT" <<<"$out"; then aborts=$((aborts + 1)); echo "$out" | tail -5; fi
   grep -q "^PASS" <<<"$out" || echo "run $i: no PASS (rc $rc)"
   if [ $rc -ne 0 ]; then echo "--- run $i, exit $rc:"; tail -25 <<<"$out"; fi
