@@ -52,7 +52,11 @@ def init_distributed(device_choice: str) -> torch.device:
         # data preparation on rank 0 may take long: the others wait in a collective meanwhile
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2),
                                 device_id=device if cuda else None)
+        _OWN_GROUP.append(True)
     return device
+
+
+_OWN_GROUP: list = []   # non-empty once init_distributed made the process group (end_distributed ends only that)
 
 
 def rank() -> int:
@@ -293,10 +297,11 @@ def end_distributed(wait: bool = True) -> None:
     """Every rank past its last collective (`wait`), then the process group down before the
     interpreter ends: left to the interpreter's exit, its threads are destroyed in no particular
     order and now and then abort the process ("terminate called without an active exception")."""
-    if dist.is_initialized():
+    if dist.is_initialized() and _OWN_GROUP:   # a group a caller made (a test's) is the caller's to end
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+        _OWN_GROUP.clear()
 
 
 def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir: Path, loader,
