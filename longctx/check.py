@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from longctx.cli import show_help_and_exit
 from longctx.parallel.data_parallel import get_backend
 from longctx.train.config import REPO_ROOT, Config, ConfigError, register_configs, resolve_auto, validate
-from longctx.train.console import exit_with_launcher
+from longctx.train.console import exit_with_launcher, quiet_libraries
 from longctx.train.errors import one_line_errors, refuse_bad_overrides
 
 # relative differences a correct layout stays under (float32 round-off, or bf16's) for the loss and
@@ -43,6 +44,7 @@ def check(cfg: Config) -> dict:
     from longctx.train import train as T
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    quiet_libraries()
     dims = validate(cfg, world_size)
     resolve_auto(cfg, dims)
     device = T.init_distributed(cfg.train.device)
@@ -167,24 +169,27 @@ register_configs()
 
 @hydra.main(config_path=str(Path(REPO_ROOT) / "configs"), config_name="config", version_base="1.3")
 def main(cfg) -> None:
-    with one_line_errors():   # the trainer's handling of a user's mistake: one line, no traceback
-        try:
-            config = OmegaConf.to_object(cfg)   # model shape checks run here
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-        report = check(config)
-    if report:
-        print(format_report(report), flush=True)
     from longctx.train import train as T
-    # on the run's device: NCCL reduces CUDA tensors only (init_distributed is idempotent)
-    failed = T.on_any_rank(T.init_distributed(config.train.device), not report.get("ok", True))[0]
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        with one_line_errors():   # the trainer's handling of a user's mistake: one line, no traceback
+            try:
+                config = OmegaConf.to_object(cfg)   # model shape checks run here
+            except ValueError as error:
+                raise ConfigError(str(error)) from error
+            report = check(config)
+        if report:
+            print(format_report(report), flush=True)
+        # on the run's device: NCCL reduces CUDA tensors only (init_distributed is idempotent)
+        failed = T.on_any_rank(T.init_distributed(config.train.device), not report.get("ok", True))[0]
+        T.end_distributed()
+    finally:
+        T.end_distributed(wait=False)   # a rank leaving on an error: its process group down all the same
     if failed:
         sys.exit(1)
 
 
 if __name__ == "__main__":
+    show_help_and_exit(__doc__)
     exit_with_launcher()
     refuse_bad_overrides()   # unknown keys, with or without +, as the trainer refuses them
     main()

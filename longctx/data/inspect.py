@@ -11,7 +11,8 @@ data.long_examples, what the rows of the first epoch are (counts per task, lengt
 the answers' share of the loss) and one example's closing questions.
 Arguments: data=<configs/data option>, any DataConfig field as key=value, plus sample
 (conversation index), seq_len, seed (train.seed), tokens (how many tokens to list) and color
-(auto, always, never).
+(auto, always, never). A mistake (a missing file, an unknown argument, a sample out of range) is one
+line and exit 1.
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ import sys
 
 import numpy as np
 
+from longctx.cli import exit_with_line, one_line_errors, show_help_and_exit
+
 from .config import config_from_args
 from .loader import PackedLoader, loader_of
 from .cache import format_report, prepare
-from .sharegpt import resolve_path
+from .sharegpt import DataError, resolve_path
 
 EXTRAS = {"sample": 0, "seq_len": 2048, "seed": 0, "tokens": 40, "color": "auto"}
 LONG_STATS_LIMIT = 400   # long examples made for the statistics (each takes milliseconds)
@@ -42,7 +45,19 @@ def marked_text(tokenizer, ids: np.ndarray, mask: np.ndarray, color: bool) -> st
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, extra = config_from_args(sys.argv[1:] if argv is None else argv, EXTRAS)
+    argv = sys.argv[1:] if argv is None else argv
+    show_help_and_exit(__doc__, argv)
+    try:
+        with one_line_errors(DataError, ValueError, OSError):
+            inspect(argv)
+    except SystemExit as stop:   # the argument parser's refusals, as every entry point words them
+        if isinstance(stop.code, str):
+            exit_with_line(stop.code)
+        raise
+
+
+def inspect(argv: list[str]) -> None:
+    cfg, extra = config_from_args(argv, EXTRAS)
     from transformers import AutoTokenizer
 
     prepared = prepare(cfg)

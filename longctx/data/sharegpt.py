@@ -15,7 +15,8 @@ Accepted input:
 
 Cleaning (nothing is dropped silently: every skip is counted by reason, every repair by kind):
 - roles: human/user -> user; gpt/chatgpt/bing/bard/assistant/model -> assistant; system -> system
-  prompt. Other roles are dropped turn by turn ("unknown_role_turn").
+  prompt. Other roles are dropped turn by turn ("unknown_role_turn"); a record left without a user
+  or assistant turn by that is skipped as "unknown_role".
 - content is stripped; empty turns are dropped; a list of OpenAI text parts is joined.
 - all system messages (and a top-level "system" field) are joined, in order, into one leading
   system message.
@@ -73,9 +74,13 @@ def resolve_path(path: str | os.PathLike, what: str = "data path") -> Path:
     if not given.is_absolute() and (repo_root / given).exists():
         return repo_root / given
     tried = [str(given.resolve())] + ([] if given.is_absolute() else [str(repo_root / given)])
-    raise FileNotFoundError(f"{what} {str(path)!r} does not exist (looked at {', '.join(tried)}); "
-                            f"point it at a ShareGPT .json/.jsonl file, a folder of shards or a "
-                            f"datasets folder (e.g. data.path=/abs/path/sharegpt.json)")
+    if what == "data.tokenizer":
+        fix = ("point it at a Hugging Face tokenizer folder (tokenizer.json or tokenizer.model), e.g. "
+               "data.tokenizer=/abs/path/Llama-3.2-1B, or the model.pretrained folder")
+    else:
+        fix = ("point it at a ShareGPT .json/.jsonl file, a folder of shards or a datasets folder "
+               "(e.g. data.path=/abs/path/sharegpt.json)")
+    raise FileNotFoundError(f"{what} {str(path)!r} does not exist (looked at {', '.join(tried)}); {fix}")
 
 
 def sharegpt_v3_path() -> str:
@@ -295,10 +300,11 @@ def clean_record(record, repaired: Counter) -> list[dict]:
     if merged and merged[-1]["role"] == "user" and any(t["role"] == "assistant" for t in merged):
         fixes["trailing_user_dropped"] += 1
         merged.pop()
-    if not any(t["role"] == "user" for t in merged):
-        raise SkipRecord("no_user_turn")
-    if not any(t["role"] == "assistant" for t in merged):
-        raise SkipRecord("no_assistant_turn")
+    missing = [role for role in ("user", "assistant") if not any(t["role"] == role for t in merged)]
+    if missing and fixes["unknown_role_turn_dropped"]:   # the turn it lacks had a role no map knows
+        raise SkipRecord("unknown_role")
+    if missing:
+        raise SkipRecord(f"no_{missing[0]}_turn")
     system = "\n\n".join(p for p in system_parts if p)
     repaired.update(fixes)
     return ([{"role": "system", "content": system}] if system else []) + merged

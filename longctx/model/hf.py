@@ -100,6 +100,17 @@ def load_hf(path: str | os.PathLike, attention: str = "auto", dtype: Optional[to
     return model
 
 
+def readable_as_umask_says(folder: Path) -> None:
+    """The modes a plain mkdir and open would have given: mkdtemp makes its folder 0700 (and writers
+    through temporary files make 0600 files), which would hide an export from the other users of a
+    shared cluster whatever the user's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def save_hf(model: Llama, path: str | os.PathLike, state: Optional[dict[str, torch.Tensor]] = None,
             max_shard_size: str = "5GB", tokenizer=None, stop_token_ids: Optional[list[int]] = None) -> None:
     """Write a folder that transformers loads unchanged as the model's family (`LlamaForCausalLM`,
@@ -132,6 +143,7 @@ def save_hf(model: Llama, path: str | os.PathLike, state: Optional[dict[str, tor
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
+        readable_as_umask_says(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

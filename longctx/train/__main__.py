@@ -1,4 +1,15 @@
-"""`python -m longctx.train key=value ...` (or under torchrun): the Hydra entry point."""
+"""Train a model: python -m longctx.train [key=value ...]
+
+    python -m longctx.train experiment=llama3.2-1b_sharegpt_32k train.steps=200
+    python -m longctx.launch --nproc_per_node 8 -m longctx.train experiment=llama3-8b_sharegpt_512k
+    python -m longctx.train run_dir=runs/mine train.resume=auto        # go on where a run stopped
+    python -m longctx.train -m optim.lr=1e-3,3e-3                      # a sweep, one folder per job
+
+Settings are Hydra overrides of configs/config.yaml (groups: model, data, parallel, optim, train,
+experiment); `--cfg job` prints the composed config, `--hydra-help` Hydra's own options.
+Ctrl-C (or SIGTERM) saves a checkpoint at the end of the step and stops; a second Ctrl-C stops at
+once. A mistake in the settings is one line naming the key and the fix, and exit status 1.
+"""
 import contextlib
 import os
 from pathlib import Path
@@ -16,6 +27,8 @@ from omegaconf import OmegaConf
 
 from longctx.data import DataError
 
+from longctx.cli import show_help_and_exit
+
 from .config import REPO_ROOT, ConfigError, register_configs
 from .console import exit_with_launcher
 from .errors import one_line_errors, refuse_bad_overrides
@@ -26,7 +39,7 @@ register_configs()
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg) -> None:
-    from .train import train
+    from .train import end_distributed, train
     with one_line_errors():
         try:
             config = OmegaConf.to_object(cfg)   # model shape checks run here
@@ -39,12 +52,25 @@ def main(cfg) -> None:
             train(config)
         except (ConfigError, DataError):
             if job_folder is not None:   # Hydra made the job's folder; a job that never started leaves none
-                with contextlib.suppress(OSError):
-                    os.rmdir(job_folder)   # only if empty: nothing of a started run is removed
+                remove_unstarted_job(Path(job_folder))
             raise
+        finally:
+            end_distributed(wait=False)   # on an error too: no process group left to the interpreter's exit
+
+
+def remove_unstarted_job(job_folder: Path) -> None:
+    """The job's folder, if empty, and the sweep's, if no other job has one there (only Hydra's
+    multirun.yaml): nothing of a started run is removed."""
+    with contextlib.suppress(OSError):
+        job_folder.rmdir()
+        sweep = job_folder.parent
+        if {p.name for p in sweep.iterdir()} <= {"multirun.yaml"}:
+            (sweep / "multirun.yaml").unlink(missing_ok=True)
+            sweep.rmdir()
 
 
 if __name__ == "__main__":
+    show_help_and_exit(__doc__)
     exit_with_launcher()
     refuse_bad_overrides()
     main()

@@ -41,6 +41,7 @@ from longctx.parallel.data_parallel import is_deepspeed
 
 from .integrity import (CheckpointError, check_file, files_to_hash, fsync_folder, hash_file, read_dcp_metadata,
                         read_manifest, safe_load, write_manifest)
+from .run_folder import format_bytes
 
 # Fault injection for tests: LONGCTX_CHECKPOINT_KILL_AT=<point>@<step> ends the process with
 # os._exit at that point of the save of that step, as a SIGKILL or a power cut would.
@@ -100,6 +101,39 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _first_line(error: BaseException) -> str:
+    """The one line a failed write is reported by: the OSError inside DCP's or torch's wrappers."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"{seen.strerror}" + (f": {seen.filename}" if seen.filename else "")
+        seen = seen.__cause__ or seen.__context__
+    failures = getattr(error, "failures", None)   # DCP's CheckpointException: rank -> (exception, traceback)
+    if isinstance(failures, dict):
+        for failure in failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, BaseException):
+                return _first_line(inner)
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _state_bytes(state) -> int:
+    """Bytes of the tensors this rank holds in a (nested) state dict; a DTensor counts its local shard."""
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
 class _SafeReader(dcp.FileSystemReader):
     """DCP's reader, but its pickled .metadata is read by an unpickler that runs no code."""
 
@@ -142,6 +176,27 @@ def _options(model) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=True, strict=not has_frozen(model))
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _plain_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _model_state(model, optimizer) -> tuple[dict, dict]:
+    """DCP's state dicts of a model and optimizer, less every frozen parameter. DCP's
+    ignore_frozen_params drops them by their first name only: a tied lm_head (the embedding's
+    weight under a second name) stayed in a LoRA checkpoint, which then held all of it."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
+    if has_frozen(model):
+        frozen = {_plain_name(name) for name, p in model.named_parameters(remove_duplicate=False)
+                  if not p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if _plain_name(k) not in frozen}
+    return model_state, optim_state
+
+
 class Checkpointer:
     def __init__(self, folder: str | os.PathLike, keep: int = 2):
         self.folder = Path(folder)
@@ -153,25 +208,42 @@ class Checkpointer:
     # ---- saving -------------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, shared: dict, per_rank: dict) -> Path:
         """Collective: every rank calls it. `shared` is written once (rank 0's), `per_rank` by each
-        rank; both must hold only tensors and plain types (they are loaded with weights_only)."""
+        rank; both must hold only tensors and plain types (they are loaded with weights_only).
+
+        The free space is checked first (CheckpointError, one line, nothing written when it is
+        short); a save that fails while writing removes its .tmp and raises one line too. Either
+        way the checkpoints already in place are untouched."""
         final = self.folder / f"step_{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-            tmp.mkdir(parents=True)
-        _barrier()
-        if is_deepspeed(model):
-            model.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False,
-                                  exclude_frozen_parameters=has_frozen(model))
-        else:
-            model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-        _reached("model", step)
-        torch.save(per_rank, tmp / f"rank{self.rank}.pt")
-        _reached("rank", step)
-        if self.rank == 0:
-            torch.save({"step": step, "world_size": self.world_size, **shared}, tmp / "meta.pt")
-            _reached("meta", step)
+        model_state = optim_state = None
+        if not is_deepspeed(model):
+            model_state, optim_state = _model_state(model, optimizer)
+        self._check_space(step, model, model_state, optim_state, per_rank)
+        problem = None
+        try:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+                tmp.mkdir(parents=True)
+            _barrier()
+            if is_deepspeed(model):
+                model.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False,
+                                      exclude_frozen_parameters=has_frozen(model))
+            else:
+                dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+            _reached("model", step)
+            torch.save(per_rank, tmp / f"rank{self.rank}.pt")
+            _reached("rank", step)
+            if self.rank == 0:
+                torch.save({"step": step, "world_size": self.world_size, **shared}, tmp / "meta.pt")
+                _reached("meta", step)
+        except Exception as error:   # a full disk shows as OSError, DCP's CheckpointException, or
+            problem = _first_line(error)   # torch.save's "unexpected pos": each rank reports, all decide
+        problems = [p for p in _gather(problem) if p]
+        if problems:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _barrier()
+            raise CheckpointError(self._failed_save_line(step, final, problems[0]))
         _barrier()
         # hashed right after writing, while the page cache holds the bytes; each rank a share
         names = files_to_hash(tmp)
@@ -184,6 +256,48 @@ class Checkpointer:
             self._put_in_place(tmp, final, step)
         _barrier()
         return final
+
+    def _newest_in_place(self) -> Optional[Path]:
+        return next((path for _, path in self.step_folders() if not path.suffix), None)
+
+    def _check_space(self, step: int, model, model_state, optim_state, per_rank: dict) -> None:
+        """Collective: refuse the save (one line, nothing written) when the folder's disk has less
+        free space than the checkpoint needs: the size of the newest one in place, or before the
+        first, what the ranks' states add up to. The new checkpoint is complete before an old one
+        is pruned, so all of it must fit beside them."""
+        if is_deepspeed(model):   # full sizes: weights, fp32 master copy and Adam's two moments
+            mine = sum(getattr(p, "ds_numel", p.numel()) * 16 for p in model.parameters() if p.requires_grad)
+            mine = mine if self.rank == 0 else 0
+        else:
+            mine = _state_bytes(model_state) + _state_bytes(optim_state)
+        mine += _state_bytes(per_rank)
+        estimate = sum(_gather(mine))
+        problem = [None]
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            newest = self._newest_in_place()
+            need = folder_bytes(newest) if newest is not None else estimate
+            leftover = self.folder / f"step_{step:08d}.tmp"   # removed before this save writes
+            free = shutil.disk_usage(self.folder).free + (folder_bytes(leftover) if leftover.is_dir() else 0)
+            if free < need:
+                problem[0] = (f"no space for checkpoint step_{step:08d} in {self.folder}: it needs about "
+                              f"{format_bytes(need)}, {format_bytes(free)} is free ({format_bytes(need - free)} missing); "
+                              f"{self._what_to_do()}")
+        if dist.is_initialized():
+            dist.broadcast_object_list(problem, src=0)
+        if problem[0]:
+            raise CheckpointError(problem[0])
+
+    def _what_to_do(self) -> str:
+        newest = self._newest_in_place() if self.rank == 0 else None
+        kept = f"{newest.name} is intact" if newest is not None else "no checkpoint was saved yet"
+        return (f"{kept}; free space there (or lower checkpoint.keep), then resume with "
+                f"run_dir={self.folder.parent} train.resume=auto")
+
+    def _failed_save_line(self, step: int, final: Path, problem: str) -> str:
+        free = shutil.disk_usage(self.folder).free
+        return (f"saving checkpoint {final.name} in {self.folder} failed ({problem}); {format_bytes(free)} is free there, "
+                f"its unfinished files are removed; {self._what_to_do()}")
 
     def _put_in_place(self, tmp: Path, final: Path, step: int) -> None:
         if final.exists():   # the same step of a history that a resume went back on
@@ -297,11 +411,16 @@ class Checkpointer:
                 raise CheckpointError(f"{path} holds no DCP checkpoint: it was saved by parallel.dp_backend="
                                       "deepspeed; resume with that backend")
             read_dcp_metadata(path / ".metadata")   # refused here in one line, not wrapped in DCP's errors
-            model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
+            model_state, optim_state = _model_state(model, optimizer)
             state = {"model": model_state, "optim": optim_state}
-            dcp.load(state, storage_reader=_SafeReader(path))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                           options=_options(model))
+            try:
+                dcp.load(state, storage_reader=_SafeReader(path))
+                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                               options=_options(model))
+            except (RuntimeError, ValueError, KeyError) as error:   # DCP's CheckpointException is a RuntimeError
+                raise CheckpointError(f"{path} does not fit this model ({_first_line(error)}): resume with the "
+                                      "shape and LoRA settings it was saved with, or start over with "
+                                      "train.resume=none in another run_dir") from error
         shared = self.read_meta(path)
         same_ranks = shared.get("world_size") == self.world_size
         return shared, safe_load(path / f"rank{self.rank}.pt") if same_ranks else None

@@ -115,6 +115,8 @@ class TrainSection:
     resume_force: bool = False             # resume even if model, data, optimizer, seq_len, seed, precision or
                                            # global batch differ from the checkpoint's
     threads: int = 0                       # CPU threads per process (0: torch's default)
+    max_minutes: float = 0.0               # end the run (checkpoint, export) after the step that reaches this
+                                           # many minutes of steps (0: no limit; the lr schedule stays train.steps')
 
 
 @dataclass
@@ -256,6 +258,7 @@ def _check_ranges(cfg: Config) -> None:
     for key in ("seq_len", "micro_batch", "grad_accum", "steps"):
         _in_range(f"train.{key}", getattr(cfg.train, key), 1)
     _in_range("train.threads", cfg.train.threads, 0)
+    _in_range("train.max_minutes", cfg.train.max_minutes, 0)
     _in_range("checkpoint.every", cfg.checkpoint.every, 0)
     _in_range("checkpoint.keep", cfg.checkpoint.keep, 0)
     _in_range("checkpoint.every_minutes", cfg.checkpoint.every_minutes, 0)

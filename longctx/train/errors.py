@@ -14,27 +14,29 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import sys
 import typing
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from longctx import cli
 from longctx.data import DataError
 
 from .config import REPO_ROOT, Config, ConfigError, command_line_overrides
 
 
+class RunError(ConfigError):
+    """A run stopped by what the user can act on, found while it runs: a non-finite loss, a full
+    disk, a checkpoint of another shape. One line, as a config error."""
+
+
 @contextmanager
 def one_line_errors():
-    """A mistake of the user's exits with its one-line message (the traceback with HYDRA_FULL_ERROR=1)."""
-    try:
+    """A mistake of the user's exits with its one-line message, once under torchrun (the traceback
+    with HYDRA_FULL_ERROR=1); longctx.cli does the printing for every entry point."""
+    with cli.one_line_errors(ConfigError, DataError):
         yield
-    except (ConfigError, DataError) as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise SystemExit(f"error: {error}") from None
 
 
 def _dataclass_of(annotation):
@@ -116,4 +118,4 @@ def override_error(argv: list[str]) -> Optional[str]:
 def refuse_bad_overrides(argv: Optional[list[str]] = None) -> None:
     problem = override_error(sys.argv[1:] if argv is None else argv)
     if problem is not None:
-        raise SystemExit(f"error: {problem}")
+        cli.exit_with_line(problem)

@@ -394,16 +394,49 @@ def main(argv=None) -> None:
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU in GiB (H100: 80, H200: 141)")
     parser.add_argument("--host-gib", type=float, default=None, help="host memory per process in GiB, to check it too")
     args, overrides = parser.parse_known_args(argv)
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from .errors import one_line_errors, refuse_bad_overrides
+    refuse_bad_overrides(overrides)   # the trainer's check: its message names the form it accepts
+    with one_line_errors():
+        cfg = compose_config(overrides)
+        world = args.gpus or (cfg.parallel.sp * max(cfg.parallel.dp, 1))
+        check_layout(cfg, world, "--gpus" if args.gpus else "the config's dp x sp")
+        print(resolve_checkpointing(cfg, world, args.gpu_gib, args.host_gib) + report(cfg, world, args.gpu_gib, args.host_gib))
 
-    from .config import REPO_ROOT, register_configs
+
+def compose_config(overrides: list[str]):
+    """The training config of `overrides`, as the trainer composes it; a mistake Hydra or the schema
+    finds is a ConfigError of one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import REPO_ROOT, ConfigError, register_configs
     register_configs()
-    with initialize_config_dir(config_dir=f"{REPO_ROOT}/configs", version_base="1.3"):
-        # the plan reads no data: a data set that is not installed here must not stop it
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides + ["data.path=unread-by-the-planner"]))
-    world = args.gpus or (cfg.parallel.sp * max(cfg.parallel.dp, 1))
-    print(resolve_checkpointing(cfg, world, args.gpu_gib, args.host_gib) + report(cfg, world, args.gpu_gib, args.host_gib))
+    try:
+        with initialize_config_dir(config_dir=f"{REPO_ROOT}/configs", version_base="1.3"):
+            # the plan reads no data: a data set that is not installed here must not stop it
+            return OmegaConf.to_object(compose("config", overrides=overrides + ["data.path=unread-by-the-planner"]))
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        raise ConfigError(" ".join(line.strip() for line in str(error).splitlines() if line.strip())) from None
+
+
+def check_layout(cfg, world: int, source: str) -> None:
+    """A layout the trainer would refuse is not planned: the degrees must multiply to the processes."""
+    from longctx.parallel.mesh import ParallelDims
+
+    from .config import ConfigError, _check_ranges
+    p = cfg.parallel
+    try:
+        _check_ranges(cfg)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        ParallelDims.from_sizes(world, dp=p.dp, sp=p.sp, sp_method=p.sp_method, ulysses=p.ulysses,
+                                dp_backend=p.dp_backend if world > 1 else "none")
+    except ValueError as error:
+        where = f"--gpus {world}: " if source == "--gpus" else ""
+        raise ConfigError(f"{where}{error}; plan a layout the trainer can run") from None
 
 
 if __name__ == "__main__":

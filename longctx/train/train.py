@@ -4,7 +4,7 @@ Launched as `python -m longctx.train key=value ...` or `torchrun --nproc_per_nod
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import os
 import signal
 import time
@@ -35,10 +35,13 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .comm import CommProfiler
 from .config import (Config, ConfigError, ROPE_OVERRIDES, check_tokenizer_fits, model_fields, resolve_auto,
                      rope_overrides, validate)
-from .console import closing_summary, quiet_libraries
+from .console import StopSignal, closing_summary, interrupted_exit, quiet_libraries
 from .metrics import MetricsLogger, peak_tflops, training_flops
 from .offload_adamw import OffloadedAdamW
-from .run_folder import RunLock, check_resume_settings, math_settings, write_config
+from .errors import RunError
+from .run_folder import (RunLock, check_resume_settings, check_run_dir_usable, clean_stale_saves, math_settings,
+                         refuse_used_run_dir, write_config)
+from .schedule import check_schedule_change, follow_config_schedule, lr_factor
 
 
 def init_distributed(device_choice: str) -> torch.device:
@@ -51,7 +54,11 @@ def init_distributed(device_choice: str) -> torch.device:
         # data preparation on rank 0 may take long: the others wait in a collective meanwhile
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2),
                                 device_id=device if cuda else None)
+        _OWN_GROUP.append(True)
     return device
+
+
+_OWN_GROUP: list = []   # non-empty once init_distributed made the process group (end_distributed ends only that)
 
 
 def rank() -> int:
@@ -167,17 +174,7 @@ def frozen_base(cfg: Config, dims) -> dict | None:
 
 
 def lr_lambda(cfg):
-    o, total = cfg.optim, cfg.train.steps
-
-    def factor(step: int) -> float:  # step counts optimizer steps taken so far
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
-    return factor
+    return lr_factor(cfg.optim, cfg.train.steps)
 
 
 def build_optimizer(model, cfg):
@@ -222,17 +219,6 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class StopSignal:
-    """SIGTERM (a preempted job) asks for a checkpoint and a clean exit at the end of the step."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-
 def on_any_rank(device, *flags: bool) -> list[bool]:
     """Each flag, true if it is true on any rank: every rank must save or stop at the same step
     (one collective for all the flags)."""
@@ -242,11 +228,11 @@ def on_any_rank(device, *flags: bool) -> list[bool]:
 
 def train(cfg: Config) -> Path:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    quiet_libraries()                              # before validate, which may import DeepSpeed
     dims = validate(cfg, world_size)               # every config error surfaces here, before any work
     if getattr(cfg, "optim_defaults_note", None) and int(os.environ.get("RANK", 0)) == 0:
         print(cfg.optim_defaults_note, flush=True)
     resolved = resolve_auto(cfg, dims)             # every "auto" made concrete, once: config.yaml says what ran
-    quiet_libraries()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = init_distributed(cfg.train.device)
@@ -254,20 +240,83 @@ def train(cfg: Config) -> Path:
         print("\n".join(resolved), flush=True)
     mesh = dims.build_mesh(device.type)
     t = cfg.train
+    check_before_data(cfg)
     # data and tokenizer are checked before the run folder exists: a run that cannot start leaves none
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     loader = build_loader(cfg.data, seq_len=t.seq_len, micro_batch=t.micro_batch, dp_rank=dp_rank,
                           dp_size=dims.dp, pad_multiple=dims.seq_divisor, seed=t.seed, grad_accum=t.grad_accum)
     check_tokenizer_fits(cfg, loader.max_token_id)
+    made_here = cfg.run_dir is None or not Path(cfg.run_dir).exists()   # by this run: removed if it never starts
     run_dir, lock = decide_run_dir(cfg)
+    stop = None
     try:
-        return run(cfg, world_size, dims, device, mesh, run_dir, loader)
+        stop = StopSignal(is_main=rank() == 0)
+        run(cfg, world_size, dims, device, mesh, run_dir, loader, stop)
+    except ConfigError:
+        if made_here and lock is not None:   # the folder of a run that never started: nothing of it is kept
+            lock.release()
+            lock = None
+            remove_if_unused(run_dir)
+        raise
     finally:
+        if stop is not None:
+            stop.restore()
         if lock is not None:
             lock.release()
+    end_distributed()
+    if stop.signum == signal.SIGINT:   # a Ctrl-C'd run is not a finished one, for the shell and scripts
+        raise SystemExit(interrupted_exit(stop.signum))
+    return run_dir
 
 
-def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir: Path, loader) -> Path:
+def check_before_data(cfg: Config) -> None:
+    """What the run folder and train.resume would refuse, found before the data is prepared (rank 0
+    looks; every rank raises its one line): an unwritable run_dir, a used one with train.resume=none,
+    a train.resume that names no checkpoint."""
+    problem = [None]
+    if rank() == 0:
+        try:
+            check_run_dir_usable(cfg.run_dir)
+            if cfg.run_dir is not None and cfg.train.resume == "none":
+                refuse_used_run_dir(Path(cfg.run_dir))
+            resume = cfg.train.resume
+            if resume not in ("auto", "none") and not (Path(resume) / "manifest.json").is_file():
+                what = "no such folder" if not Path(resume).exists() else "not a checkpoint (no manifest.json)"
+                raise ConfigError(f"train.resume={resume}: {what}; name a checkpoint folder "
+                                  "(<run_dir>/checkpoints/step_N), or use train.resume=auto or none")
+        except ConfigError as error:
+            problem[0] = str(error)
+    if dist.is_initialized():
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise ConfigError(problem[0])
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """A folder this run made and never wrote to (only its lock files): removed."""
+    if rank() != 0:
+        return
+    leftovers = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if leftovers <= {".lock", ".lock.owner"}:
+        for name in leftovers:
+            (run_dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+
+
+def end_distributed(wait: bool = True) -> None:
+    """Every rank past its last collective (`wait`), then the process group down before the
+    interpreter ends: left to the interpreter's exit, its threads are destroyed in no particular
+    order and now and then abort the process ("terminate called without an active exception")."""
+    if dist.is_initialized() and _OWN_GROUP:   # a group a caller made (a test's) is the caller's to end
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+        _OWN_GROUP.clear()
+
+
+def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir: Path, loader,
+        stop: StopSignal) -> Path:
     """The run in its locked folder: resume point, model, steps, checkpoints."""
     is_main, t = rank() == 0, cfg.train
     autocast = precision_context(t, device)
@@ -278,12 +327,15 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
     # where to resume, checked (files against their manifest, settings against the saved ones)
     # before any heavy work
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+    if is_main:   # the lock is held: a .tmp here is the leftover of a save that died
+        clean_stale_saves(checkpointer.folder)
     resume_from = checkpointer.resume_point(t.resume)
     settings = math_settings(cfg, dims.dp)
     start = 0
     if resume_from is not None:
         saved = checkpointer.read_meta(resume_from)
         check_resume_settings(saved["settings"], settings, resume_from, force=t.resume_force)
+        check_schedule_change(saved, cfg, resume_from, force=t.resume_force, say=is_main)
         if saved.get("frozen_base") != frozen_base(cfg, dims):
             raise ConfigError(f"{resume_from} was saved over the frozen base {saved.get('frozen_base')}, which "
                               f"checkpoints do not store, and this run builds {frozen_base(cfg, dims)} (None: full "
@@ -298,6 +350,7 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
     if resume_from is not None:
         shared, mine = checkpointer.load(resume_from, train_model, optimizer)
         scheduler.load_state_dict(shared["scheduler"])
+        follow_config_schedule(scheduler, cfg.optim.lr)
         # the global data position: any number of ranks resumes it; a forced resume over other data,
         # seq_len or seed starts this run's data from its beginning
         if not loader.load_state_dict(shared["loader"], strict=not t.resume_force) and is_main:
@@ -314,14 +367,15 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
     def save(step) -> Path:
         return checkpointer.save(step, train_model, optimizer,
                                  shared={"scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
-                                         "settings": settings, "frozen_base": frozen_base(cfg, dims)},
+                                         "settings": settings, "frozen_base": frozen_base(cfg, dims),
+                                         "train.steps": t.steps},
                                  per_rank={"rng": rng_state()})
 
     peak = peak_tflops(device)
     logger = (MetricsLogger(run_dir, cfg.logging, t.steps, start, OmegaConf.to_container(OmegaConf.structured(cfg)))
               if is_main else None)
     comm = CommProfiler(cfg.logging.comm_every, device)
-    stop = StopSignal()
+    stop.last_saved = start or None
     data = iter(loader)
     train_model.train()
     step = saved_at = start
@@ -344,8 +398,9 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
         grad_norm, finite = optimizer_step(train_model, optimizer, max_norm)   # skips a non-finite step
         finite = finite and bool(torch.isfinite(loss))
         if not finite and t.on_nonfinite == "stop":
-            raise FloatingPointError(f"step {step}: loss {loss.item()} / grad norm {grad_norm.item()} is not "
-                                     "finite; set train.on_nonfinite=skip to skip such steps")
+            saved = f"the last checkpoint is step {stop.last_saved}" if stop.last_saved else "no checkpoint was saved"
+            raise RunError(f"step {step}: loss {loss.item()} / grad norm {grad_norm.item()} is not finite ({saved}); "
+                           "lower optim.lr or raise optim.warmup_steps, or set train.on_nonfinite=skip to skip such steps")
         lr = scheduler.get_last_lr()[0]                # the rate this step's update used
         scheduler.step()
         step_s = time.perf_counter() - step_start
@@ -361,17 +416,23 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
             logger.log(step, metrics)
             final_loss = metrics["loss"]
         minutes = cfg.checkpoint.every_minutes
-        preempted, time_due = on_any_rank(device, stop.requested,
-                                          minutes > 0 and time.monotonic() - saved_time >= minutes * 60)
+        preempted, time_due, out_of_time = on_any_rank(
+            device, stop.requested, minutes > 0 and time.monotonic() - saved_time >= minutes * 60,
+            t.max_minutes > 0 and time.perf_counter() - loop_start >= t.max_minutes * 60)
+        if out_of_time and not preempted:   # a time budget ends the run as its last step would
+            if is_main and step < t.steps:
+                print(f"train.max_minutes={t.max_minutes:g}: stopping after step {step} of {t.steps}", flush=True)
+            break
         if preempted or time_due or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             checkpoint = save(step)
             saved_at, saved_time = step, time.monotonic()
+            stop.last_saved = step
         if preempted:
             if is_main:
-                print(f"SIGTERM: saved a checkpoint at step {step} in {run_dir}; resume with "
-                      f"run_dir={run_dir} train.resume=auto")
+                print(f"{stop.name or 'SIGTERM'}: saved a checkpoint at step {step} in {run_dir}; resume with "
+                      f"run_dir={run_dir} train.resume=auto", flush=True)
             break
-    else:
+    if not stop.requested or not stop.last_saved == step:   # the steps are done (or their time is)
         if cfg.checkpoint.at_end and saved_at != step:
             checkpoint = save(step)
         if cfg.checkpoint.export_hf and model_config.layer_types is None:

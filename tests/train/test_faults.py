@@ -8,6 +8,7 @@ command `python -m longctx.train ...` runs again and again, each time with the c
 a save, so each run resumes from what the previous kill left. The damage is done to copies of the
 reference run's folder, each then resumed in this process.
 """
+import errno
 import json
 import os
 import re
@@ -17,7 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from longctx.train.integrity import CheckpointError
 from longctx.train.checkpoint import KILL_AT, KILLED_EXIT, SAVE_POINTS
 from test_train import compose_config, losses
 from longctx.train.train import train
@@ -133,3 +136,65 @@ def test_a_damaged_checkpoint_falls_back_and_ends_as_the_uninterrupted_run(refer
         assert f"{newest / name}" in output.err and "not resuming from" in output.err
         assert started_at(output.out) == STEPS - 1
     assert_same_run(run_dir, reference)
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_during_a_save_keeps_the_old_checkpoint_and_leaves_no_tmp(reference, tmp_path, monkeypatch, capsys):
+    """The disk fills while step 3 is written (every write fails from then on, as on a full disk):
+    the run stops in one line naming the space, the .tmp goes, step 2 stays, and once space is back
+    the resume ends as the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    real_save = torch.save
+
+    def fills_at_step_3(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and Path(f).parent.name == "step_00000003.tmp":
+            Path(f).write_bytes(b"\0" * 100)   # a partial file, as a write that ran out of space leaves
+            enospc()
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", fills_at_step_3)
+    with pytest.raises(CheckpointError) as error:
+        train(compose_config(OVERRIDES + [f"run_dir={run_dir}"]))
+    line = str(error.value)
+    assert "\n" not in line and "saving checkpoint step_00000003" in line and "No space left on device" in line
+    assert "step_00000002 is intact" in line and "train.resume=auto" in line
+    folder = run_dir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    monkeypatch.setattr(torch, "save", real_save)
+    train(compose_config(OVERRIDES + [f"run_dir={run_dir}"]))
+    assert losses(run_dir) == losses(reference)
+
+
+def test_too_little_free_space_refuses_the_save_before_writing(tmp_path, monkeypatch):
+    """The checkpoint's size is known (the previous one's, or the state's before the first): a disk
+    with less free space than that stops the run before a byte is written, saying how much is missing."""
+    import shutil
+    run_dir = tmp_path / "run"
+    real = shutil.disk_usage
+
+    def nearly_full(path):
+        usage = real(path)
+        return usage._replace(free=1000)
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    with pytest.raises(CheckpointError, match=r"no space for checkpoint step_00000001 in \S+checkpoints: it needs "
+                                              r"about [\d.]+ MiB, 1000 B is free \([\d.]+ MiB missing\); no checkpoint "
+                                              r"was saved yet; free space there"):
+        train(compose_config(OVERRIDES + [f"run_dir={run_dir}"]))
+    assert list((run_dir / "checkpoints").iterdir()) == []
+
+
+def test_a_start_removes_the_tmp_of_a_dead_save_and_names_it(reference, tmp_path, capsys):
+    """A save killed midway leaves step_N.tmp (as large as a checkpoint, on a disk it may have
+    filled); the next start removes it, naming it, and resumes from the intact checkpoint."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir, copy_function=os.link)
+    stale = run_dir / "checkpoints" / "step_00000009.tmp"
+    stale.mkdir()
+    (stale / "__0_0.distcp").write_bytes(b"\0" * 1000)
+    capsys.readouterr()
+    train(compose_config(OVERRIDES + [f"run_dir={run_dir}"]))   # resumes at the last step: nothing to train
+    out = capsys.readouterr().out
+    assert f"removed 1 unfinished checkpoint(s) of a save that did not complete: step_00000009.tmp in {run_dir / 'checkpoints'}" in out
+    assert not stale.exists()

@@ -53,3 +53,18 @@ def test_resume_is_exact_and_exports_load_in_transformers_and_peft(tmp_path):
         adapted = PeftModel.from_pretrained(base, resumed / "adapter")(input_ids=ids).logits
     assert (merged - base_logits).abs().max() > 1e-3   # training moved the model away from its base
     torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=1e-4)
+
+
+def test_a_tied_embedding_lora_checkpoint_holds_only_trained_tensors(tmp_path):
+    """With tied embeddings the frozen lm_head is the embedding under a second name: DCP kept it,
+    and the checkpoint of a LoRA run was the whole embedding. Now only adapters and the trained
+    modules, and the resume is still exact."""
+    tied = [o for o in LORA if not o.startswith("model.tie_word_embeddings")] + ["model.tie_word_embeddings=true",
+                                                                               "checkpoint.export_hf=false"]
+    straight = train(compose_config(SMALL + tied + [f"run_dir={tmp_path}/straight"]))
+    saved = dcp.FileSystemReader(straight / "checkpoints" / "step_00000002").read_metadata().state_dict_metadata
+    model_keys = {k[len("model."):] for k in saved if k.startswith("model.")}
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k or k.endswith("norm.weight") for k in model_keys)
+    resumed = train(compose_config(SMALL + tied + [f"run_dir={tmp_path}/resumed",
+                                                   f"train.resume={straight}/checkpoints/step_00000002"]))
+    assert losses(resumed) == {3: losses(straight)[3], 4: losses(straight)[4]}

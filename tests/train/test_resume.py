@@ -108,3 +108,55 @@ def test_resume_on_fewer_and_more_processes_with_the_same_global_batch(tmp_path)
     one_to_two = tmp_path / "one_to_two"
     finish(torchrun(one_to_two, 4, [f"train.resume={on_one}/checkpoints/step_00000002"]))
     assert_same_losses(losses(one_to_two), losses(on_one))
+
+
+def test_train_resume_none_in_a_used_folder_is_refused_and_the_old_run_kept(tmp_path):
+    """train.resume=none over a run used to truncate its metrics.jsonl (20 rows became 3) and leave
+    its checkpoints beside the new run's: now refused, naming what is there, before anything is read."""
+    run(tmp_path, "train.steps=3", "checkpoint.every=2")
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=rf"run_dir={tmp_path} holds a run \(metrics.jsonl, config.yaml, "
+                                          r"checkpoints up to step_00000003\) and train.resume=none would start another "
+                                          r"over it: resume it with train.resume=auto, choose another run_dir, or move it aside"):
+        run(tmp_path, "train.steps=3", "train.resume=none")
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    run(tmp_path / "fresh", "train.steps=1", "train.resume=none", "checkpoint.at_end=false")   # an unused folder: fine
+
+
+def lrs(run_dir) -> dict:
+    import json
+    return {r["step"]: r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_a_resume_that_changes_the_schedule_is_refused_or_said_with_the_lr_sequence(tmp_path, capsys):
+    """Saved at step 6 of a 12-step cosine schedule, resumed with train.steps=8: the rate would jump at
+    step 7. Refused in one line naming the step and both rates; forced, said so, and the rates from
+    step 7 on are the new schedule's."""
+    from longctx.train.schedule import learning_rates
+    overrides = ["optim.schedule=cosine", "optim.warmup_steps=2", "optim.min_lr_ratio=0.1", "checkpoint.every=6"]
+    straight = tmp_path / "straight"
+    run(straight, "train.steps=12", *overrides)                 # step_6 is a 12-step run's checkpoint
+    step_6 = f"train.resume={straight}/checkpoints/step_00000006"
+    old = learning_rates(compose_config(QUICK + ["train.steps=12", *overrides]).optim, 12, 7, 8)
+    new = learning_rates(compose_config(QUICK + ["train.steps=8", *overrides]).optim, 8, 7, 8)
+    with pytest.raises(ConfigError, match=rf"train.steps 12 -> 8 changes the learning rate from step 7 on "
+                                          rf"\({old[7]:.3g} -> {new[7]:.3g} at step 7\); resume with the saved "
+                                          r"schedule, or set train.resume_force=true"):
+        run(tmp_path / "shorter", "train.steps=8", *overrides, step_6)
+    assert not (tmp_path / "shorter").exists()                  # refused before the folder was made
+    run(tmp_path / "shorter", "train.steps=8", *overrides, step_6, "train.resume_force=true")
+    assert f"from step 7 on ({old[7]:.3g} -> {new[7]:.3g} at step 7)" in capsys.readouterr().out
+    assert lrs(straight)[7] == pytest.approx(old[7], rel=1e-12) and lrs(straight)[8] == pytest.approx(old[8], rel=1e-12)
+    assert lrs(tmp_path / "shorter") == pytest.approx({7: new[7], 8: new[8]}, rel=1e-12)
+    assert abs(new[7] - old[7]) > 0.1 * old[7]
+    # the same schedule over more steps (constant after warmup): nothing changes, nothing said
+    run(tmp_path / "constant", "train.steps=3", "optim.schedule=constant", "optim.warmup_steps=1")
+    run(tmp_path / "constant", "train.steps=5", "optim.schedule=constant", "optim.warmup_steps=1")
+    assert sorted(lrs(tmp_path / "constant")) == [1, 2, 3, 4, 5]
+
+
+def test_a_forced_resume_over_another_shape_is_one_line(tmp_path):
+    run(tmp_path, "train.steps=2")
+    with pytest.raises(ConfigError, match=r"holds tensors of another shape \(model.hidden_size 64 -> 32\), which "
+                                          r"train.resume_force cannot load"):
+        run(tmp_path, "train.steps=3", "model.hidden_size=32", "train.resume_force=true")

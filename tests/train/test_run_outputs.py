@@ -132,3 +132,20 @@ def alive(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_the_export_is_readable_as_the_umask_says(tmp_path):
+    """hf/ was made by mkdtemp (0700, and 0600 weights): other users of a shared cluster could not
+    read it whatever the umask. Now the modes a plain mkdir and open give."""
+    import stat
+    from longctx.model import Llama, ModelConfig, save_hf
+    model = Llama(ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1))
+    old = os.umask(0o022)
+    try:
+        save_hf(model, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o755
+    files = [p for p in (tmp_path / "hf").rglob("*") if p.is_file()]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
