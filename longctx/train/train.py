@@ -382,6 +382,7 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
     saved_time = time.monotonic()
     checkpoint, export_dir, final_loss, loop_start = None, None, None, time.perf_counter()
     tokens_trained = 0
+    preempted = False
     for step in range(start + 1, t.steps + 1):
         step_start = time.perf_counter()
         comm.start(step)                               # profiles one step in logging.comm_every
@@ -432,7 +433,7 @@ def run(cfg: Config, world_size: int, dims, device: torch.device, mesh, run_dir:
                 print(f"{stop.name or 'SIGTERM'}: saved a checkpoint at step {step} in {run_dir}; resume with "
                       f"run_dir={run_dir} train.resume=auto", flush=True)
             break
-    if not stop.requested or not stop.last_saved == step:   # the steps are done (or their time is)
+    if not preempted:   # the steps are done (or train.max_minutes is): save and export as at the end
         if cfg.checkpoint.at_end and saved_at != step:
             checkpoint = save(step)
         if cfg.checkpoint.export_hf and model_config.layer_types is None:

@@ -166,3 +166,15 @@ def test_runs_without_run_dir_get_folders_of_their_own(tmp_path, monkeypatch):
     assert first != second and first.parent == second.parent == Path("runs")
     assert (first / ".lock.owner").is_file() and (second / ".lock.owner").is_file()   # each run holds its own
     first_lock.release(), second_lock.release()
+
+
+def test_max_minutes_ends_the_run_as_its_last_step(tmp_path, capsys):
+    """A time budget stops at a step boundary and still saves and exports (a SIGTERM would not export)."""
+    cfg = compose_config(SMALL + [f"run_dir={tmp_path}/run", "train.steps=50", "optim.warmup_steps=1",
+                                  "train.max_minutes=0.0001"])
+    run_dir = train(cfg)
+    assert sorted(losses(run_dir)) == [1]
+    assert "train.max_minutes=0.0001: stopping after step 1 of 50" in capsys.readouterr().out
+    assert (run_dir / "hf" / "config.json").is_file()
+    assert [int(p.name[len("step_"):]) for p in (run_dir / "checkpoints").iterdir()
+            if p.name.startswith("step_")] == [1]
