@@ -63,6 +63,15 @@ def _linear_shapes(m) -> dict:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
+def model_of(cfg):
+    """The model's real shape: with model.pretrained its config.json's (the section keeps the preset's
+    shape, e.g. the tiny default), with the rope overrides; else the section itself."""
+    if getattr(cfg.model, "pretrained", None):
+        from .config import model_shape
+        return model_shape(cfg)
+    return cfg.model
+
+
 def lora_section(cfg):
     """cfg.lora when LoRA is enabled (the `lora.*` config section), else None."""
     lora = getattr(cfg, "lora", None)
@@ -72,7 +81,7 @@ def lora_section(cfg):
 def lora_trainable_params(cfg) -> int:
     """Adapter parameters (rank x (in + out) per targeted linear and layer) plus the base modules
     made trainable whole (`lora.trainable`: embeddings, norms, head)."""
-    m, lora = cfg.model, lora_section(cfg)
+    m, lora = model_of(cfg), lora_section(cfg)
     shapes = _linear_shapes(m)
     unknown = [t for t in lora.target_modules if t not in shapes]
     if unknown:
@@ -86,7 +95,7 @@ def lora_trainable_params(cfg) -> int:
 
 def estimate(cfg, world_size: int) -> Estimate:
     """Peak bytes per rank of one training step of `cfg` (a longctx.train.config.Config)."""
-    m, t, p = cfg.model, cfg.train, cfg.parallel
+    m, t, p = model_of(cfg), cfg.train, cfg.parallel
     sp = p.sp
     n = world_size
     params = m.num_parameters()
@@ -221,7 +230,7 @@ def host_estimate(cfg, world_size: int) -> Estimate:
     host allocator rounds each block up to a power of two), what FSDP2 / DeepSpeed put on the CPU
     with parallel.cpu_offload, and the runtime."""
     from .offload_adamw import CHUNK_SIZE, DEPTH
-    m, t, p = cfg.model, cfg.train, cfg.parallel
+    m, t, p = model_of(cfg), cfg.train, cfg.parallel
     params, n = m.num_parameters(), world_size
     e = Estimate(parts={"runtime (Python, torch, CUDA)": HOST_RUNTIME})
     if getattr(getattr(cfg, "optim", None), "offload", False):
@@ -310,7 +319,7 @@ def choose_checkpointing(cfg, world_size: int, gpu_gib: float, host_gib: float |
                 host_estimate(trial, world_size).total > host_gib * GIB * HEADROOM:
             return False
         return estimate(trial, world_size).total <= budget
-    candidates = checkpoint_candidates(cfg.model.num_hidden_layers)
+    candidates = checkpoint_candidates(model_of(cfg).num_hidden_layers)
     if not get_backend(cfg.parallel.dp_backend).takes_checkpoint_groups:   # train/config.py refuses them there
         candidates = [c for c in candidates if c.group == 1]
     mixes = [c for c in candidates if c.mode == "full" and c.selective_layers]   # most selective layers first

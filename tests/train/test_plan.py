@@ -287,3 +287,15 @@ def test_resolve_auto_makes_every_automatic_setting_concrete_once():
     with unittest.mock.patch("torch.cuda.is_available", return_value=True):
         validate(cfg, 1)                           # the resolved config is a valid config
         assert resolve_auto(cfg, dims, gpu_gib=60.0) == []   # nothing left to resolve
+
+
+def test_a_pretrained_model_is_planned_at_its_own_shape(tmp_path):
+    """model.pretrained's config.json gives the shape; the section's (the tiny default) must not."""
+    import transformers
+    shape = dict(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
+                 num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+    transformers.LlamaConfig(**shape).save_pretrained(tmp_path)
+    pretrained = compose_config([f"model.pretrained={tmp_path}", "train.seq_len=4096"])
+    same_shape = compose_config([f"model.{k}={v}" for k, v in shape.items()] + ["train.seq_len=4096"])
+    tiny = compose_config(["train.seq_len=4096"])
+    assert total(pretrained, 1) == total(same_shape, 1) != total(tiny, 1)
