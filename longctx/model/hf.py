@@ -100,6 +100,24 @@ def load_hf(path: str | os.PathLike, attention: str = "auto", dtype: Optional[to
     return model
 
 
+def write_folder(path: str | os.PathLike, fill) -> Path:
+    """`fill(tmp)` writes a folder's files into a temporary sibling, which then replaces `path` whole
+    (readable as the umask says): a crash leaves the old folder or none, never half of one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        fill(tmp)
+        readable_as_umask_says(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def readable_as_umask_says(folder: Path) -> None:
     """The modes a plain mkdir and open would have given: mkdtemp makes its folder 0700 (and writers
     through temporary files make 0600 files), which would hide an export from the other users of a
@@ -134,19 +152,11 @@ def save_hf(model: Llama, path: str | os.PathLike, state: Optional[dict[str, tor
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     state = {hf_key(k): v.detach().cpu().contiguous() for k, v in state.items()}
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    def fill(tmp: Path) -> None:
         config.save_pretrained(tmp)
         generation.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
-        readable_as_umask_says(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(path, fill)
