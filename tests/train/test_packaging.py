@@ -23,6 +23,7 @@ def test_wheel_ships_configs_and_trains_from_another_folder(tmp_path):
     shipped = {f"longctx/_project/{p.relative_to(REPO)}" for folder in ("configs", "data")
                for p in (REPO / folder).rglob("*") if p.is_file() and "cache" not in p.parts}
     assert shipped and shipped <= names, sorted(shipped - names)
+    assert "longctx/ops/attention/auto_table.json" in names   # model.attention=auto's measured table
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
