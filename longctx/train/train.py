@@ -230,14 +230,10 @@ def train(cfg: Config) -> Path:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     quiet_libraries()                              # before validate, which may import DeepSpeed
     dims = validate(cfg, world_size)               # every config error surfaces here, before any work
-    if getattr(cfg, "optim_defaults_note", None) and int(os.environ.get("RANK", 0)) == 0:
-        print(cfg.optim_defaults_note, flush=True)
     resolved = resolve_auto(cfg, dims)             # every "auto" made concrete, once: config.yaml says what ran
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = init_distributed(cfg.train.device)
-    if resolved and rank() == 0:
-        print("\n".join(resolved), flush=True)
     mesh = dims.build_mesh(device.type)
     t = cfg.train
     check_before_data(cfg)
@@ -248,6 +244,10 @@ def train(cfg: Config) -> Path:
     check_tokenizer_fits(cfg, loader.max_token_id)
     made_here = cfg.run_dir is None or not Path(cfg.run_dir).exists()   # by this run: removed if it never starts
     run_dir, lock = decide_run_dir(cfg)
+    if rank() == 0:   # said once the run is sure to start (a refused one says its one line only)
+        notes = resolved + ([cfg.optim_defaults_note] if getattr(cfg, "optim_defaults_note", None) else [])
+        if notes:
+            print("\n".join(notes), flush=True)
     stop = None
     try:
         stop = StopSignal(is_main=rank() == 0)
