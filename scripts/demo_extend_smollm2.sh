@@ -34,12 +34,13 @@ LOSS_LENGTH=${LOSS_LENGTH:-65536}
 TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-540}
 EXTRA_TRAIN=${EXTRA_TRAIN:-}
 EXTRA_EVAL=${EXTRA_EVAL:-}
+PYTHON=${PYTHON:-python3}   # the GPU image has python3 only
 BENCH="$RESULTS/long_context_smollm2_h200.json"
 cd "$(dirname "$0")/.."
 mkdir -p "$RESULTS"
 
 split() {
-  python - "$RESULTS" <<'EOF'
+  "$PYTHON" - "$RESULTS" <<'EOF'
 import json, sys
 from pathlib import Path
 from longctx.data.sharegpt import resolve_path
@@ -55,7 +56,7 @@ EOF
 evaluate() {   # $1: model path, $2: stage
   [ -f "$RESULTS/heldout.json" ] || split
   # shellcheck disable=SC2086  # EXTRA_EVAL is a list of settings
-  python -m longctx.eval model.path="$1" model.name=smollm2-135m-instruct stage="$2" \
+  "$PYTHON" -m longctx.eval model.path="$1" model.name=smollm2-135m-instruct stage="$2" \
     lengths="$LENGTHS" depths="$DEPTHS" samples_per_cell="$SAMPLES" max_new_tokens=10 \
     tasks=[needle,passkey,line_retrieval,loss,short_loss] \
     needle.haystack="$RESULTS/heldout.json" loss.data="$RESULTS/heldout.json" loss.length="$LOSS_LENGTH" loss.sequences=2 \
@@ -67,7 +68,7 @@ train() {
   [ -f "$RESULTS/train.json" ] || split
   local rc=0
   # shellcheck disable=SC2086  # EXTRA_TRAIN is a list of overrides
-  timeout --signal=TERM "$TRAIN_TIMEOUT" python -m longctx.train experiment=smollm2_extend_64k_1gpu \
+  timeout --signal=TERM "$TRAIN_TIMEOUT" "$PYTHON" -m longctx.train experiment=smollm2_extend_64k_1gpu \
     model.pretrained="$SMOLLM2" data.tokenizer="$SMOLLM2" data.path="$RESULTS/train.json" run_dir="$RUN_DIR" $EXTRA_TRAIN \
     2>&1 | tee -a "$RESULTS/train_log.txt" || rc=$?
   cp "$RUN_DIR/metrics.jsonl" "$RESULTS/train_metrics.jsonl" 2>/dev/null || true
@@ -91,8 +92,8 @@ for piece in "${@:-all}"; do
     base) evaluate "$SMOLLM2" base ;;
     train) train ;;
     after) evaluate "$RUN_DIR" trained ;;
-    report) python -m longctx.eval.report "$BENCH" "$RESULTS" ;;
-    all) split; evaluate "$SMOLLM2" base; train; evaluate "$RUN_DIR" trained; python -m longctx.eval.report "$BENCH" "$RESULTS" ;;
+    report) "$PYTHON" -m longctx.eval.report "$BENCH" "$RESULTS" ;;
+    all) split; evaluate "$SMOLLM2" base; train; evaluate "$RUN_DIR" trained; "$PYTHON" -m longctx.eval.report "$BENCH" "$RESULTS" ;;
     *) echo "unknown piece $piece: split | base | train | after | report | all" >&2; exit 2 ;;
   esac
   copy_out
