@@ -157,6 +157,6 @@ def test_a_resume_that_changes_the_schedule_is_refused_or_said_with_the_lr_seque
 
 def test_a_forced_resume_over_another_shape_is_one_line(tmp_path):
     run(tmp_path, "train.steps=2")
-    with pytest.raises(ConfigError, match=r"holds tensors of another shape \(model.hidden_size 64 -> 32\), which "
+    with pytest.raises(ConfigError, match=r"holds tensors of another shape \(model.head_dim 16 -> 8; model.hidden_size 64 -> 32\), which "
                                           r"train.resume_force cannot load"):
         run(tmp_path, "train.steps=3", "model.hidden_size=32", "train.resume_force=true")
