@@ -58,36 +58,31 @@ class Rendered:
     user_starts: list[int]               # character offset where each user turn (its header) starts
 
 
-def render_llama3(conversation: list[dict]) -> Rendered:
-    parts = ["<|begin_of_text|>"]
-    pos = len(parts[0])
-    spans, starts = [], []
+def _render_turns(conversation: list[dict], begin: str, header: str, end: str, after: str = "") -> Rendered:
+    """A template of fixed strings: `begin`, then per message `header` (with its role), the content,
+    `end` and `after`. A reply's loss span is its content and `end` (not `after`, which generation
+    never produces: it stops at `end`)."""
+    parts, pos, spans, starts = [begin], len(begin), [], []
     for message in conversation:
-        header = f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n"
-        body = message["content"] + "<|eot_id|>"
+        head = header.format(role=message["role"])
+        body = message["content"] + end
         if message["role"] == "user":
             starts.append(pos)
         elif message["role"] == "assistant":
-            spans.append((pos + len(header), pos + len(header) + len(body)))
-        parts += (header, body)
-        pos += len(header) + len(body)
+            spans.append((pos + len(head), pos + len(head) + len(body)))
+        parts += (head, body, after)
+        pos += len(head) + len(body) + len(after)
     return Rendered("".join(parts), spans, starts)
+
+
+def render_llama3(conversation: list[dict]) -> Rendered:
+    return _render_turns(conversation, "<|begin_of_text|>", "<|start_header_id|>{role}<|end_header_id|>\n\n",
+                         "<|eot_id|>")
 
 
 def render_chatml(conversation: list[dict]) -> Rendered:
-    """ChatML: a reply's loss span is its content and <|im_end|> (the newline after it is the
-    template's, which generation never produces: it stops at <|im_end|>)."""
-    parts, pos, spans, starts = [], 0, [], []
-    for message in conversation:
-        header = f"<|im_start|>{message['role']}\n"
-        body = message["content"] + "<|im_end|>"
-        if message["role"] == "user":
-            starts.append(pos)
-        elif message["role"] == "assistant":
-            spans.append((pos + len(header), pos + len(header) + len(body)))
-        parts += (header, body, "\n")
-        pos += len(header) + len(body) + 1
-    return Rendered("".join(parts), spans, starts)
+    """ChatML: the newline after <|im_end|> is the template's, outside the reply's loss span."""
+    return _render_turns(conversation, "", "<|im_start|>{role}\n", "<|im_end|>", after="\n")
 
 
 def render_with_template(conversation: list[dict], tokenizer, template: str | None = None) -> Rendered:
