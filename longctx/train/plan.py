@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import json
 import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -67,9 +69,16 @@ def model_of(cfg):
     """The model's real shape: with model.pretrained its config.json's (the section keeps the preset's
     shape, e.g. the tiny default), with the rope overrides; else the section itself."""
     if getattr(cfg.model, "pretrained", None):
-        from .config import model_shape
-        return model_shape(cfg)
+        from .config import rope_overrides
+        return _pretrained_shape(cfg.model.pretrained, json.dumps(rope_overrides(cfg.model), sort_keys=True))
     return cfg.model
+
+
+@functools.lru_cache(maxsize=8)
+def _pretrained_shape(path: str, overrides: str):
+    """A checkpoint's shape, read once: choosing the checkpointing plans the same model many times."""
+    from longctx.model.hf import load_hf_config
+    return load_hf_config(path, **json.loads(overrides))
 
 
 def lora_section(cfg):
